@@ -1,0 +1,17 @@
+"""lymphnode: few-label segmentation of lymph-node metastases in whole-slide images.
+
+Reconstruction pretraining of a UNet (top skip removed), then multi-task fine-tuning on a few
+labeled patches; whole-slide heatmaps and the CAMELYON16 evaluation. See README.md.
+"""
+
+from __future__ import annotations
+
+import os
+
+# albumentations checks PyPI for a newer release on import; never call home.
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+from lymphnode.errors import LymphnodeError  # noqa: E402
+
+__all__ = ["LymphnodeError", "__version__"]
+__version__ = "0.1.0"
