@@ -18,10 +18,12 @@ slide, as OpenSlide.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import logging
 import math
 import os
+import sys
 import tempfile
 import xml.etree.ElementTree as StdET
 from collections import Counter
@@ -33,7 +35,7 @@ import defusedxml
 import defusedxml.ElementTree as SafeET
 import numpy as np
 
-from lymphnode.errors import AnnotationError
+from lymphnode.errors import AnnotationError, LymphnodeError, SlideError
 
 log = logging.getLogger(__name__)
 
@@ -523,3 +525,115 @@ def _atomic_write(path: Path, data: bytes) -> None:
         if isinstance(e, OSError):
             raise AnnotationError(f"{path}: cannot write annotation file: {e}") from e
         raise
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line: XML -> pyramidal mask TIFF
+
+
+def to_mask(
+    slide_path: str | Path,
+    xml_path: str | Path,
+    out_path: str | Path,
+    level: int = 0,
+    *,
+    band_pixels: int = BAND_PIXELS,
+) -> Path:
+    """Write the tumor mask of a slide's annotations as a pyramidal 0/255 TIFF.
+
+    Args:
+        slide_path: the slide (any format :func:`lymphnode.slide.open_slide` opens).
+        xml_path: its ASAP XML annotations (default CAMELYON groups).
+        out_path: the mask TIFF; level 0 of the mask has the size of ``level`` of the slide and
+            mpp = slide mpp x that level's downsample (no mpp when the slide has none).
+        level: slide level whose pixel grid the mask uses.
+        band_pixels: mask pixels rasterized at a time; the mask itself goes to a memory-mapped
+            temporary file beside ``out_path``, so memory stays bounded for level-0 masks.
+
+    Mask pixel ``(i, j)`` is 255 when its centre, level-0 ``((j + 0.5) d, (i + 0.5) d)`` with ``d``
+    the level downsample, is tumor (see :meth:`Annotations.mask`). Returns ``out_path``.
+
+    Raises:
+        AnnotationError: malformed XML or an annotation outside the slide.
+        SlideError: the slide cannot be opened or has no such level.
+    """
+    from lymphnode.pyramid import write_pyramid  # pyramid and slide pull in tifffile/openslide
+    from lymphnode.slide import open_slide
+
+    out_path = Path(out_path)
+    annotations = read_asap(xml_path)
+    with open_slide(slide_path) as slide:
+        if isinstance(level, bool) or not 0 <= level < slide.level_count:
+            raise SlideError(
+                f"{slide_path}: level {level!r} requested, the slide has levels "
+                f"0-{slide.level_count - 1}"
+            )
+        width, height = slide.level_dimensions[level]
+        ds = float(slide.level_downsamples[level])
+        slide_width, slide_height = slide.dimensions
+        annotations.validate_within(slide_width, slide_height, slide_path)
+        mpp = slide.mpp * ds if slide.mpp is not None else None
+    if annotations.is_empty:
+        log.warning("%s: no tumor annotation; the mask of %s is empty", xml_path, slide_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    rows_per_band = max(1, band_pixels // max(width, 1))
+    with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=f".{out_path.name}.") as tmp:
+        pixels = np.memmap(Path(tmp) / "mask.u8", dtype=np.uint8, mode="w+", shape=(height, width))
+        for r in range(0, height, rows_per_band):
+            n = min(rows_per_band, height - r)
+            band = annotations._raster(0.0, r * ds, n, width, ds)  # (n, width) bool
+            pixels[r : r + n] = band.view(np.uint8) * np.uint8(255)
+        pixels.flush()
+        write_pyramid(
+            out_path,
+            pixels,
+            mpp=mpp,
+            mask=True,
+            description=f"lymphnode tumor mask of {Path(slide_path).name} from "
+            f"{Path(xml_path).name}, slide level {level} (downsample {ds:g})",
+        )
+        del pixels
+    log.info(
+        "wrote %s: %d x %d px mask (slide level %d, downsample %g, mpp %s)",
+        out_path,
+        width,
+        height,
+        level,
+        ds,
+        mpp,
+    )
+    return out_path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m lymphnode.annotations to-mask SLIDE XML OUT.tif [--level N]``; returns the exit code."""
+    parser = argparse.ArgumentParser(
+        prog="python -m lymphnode.annotations",
+        description="Tools for ASAP XML lesion annotations (CAMELYON16/17).",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    to_mask_parser = commands.add_parser(
+        "to-mask",
+        help="write the tumor mask of a slide as a pyramidal 0/255 TIFF that OpenSlide opens",
+        description="Rasterize tumor minus exclusion polygons on the pixel grid of one slide "
+        "level and write a pyramidal 0/255 TIFF (lossless).",
+    )
+    to_mask_parser.add_argument("slide", type=Path, help="the slide the annotations belong to")
+    to_mask_parser.add_argument("xml", type=Path, help="ASAP XML annotations")
+    to_mask_parser.add_argument("out", type=Path, help="output mask TIFF")
+    to_mask_parser.add_argument(
+        "--level", type=int, default=0, help="slide level whose pixel grid the mask uses (0)"
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        out = to_mask(args.slide, args.xml, args.out, level=args.level)
+    except (LymphnodeError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
