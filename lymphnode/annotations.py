@@ -149,7 +149,7 @@ def _scanline_fill(
     return diff[:, :cols] > 0
 
 
-@dataclass
+@dataclass(eq=False)  # identity equality: lists of arrays have no truth value
 class Annotations:
     """Tumor and exclusion polygons of one slide, in level-0 pixels.
 
@@ -166,7 +166,7 @@ class Annotations:
     tumor_names: list[str] = field(default_factory=list)
     exclusion_names: list[str] = field(default_factory=list)
     _index: tuple[tuple[int, ...], _EdgeIndex, _EdgeIndex] | None = field(
-        default=None, init=False, repr=False, compare=False
+        default=None, init=False, repr=False
     )
 
     def __post_init__(self) -> None:
