@@ -1,0 +1,324 @@
+"""Multi-task fine-tuning (the paper's second stage): segmentation + reconstruction.
+
+Loss = BCE with logits (optional ``pos_weight``) + ``dice_weight`` x soft Dice loss
++ ``recon_weight`` x reconstruction loss. The paper keeps the reconstruction term (weight 1.0)
+because fine-tuning on segmentation alone destroys what pretraining learned; weight 0 turns it off.
+
+Batches are dicts: ``{"image": (B, 3, H, W) float32 normalised, "mask": (B, 1, H, W) float32 in
+{0, 1} (1 = tumour), ...}``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchmetrics import MeanMetric, MetricCollection
+from torchmetrics.classification import (
+    BinaryF1Score,
+    BinaryJaccardIndex,
+    BinaryPrecision,
+    BinaryRecall,
+)
+
+from lymphnode.errors import ConfigError
+from lymphnode.tasks.checkpoint import LoadReport, load_pretrained_weights
+from lymphnode.tasks.reconstruction import (
+    DEFAULT_OPTIMIZER,
+    DEFAULT_SCHEDULER,
+    RECON_LOSSES,
+    UNetTask,
+    image_grid,
+    plain,
+    require_keys,
+)
+
+log = logging.getLogger(__name__)
+
+SEG_LOSS_KEYS = ("pos_weight", "dice_weight")
+DICE_SMOOTH = 1.0  # soft Dice smoothing (pixels): keeps the loss finite on empty masks
+
+
+def soft_dice_loss(logits: Tensor, target: Tensor) -> Tensor:
+    """1 - soft Dice over the whole batch: logits, target (B, 1, H, W), target in {0, 1}."""
+    prob = torch.sigmoid(logits)
+    intersection = (prob * target).sum()
+    return 1.0 - (2.0 * intersection + DICE_SMOOTH) / (prob.sum() + target.sum() + DICE_SMOOTH)
+
+
+def per_patch_dice(pred: Tensor, target: Tensor) -> Tensor:
+    """Dice of binary pred vs target per patch (B,); 1.0 where both are empty."""
+    pred, target = pred.flatten(1).float(), target.flatten(1).float()  # (B, H*W)
+    intersection = (pred * target).sum(1)
+    total = pred.sum(1) + target.sum(1)
+    return torch.where(total > 0, 2.0 * intersection / total.clamp_min(1.0), torch.ones_like(total))
+
+
+def _seg_metrics(stage: str, threshold: float) -> MetricCollection:
+    """Pixel-wise metrics accumulated over the whole epoch (counts, not per-batch means)."""
+    kwargs = {"threshold": threshold, "validate_args": False}
+    return MetricCollection(
+        {
+            "precision": BinaryPrecision(**kwargs),
+            "recall": BinaryRecall(**kwargs),
+            "f1": BinaryF1Score(**kwargs),
+            "iou": BinaryJaccardIndex(**kwargs),
+        },
+        prefix=f"{stage}/seg_",
+    )
+
+
+def _number(name: str, value: Any, *, minimum: float, allow_none: bool = False) -> float | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < minimum:
+        raise ConfigError(
+            f"{name}={value!r} is invalid; expected a number >= {minimum}"
+            + (" or null" if allow_none else "")
+        )
+    return float(value)
+
+
+class MultiTaskModule(UNetTask):
+    """Segmentation + reconstruction fine-tuning of the UNet (or training from scratch).
+
+    Args:
+        model: UNet arguments (see :class:`lymphnode.models.UNet`; default ``top_skip=True``).
+        seg_loss: ``{"pos_weight": float | None, "dice_weight": float (default 0)}``; pos_weight
+            multiplies the BCE of tumour pixels.
+        recon_weight: weight of the reconstruction term (1.0 as the paper; 0 turns it off and
+            freezes the reconstruction head).
+        recon_loss: ``"mse"`` or ``"l1"``.
+        pretrained: a lymphnode checkpoint (usually the pretraining's best.ckpt) whose UNet
+            weights initialise this one when fitting starts (:func:`load_pretrained_weights`; a
+            different ``top_skip`` re-initialises the top decoder block). Skipped when the
+            weights come from a checkpoint (resume or ``load_from_checkpoint``).
+        optimizer, scheduler, normalize, patch_size, level, log_images_every_n_epochs,
+            n_log_images: as :class:`ReconstructionModule`.
+        threshold: probability above which a pixel counts as tumour for the metrics and images.
+
+    Logs ``train/loss``, ``train/seg_loss``, ``train/recon_mse``; on val and test
+    ``{stage}/loss``, ``{stage}/seg_loss``, ``{stage}/recon_mse``, pixel-wise
+    ``{stage}/seg_precision``, ``{stage}/seg_recall``, ``{stage}/seg_f1``, ``{stage}/seg_iou``
+    (counts accumulated over the epoch; F1 is the paper's metric and equals the pooled Dice)
+    and ``{stage}/seg_dice`` (mean per-patch Dice, 1 for a patch where truth and prediction are
+    both empty). Overlays of truth vs prediction (the paper's Figure 5) on the first validation
+    and test batch.
+    """
+
+    task_name = "multitask"
+
+    def __init__(
+        self,
+        model: Mapping[str, Any] | None = None,
+        seg_loss: Mapping[str, Any] | None = None,
+        recon_weight: float = 1.0,
+        recon_loss: str = "mse",
+        pretrained: str | Path | None = None,
+        optimizer: Any = DEFAULT_OPTIMIZER,
+        scheduler: Any = DEFAULT_SCHEDULER,
+        normalize: Mapping[str, Any] | None = None,
+        patch_size: int = 300,
+        level: int = 0,
+        threshold: float = 0.5,
+        log_images_every_n_epochs: int = 1,
+        n_log_images: int = 8,
+    ) -> None:
+        super().__init__()
+        seg_loss = plain(seg_loss) if seg_loss is not None else {}
+        if not isinstance(seg_loss, Mapping) or set(seg_loss) - set(SEG_LOSS_KEYS):
+            raise ConfigError(
+                f"seg_loss={seg_loss!r} is invalid; expected a dict with keys among "
+                f"{list(SEG_LOSS_KEYS)}"
+            )
+        pos_weight = _number(
+            "seg_loss.pos_weight", seg_loss.get("pos_weight"), minimum=0.0, allow_none=True
+        )
+        dice_weight = _number("seg_loss.dice_weight", seg_loss.get("dice_weight", 0.0), minimum=0.0)
+        recon_weight = _number("recon_weight", recon_weight, minimum=0.0)  # type: ignore[assignment]
+        if recon_loss not in RECON_LOSSES:
+            raise ConfigError(
+                f"recon_loss={recon_loss!r} is not supported; expected one of {list(RECON_LOSSES)}"
+            )
+        if (
+            isinstance(threshold, bool)
+            or not isinstance(threshold, int | float)
+            or not (0.0 < threshold < 1.0)
+        ):
+            raise ConfigError(f"threshold={threshold!r} is invalid; expected a number in (0, 1)")
+        if pretrained is not None and not isinstance(pretrained, str | Path):
+            raise ConfigError(f"pretrained={pretrained!r} is invalid; expected a path or null")
+        self._init_common(
+            model,
+            {},
+            optimizer,
+            scheduler,
+            normalize,
+            patch_size,
+            level,
+            log_images_every_n_epochs,
+            n_log_images,
+        )
+        self.pos_weight = pos_weight
+        self.dice_weight = dice_weight
+        self.recon_weight = recon_weight
+        self.recon_loss = recon_loss
+        self.threshold = float(threshold)
+        self.pretrained = str(pretrained) if pretrained is not None else None
+        self.pretrained_report: LoadReport | None = None
+        self._weights_initialised = pretrained is None  # True once pretrained / checkpoint loaded
+        if pos_weight is not None:
+            self.register_buffer("_pos_weight", torch.tensor([pos_weight]), persistent=False)
+        else:
+            self._pos_weight = None
+        if recon_weight == 0:
+            self.net.recon_head.requires_grad_(False)  # no gradient reaches it (DDP would object)
+        self.save_hyperparameters(
+            {
+                **self._common_hparams(),
+                "seg_loss": {"pos_weight": pos_weight, "dice_weight": dice_weight},
+                "recon_weight": recon_weight,
+                "recon_loss": recon_loss,
+                "pretrained": self.pretrained,
+                "threshold": self.threshold,
+            }
+        )
+        self.val_metrics = _seg_metrics("val", self.threshold)
+        self.test_metrics = _seg_metrics("test", self.threshold)
+        self.val_dice = MeanMetric()
+        self.test_dice = MeanMetric()
+
+    # --- pretrained initialisation ----------------------------------------------------------
+    def load_pretrained(self) -> LoadReport | None:
+        """Load ``pretrained`` into ``self.net`` now (a no-op without one); done automatically
+        when fitting starts unless the weights came from a checkpoint."""
+        if self.pretrained is None:
+            return None
+        self.pretrained_report = load_pretrained_weights(self.net, self.pretrained)
+        self._weights_initialised = True
+        log.info(
+            "initialised from pretrained %s (top_skip %s)",
+            self.pretrained_report.summary(),
+            "changed: decoder.0 re-initialised"
+            if self.pretrained_report.reinitialized
+            else "unchanged",
+        )
+        return self.pretrained_report
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._weights_initialised = True  # the checkpoint's weights win over `pretrained`
+
+    def on_fit_start(self) -> None:
+        if not self._weights_initialised:
+            self.load_pretrained()
+
+    # --- steps ------------------------------------------------------------------------------
+    def _losses(self, batch: Mapping[str, Tensor], stage: str) -> tuple[Tensor, Tensor, Any]:
+        require_keys(batch, ["image", "mask"], "multi-task")
+        x, y = batch["image"], batch["mask"]  # (B, 3, H, W), (B, 1, H, W) {0, 1}
+        if y.shape != (x.shape[0], 1, *x.shape[-2:]):
+            raise ConfigError(
+                f"batch['mask'] has shape {tuple(y.shape)}; expected (B, 1, H, W) = "
+                f"{(x.shape[0], 1, *x.shape[-2:])} for images of shape {tuple(x.shape)}"
+            )
+        y = y.to(x.dtype)
+        out = self.net(x)  # recon (B, 3, H, W), seg (B, 1, H, W) logits
+        seg_loss = F.binary_cross_entropy_with_logits(out.seg, y, pos_weight=self._pos_weight)
+        if self.dice_weight:
+            seg_loss = seg_loss + self.dice_weight * soft_dice_loss(out.seg, y)
+        loss = seg_loss
+        if self.recon_weight:
+            mse = F.mse_loss(out.recon, x)
+            recon = mse if self.recon_loss == "mse" else F.l1_loss(out.recon, x)
+            loss = loss + self.recon_weight * recon
+        else:
+            with torch.no_grad():
+                mse = F.mse_loss(out.recon, x)
+        kwargs = {
+            "on_step": stage == "train",
+            "on_epoch": True,
+            "sync_dist": stage != "train",
+            "batch_size": x.shape[0],
+        }
+        self.log(f"{stage}/loss", loss.detach(), prog_bar=stage != "test", **kwargs)
+        self.log(f"{stage}/seg_loss", seg_loss.detach(), **kwargs)
+        self.log(f"{stage}/recon_mse", mse.detach(), **kwargs)
+        return loss, y, out
+
+    def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
+        if batch_idx == 0:
+            _check_mask_values(batch)
+        return self._losses(batch, "train")[0]
+
+    def _eval_step(self, batch: Mapping[str, Tensor], batch_idx: int, stage: str) -> None:
+        if batch_idx == 0:
+            _check_mask_values(batch)
+        _, y, out = self._losses(batch, stage)
+        prob = torch.sigmoid(out.seg.float())  # (B, 1, H, W)
+        target = y.long()  # (B, 1, H, W) {0, 1}
+        metrics = self.val_metrics if stage == "val" else self.test_metrics
+        dice = self.val_dice if stage == "val" else self.test_dice
+        metrics.update(prob, target)
+        dice.update(per_patch_dice(prob > self.threshold, target))
+        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage == "val")
+        self.log(f"{stage}/seg_dice", dice, on_step=False, on_epoch=True)
+        if self._should_log_images(batch_idx):
+            n = self.n_log_images
+            image = self.denormalize(batch["image"][:n].float())  # (n, 3, H, W) 0..1
+            truth = y[:n].float()
+            pred = (prob[:n] > self.threshold).float()
+            grid = image_grid(
+                [image, _tint(image, truth, (0.0, 1.0, 0.0)), _tint(image, pred, (1.0, 0.0, 0.0))]
+            )
+            self.log_image_grid(
+                f"{stage}/overlays",
+                grid,
+                f"epoch {self.current_epoch}: input, truth (green), prediction > "
+                f"{self.threshold} (red)",
+            )
+
+    def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, batch_idx, "val")
+
+    def test_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, batch_idx, "test")
+
+    def predict_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
+        """Tumour probabilities (B, 1, H, W) for ``batch["image"]``."""
+        require_keys(batch, ["image"], "prediction")
+        return torch.sigmoid(self.net(batch["image"]).seg)
+
+    def _should_log_images(self, batch_idx: int) -> bool:
+        trainer = self._trainer
+        if trainer is not None and trainer.testing:
+            return batch_idx == 0 and trainer.is_global_zero and self.log_images_every_n_epochs > 0
+        return super()._should_log_images(batch_idx)
+
+
+def _tint(
+    image: Tensor, mask: Tensor, color: tuple[float, float, float], alpha: float = 0.5
+) -> Tensor:
+    """Blend ``color`` into 0..1 images (N, 3, H, W) where mask (N, 1, H, W) is 1."""
+    rgb = torch.tensor(color, device=image.device, dtype=image.dtype).view(1, 3, 1, 1)
+    weight = alpha * mask
+    return image * (1 - weight) + rgb * weight
+
+
+def _check_mask_values(batch: Mapping[str, Tensor]) -> None:
+    """ConfigError when a mask holds values other than 0 and 1 (e.g. 0/255 from a file)."""
+    mask = batch.get("mask") if isinstance(batch, Mapping) else None
+    if isinstance(mask, Tensor) and mask.numel():
+        bad = (mask != 0) & (mask != 1)
+        if bool(bad.any()):
+            raise ConfigError(
+                f"batch['mask'] holds values other than 0 and 1 (e.g. {mask[bad][0].item()}); "
+                "masks must be float {0, 1} (1 = tumour)"
+            )
+
+
+__all__ = ["MultiTaskModule", "per_patch_dice", "soft_dice_loss"]
