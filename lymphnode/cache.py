@@ -39,6 +39,7 @@ import contextlib
 import copy
 import hashlib
 import io
+import itertools
 import json
 import logging
 import operator
@@ -989,7 +990,7 @@ class PatchCache:
                         )
         self._slides: tuple[str, ...] = tuple(r["id"] for r in records)
         self._counts: tuple[int, ...] = tuple(int(r["n"]) for r in records)
-        self._starts: list[int] = np.concatenate([[0], np.cumsum(self._counts)]).tolist()
+        self._starts: list[int] = [0, *itertools.accumulate(self._counts)]
         self._handles: dict[int, _ShardReader] = {}
         self._pid: int | None = None
         self._index: np.ndarray | None = None
