@@ -1,0 +1,214 @@
+"""``python -m lymphnode.infer checkpoint=CKPT slides=[...] out_dir=DIR [annotations=DIR]``
+
+Whole-slide tumor-probability heatmaps from a fine-tuned checkpoint (see :mod:`lymphnode.inference`).
+Per slide, into ``out_dir``: ``<slide>.heatmap.tif`` (pyramidal, opens in OpenSlide and QuPath;
+input of ``lymphnode.evaluate``) and ``<slide>.overlay.png`` (thumbnail with the heatmap and, when
+``annotations`` holds ``<slide>.xml``, the lesion outlines). Resumable: slides whose outputs exist are
+skipped unless ``overwrite=true``. A slide that fails (unreadable, no tissue) is reported and the
+others go on; the exit code is 1 when any failed, and completed slides are kept.
+
+``slides`` is a list of files, a folder (every ``*.tif``/``*.svs``/... in it), a glob, or
+``split:<split.json>`` (the test slides of ``lymphnode.prepare``'s split file).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import hydra
+import numpy as np
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from lymphnode.errors import ConfigError, LymphnodeError
+from lymphnode.heatmap import heatmap_path, write_heatmap
+from lymphnode.inference import InferenceSettings, predict_slide, render_overlay, scratch_dir
+
+log = logging.getLogger(__name__)
+
+SLIDE_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".bif", ".svslide")
+
+
+def overlay_path(out_dir: str | Path, slide: str) -> Path:
+    """Where the overlay thumbnail of ``slide`` lives in ``out_dir``."""
+    return Path(out_dir) / f"{slide}.overlay.png"
+
+
+def resolve_slides(spec: str | Sequence[str]) -> list[Path]:
+    """Slide paths from a list, a folder, a glob or ``split:<split.json>`` (its test slides)."""
+    items = [spec] if isinstance(spec, str) else list(spec)
+    out: list[Path] = []
+    for item in items:
+        item = str(item)
+        if item.startswith("split:"):
+            out += _split_test_slides(Path(item[len("split:") :]))
+        elif Path(item).is_dir():
+            found = sorted(p for p in Path(item).iterdir() if p.suffix.lower() in SLIDE_SUFFIXES)
+            if not found:
+                raise ConfigError(
+                    f"slides={item} is a folder without slides ({', '.join(SLIDE_SUFFIXES)})"
+                )
+            out += found
+        elif any(ch in item for ch in "*?["):
+            found = sorted(Path(p) for p in glob.glob(item))
+            if not found:
+                raise ConfigError(f"slides={item} matches no file")
+            out += found
+        else:
+            out.append(Path(item))
+    if not out:
+        raise ConfigError(
+            "slides=[] names no slide (expected files, a folder, a glob or split:FILE)"
+        )
+    stems = [p.stem for p in out]
+    dupes = sorted({s for s in stems if stems.count(s) > 1})
+    if dupes:
+        raise ConfigError(f"slides holds several files named {dupes}; outputs are named by stem")
+    return out
+
+
+def _split_test_slides(path: Path) -> list[Path]:
+    if not path.is_file():
+        raise ConfigError(f"split file {path} does not exist (written by lymphnode.prepare)")
+    split = json.loads(path.read_text())
+    test = split.get("test")
+    if not isinstance(test, list):
+        raise ConfigError(f"split file {path} has no 'test' list of slides")
+    slides_dir = split.get("slides_dir")
+    paths = []
+    for entry in test:
+        p = Path(entry["path"] if isinstance(entry, dict) else entry)
+        if not p.is_absolute() and not p.exists() and slides_dir:
+            p = Path(slides_dir) / p
+        if not p.suffix and slides_dir:
+            matches = [
+                q
+                for q in Path(slides_dir).glob(f"{p.name}.*")
+                if q.suffix.lower() in SLIDE_SUFFIXES
+            ]
+            p = matches[0] if matches else p
+        paths.append(p)
+    return paths
+
+
+def _write_png(path: Path, rgb: np.ndarray) -> None:
+    import cv2
+
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
+    os.close(fd)
+    try:
+        if not cv2.imwrite(tmp, rgb[..., ::-1]):
+            raise OSError(f"could not write {path}")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def run_inference(
+    checkpoint: str | Path,
+    slides: Sequence[Path],
+    out_dir: str | Path,
+    *,
+    annotations: str | Path | None = None,
+    settings: InferenceSettings | None = None,
+    overwrite: bool = False,
+    overlay_max_side: int = 2048,
+    progress: bool = True,
+) -> dict[str, str]:
+    """Heatmap + overlay for each slide; returns {slide: "done" | "skipped" | "failed: <why>"}."""
+    from tqdm import tqdm
+
+    from lymphnode.annotations import read_asap
+    from lymphnode.slide import open_slide
+    from lymphnode.tasks.checkpoint import load_inference_model
+    from lymphnode.tissue import tissue_mask
+
+    settings = settings or InferenceSettings()
+    model = load_inference_model(checkpoint)  # CheckpointError before any slide is touched
+    patch_size = settings.patch_size or int(model.patch_size)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    status: dict[str, str] = {}
+    for path in tqdm(list(slides), desc="slides", unit="slide", disable=not progress):
+        name = path.stem
+        heat_file, png_file = heatmap_path(out, name), overlay_path(out, name)
+        if not overwrite and heat_file.is_file() and png_file.is_file():
+            log.info("%s: heatmap exists, skipped (overwrite=true redoes it)", name)
+            status[name] = "skipped"
+            continue
+        try:
+            with open_slide(path) as slide:
+                tissue = tissue_mask(slide)
+                with scratch_dir(out, name) as work:
+                    heatmap = predict_slide(
+                        model.net, slide, tissue, patch_size=patch_size, level=int(model.level),
+                        mean=tuple(model.mean), std=tuple(model.std), settings=settings,
+                        workdir=work, progress=progress,
+                    )  # fmt: skip
+                xml = Path(annotations) / f"{name}.xml" if annotations else None
+                ann = read_asap(xml) if xml is not None and xml.is_file() else None
+                overlay = render_overlay(
+                    slide, heatmap,
+                    tumor_outlines=ann.tumor if ann else None,
+                    exclusion_outlines=ann.exclusion if ann else None,
+                    max_side=overlay_max_side,
+                )  # fmt: skip
+            write_heatmap(heat_file, heatmap)
+            _write_png(png_file, overlay)
+            status[name] = "done"
+            log.info(
+                "%s: heatmap %s, max p %.3f", name, heat_file, float(heatmap.probabilities.max())
+            )
+        except LymphnodeError as exc:
+            status[name] = f"failed: {exc}"
+            log.error("%s failed: %s", name, exc)
+    return status
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="infer")
+def main(cfg: DictConfig) -> None:
+    """Hydra entry point; exit code 1 when the checkpoint is bad or any slide failed."""
+    slides_spec = cfg.slides
+    if isinstance(slides_spec, ListConfig):
+        slides_spec = OmegaConf.to_container(slides_spec)
+    settings = InferenceSettings(
+        patch_size=cfg.patch_size,
+        stride=cfg.stride,
+        downsample=float(cfg.downsample),
+        blend=str(cfg.blend),
+        batch_size=int(cfg.batch_size),
+        num_workers=int(cfg.num_workers),
+        tta=bool(cfg.tta),
+        bf16=bool(cfg.bf16),
+        channels_last=bool(cfg.channels_last),
+        device=str(cfg.device),
+        min_tissue_fraction=float(cfg.min_tissue_fraction),
+    )
+    try:
+        slides = resolve_slides(slides_spec)  # type: ignore[arg-type]
+        status = run_inference(
+            cfg.checkpoint, slides, cfg.out_dir, annotations=cfg.annotations, settings=settings,
+            overwrite=bool(cfg.overwrite), overlay_max_side=int(cfg.overlay_max_side),
+            progress=bool(cfg.progress),
+        )  # fmt: skip
+    except LymphnodeError as exc:
+        log.error("%s", exc)
+        raise SystemExit(1) from exc
+    failed = {k: v for k, v in status.items() if v.startswith("failed")}
+    done = sum(v == "done" for v in status.values())
+    skipped = sum(v == "skipped" for v in status.values())
+    print(f"heatmaps in {cfg.out_dir}: {done} done, {skipped} skipped, {len(failed)} failed")
+    if failed:
+        for name, why in failed.items():
+            log.error("%s: %s", name, why)
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+"""The infer CLI end to end on tiny slides with a checkpoint whose answer is known."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lymphnode.heatmap import read_heatmap
+from lymphnode.infer import resolve_slides
+from lymphnode.models.unet import UNet
+from lymphnode.pyramid import write_pyramid
+
+MPP = 0.243
+
+
+def _slide(path: Path, tissue: bool) -> Path:
+    """A 1024 × 768 slide: white, with a pink-purple tissue block at x 256..768, y 128..512."""
+    rng = np.random.default_rng(0)
+    img = np.full((768, 1024, 3), 245, np.uint8)
+    if tissue:
+        block = np.stack(
+            [
+                rng.integers(150, 220, (384, 512)),
+                rng.integers(60, 130, (384, 512)),
+                rng.integers(140, 200, (384, 512)),
+            ],
+            axis=-1,
+        ).astype(np.uint8)
+        img[128:512, 256:768] = block
+    write_pyramid(path, img, mpp=MPP, tile_size=128, min_size=128)
+    return path
+
+
+def _checkpoint(path: Path, seg_bias: float, patch_size: int = 64) -> Path:
+    """A lymphnode checkpoint of a tiny UNet whose seg logit is ~seg_bias everywhere."""
+    model = {
+        "in_channels": 3,
+        "base_width": 4,
+        "depth": 2,
+        "norm": "batch",
+        "up": "transpose",
+        "top_skip": True,
+    }
+    net = UNet(**model)
+    with torch.no_grad():
+        net.seg_head.weight.zero_()
+        net.seg_head.bias.fill_(seg_bias)
+    ckpt = {
+        "hyper_parameters": {"model": model, "normalize": {"mean": [0.5] * 3, "std": [0.5] * 3},
+                             "patch_size": patch_size, "level": 0},
+        "state_dict": {f"net.{k}": v for k, v in net.state_dict().items()},
+    }  # fmt: skip
+    torch.save(ckpt, path)
+    return path
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    return subprocess.run(
+        [sys.executable, "-m", "lymphnode.infer", *args, "num_workers=0", "progress=false"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def slides(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("slides")
+    _slide(root / "tumor_001.tif", tissue=True)
+    _slide(root / "normal_001.tif", tissue=True)
+    return root
+
+
+def test_heatmap_is_high_on_tissue_zero_off_tissue_and_resumes(
+    slides: Path, tmp_path: Path
+) -> None:
+    ckpt = _checkpoint(tmp_path / "m.ckpt", seg_bias=6.0)
+    out = tmp_path / "wsi"
+    done = _run(f"checkpoint={ckpt}", f"slides={slides}", f"out_dir={out}")
+    assert done.returncode == 0, done.stderr
+    assert "2 done, 0 skipped, 0 failed" in done.stdout
+    heat = read_heatmap(out / "tumor_001.heatmap.tif")
+    assert heat.probabilities.shape == (24, 32)  # ceil(768/32), ceil(1024/32)
+    assert heat.mpp == pytest.approx(MPP) and heat.downsample == 32
+    # tissue block: heatmap rows 4..16, cols 8..24 → p = sigmoid(6) ≈ 0.998
+    assert heat.probabilities[6:14, 10:22].min() > 0.99
+    assert heat.probabilities[20:, :].max() == 0.0 and heat.probabilities[:, :4].max() == 0.0
+    png = out / "tumor_001.overlay.png"
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    again = _run(f"checkpoint={ckpt}", f"slides={slides}", f"out_dir={out}")
+    assert again.returncode == 0 and "0 done, 2 skipped" in again.stdout
+
+
+def test_overlapping_tiles_with_tta_give_the_same_constant_map(
+    slides: Path, tmp_path: Path
+) -> None:
+    ckpt = _checkpoint(tmp_path / "m.ckpt", seg_bias=-6.0)
+    out = tmp_path / "wsi"
+    done = _run(f"checkpoint={ckpt}", f"slides=[{slides / 'tumor_001.tif'}]", f"out_dir={out}",
+                "stride=32", "tta=true", "blend=hann")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    heat = read_heatmap(out / "tumor_001.heatmap.tif").probabilities
+    assert 0.0 < heat.max() < 0.01
+
+
+def test_a_file_that_is_not_a_lymphnode_checkpoint_fails_before_any_slide(
+    slides: Path, tmp_path: Path
+) -> None:
+    bad = tmp_path / "bad.ckpt"
+    torch.save({"state_dict": {}}, bad)
+    out = tmp_path / "wsi"
+    res = _run(f"checkpoint={bad}", f"slides={slides}", f"out_dir={out}")
+    assert res.returncode == 1
+    assert "is not a lymphnode checkpoint" in res.stdout + res.stderr
+    assert not list(out.glob("*.heatmap.tif")) if out.exists() else True
+
+
+def test_slide_without_tissue_fails_and_completed_slides_are_kept(
+    slides: Path, tmp_path: Path
+) -> None:
+    blank = _slide(tmp_path / "blank_001.tif", tissue=False)
+    ckpt = _checkpoint(tmp_path / "m.ckpt", seg_bias=0.0)
+    out = tmp_path / "wsi"
+    res = _run(
+        f"checkpoint={ckpt}", f"slides=[{slides / 'tumor_001.tif'},{blank}]", f"out_dir={out}"
+    )
+    assert res.returncode == 1
+    assert "blank_001" in res.stdout + res.stderr and "tissue" in (res.stdout + res.stderr).lower()
+    assert (out / "tumor_001.heatmap.tif").is_file()
+    assert not (out / "blank_001.heatmap.tif").exists()
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no scratch left behind
+
+
+def test_slides_from_a_split_file_a_folder_and_a_glob(slides: Path, tmp_path: Path) -> None:
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"test": ["tumor_001"], "slides_dir": str(slides)}))
+    assert resolve_slides(f"split:{split}") == [slides / "tumor_001.tif"]
+    assert [p.name for p in resolve_slides(str(slides))] == ["normal_001.tif", "tumor_001.tif"]
+    assert [p.name for p in resolve_slides(str(slides / "tumor_*.tif"))] == ["tumor_001.tif"]
