@@ -1,0 +1,564 @@
+"""LightningDataModules over patch caches: reconstruction pretraining and few-label fine-tuning.
+
+- :class:`PretrainDataModule`: the unlabeled cache, split into train/validation by a seeded
+  permutation of its patches (``val_fraction``).
+- :class:`FinetuneDataModule`: a deterministic, class-stratified subset of ``labeled_size``
+  patches of the labeled cache, split into ``folds`` class-stratified folds; trains on all folds but
+  ``fold``, validates on ``fold``, tests on the whole test cache (held-out slides).
+
+The fine-tuning subset depends only on (the labeled cache's labels, ``labeled_size``, ``seed``):
+never on ``fold``, the init (pretrained or scratch) or anything else, so the pretrained-vs-scratch
+comparison is paired. Subsets are nested: for one seed, the 40-patch subset is contained in the
+80-patch subset, and so on (see :func:`stratified_subset`).
+
+Batches: ``{"image": (B, 3, P, P) float32 normalised, "mask": (B, 1, P, P) float32 {0, 1}
+(labeled caches), "index": (B,) int64 cache positions}``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader
+
+from lymphnode.cache import PatchCache
+from lymphnode.data.datasets import CacheDataset
+from lymphnode.data.stain import (
+    MacenkoNormalizer,
+    ReinhardNormalizer,
+    build_stain_normalizer,
+    load_reference_image,
+)
+from lymphnode.data.transforms import build_eval_transform, build_train_transform, normalize_stats
+from lymphnode.errors import CacheError, ConfigError
+
+log = logging.getLogger(__name__)
+
+CLASSES = (0, 1)  # 0 non-tumor, 1 tumor (the cache's label convention)
+CLASS_NAMES = {0: "non-tumor", 1: "tumor"}
+_TRANSFORM_KEYS = ("d4", "color_jitter", "hed")
+_STAIN_KEYS = ("method", "reference", "reference_cache", "n_patches", "seed", "options")
+_STAIN_DEFAULTS: dict[str, Any] = {
+    "reference": None,  # an RGB image file; None: n_patches of the training cache
+    "reference_cache": None,  # another cache to draw the reference patches from
+    "n_patches": 32,
+    "seed": 0,  # its own seed: the reference must not change with the run seed
+    "options": {},  # keyword arguments of the normaliser class
+}
+
+
+# ----------------------------------------------------------------------------- split functions
+def _check_int(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ConfigError(f"{name}={value!r} is invalid: expected an integer >= {minimum}")
+    return int(value)
+
+
+def _allocate(size: int, counts: Sequence[int]) -> list[int]:
+    """Split ``size`` among classes proportionally to ``counts`` (largest remainder, ties to the
+    lower class). With two classes this is ``round_half_up(size * p)`` for class 0, monotone in
+    ``size`` for both classes, which makes subsets nested."""
+    total = sum(counts)
+    quotas = [size * c / total for c in counts]
+    alloc = [int(np.floor(q)) for q in quotas]
+    order = sorted(range(len(counts)), key=lambda k: (-(quotas[k] - alloc[k]), k))
+    for k in order[: size - sum(alloc)]:
+        alloc[k] += 1
+    return alloc
+
+
+def stratified_subset(labels: np.ndarray, size: int, seed: int) -> list[np.ndarray]:
+    """A class-stratified random subset of ``size`` patch positions, per class.
+
+    Each class's positions are permuted with a generator seeded by ``(seed, class)`` and the first
+    ``k_c`` are taken, ``k_c`` proportional to the class's share of ``labels`` (largest remainder).
+    The permutation does not depend on ``size``, so for one seed a smaller subset is contained in a
+    larger one (binary labels).
+
+    Args:
+        labels: (N,) class of every patch of the cache (0 or 1).
+        size: patches to select, 1..N.
+        seed: non-negative integer.
+
+    Returns:
+        one int64 array per class of :data:`CLASSES`, in that class's permuted order.
+    """
+    positions = [np.flatnonzero(labels == c) for c in CLASSES]
+    alloc = _allocate(size, [len(p) for p in positions])
+    return [
+        np.random.default_rng([seed, c]).permutation(p)[:k]
+        for c, p, k in zip(CLASSES, positions, alloc)
+    ]
+
+
+def stratified_folds(per_class: Sequence[np.ndarray], folds: int) -> list[np.ndarray]:
+    """Deal a per-class subset into ``folds`` folds: class by class, position ``j`` of the
+    concatenation goes to fold ``j % folds``. Folds get equal sizes (±1) and each class's count per
+    fold differs by at most 1 between folds. Each fold is returned sorted."""
+    ordered = np.concatenate(per_class) if per_class else np.empty(0, np.int64)
+    return [np.sort(ordered[k::folds]) for k in range(folds)]
+
+
+# ---------------------------------------------------------------------------------- helpers
+def _cache_level(cache: PatchCache) -> int:
+    levels = np.unique(cache.index["level"])
+    if len(levels) != 1:
+        raise CacheError(
+            f"patch cache {cache.path} mixes slide levels {levels.tolist()}: expected one level "
+            "(rebuild it with a single data.level / mpp)"
+        )
+    return int(levels[0])
+
+
+def _class_labels(cache: PatchCache) -> np.ndarray:
+    """(N,) 0/1 class per patch: the index label, or for unknown (-1) labels, whether the mask has
+    any tumor pixel."""
+    labels = cache.labels.copy()
+    unknown = np.flatnonzero(labels < 0)
+    if len(unknown):
+        if not cache.has_masks:
+            raise CacheError(
+                f"patch cache {cache.path} has {len(unknown)} patches with unknown label (-1) "
+                "and no masks to derive it from: expected labels 0/1"
+            )
+        log.info("deriving %d unknown labels of %s from their masks", len(unknown), cache.path)
+        for i in unknown:
+            mask = cache[int(i)][1]
+            labels[i] = int(mask is not None and bool(mask.any()))
+    return labels
+
+
+def _transform_options(transforms: Mapping[str, Any] | None) -> dict[str, Any]:
+    if transforms is None:
+        return {}
+    if not isinstance(transforms, Mapping):
+        raise ConfigError(
+            f"transforms={transforms!r} is invalid: expected a mapping with keys "
+            f"{list(_TRANSFORM_KEYS)}"
+        )
+    unknown = sorted(set(transforms) - set(_TRANSFORM_KEYS))
+    if unknown:
+        raise ConfigError(
+            f"transforms has unknown key(s) {unknown}: allowed keys are {list(_TRANSFORM_KEYS)}"
+        )
+    return {k: _plain(v) for k, v in transforms.items()}
+
+
+def _plain(value: Any) -> Any:
+    """OmegaConf containers -> dict/list (albumentations and our checks want plain types)."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _stain_options(stain_norm: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    if stain_norm is None:
+        return None
+    if not isinstance(stain_norm, Mapping) or "method" not in stain_norm:
+        raise ConfigError(
+            f"stain_norm={stain_norm!r} is invalid: expected null or a mapping with 'method' "
+            f"(macenko | reinhard) and optional {list(_STAIN_KEYS[1:])}"
+        )
+    unknown = sorted(set(stain_norm) - set(_STAIN_KEYS))
+    if unknown:
+        raise ConfigError(
+            f"stain_norm has unknown key(s) {unknown}: allowed keys are {list(_STAIN_KEYS)}"
+        )
+    options = {**_STAIN_DEFAULTS, **_plain(stain_norm)}
+    _check_int("stain_norm.n_patches", options["n_patches"], 1)
+    _check_int("stain_norm.seed", options["seed"], 0)
+    build_stain_normalizer(options["method"], **(options["options"] or {}))  # validates early
+    return options
+
+
+# ------------------------------------------------------------------------------------ base
+class _CacheDataModule(pl.LightningDataModule):
+    """Shared DataLoader, transform and stain-normalisation logic."""
+
+    def __init__(
+        self,
+        *,
+        train_cache: str | Path,
+        seed: int,
+        batch_size: int,
+        num_workers: int,
+        pin_memory: bool | None,
+        persistent_workers: bool,
+        drop_last: bool,
+        transforms: Mapping[str, Any] | None,
+        normalize: Mapping[str, Sequence[float]] | None,
+        stain_norm: Mapping[str, Any] | None,
+    ) -> None:
+        super().__init__()
+        self.train_cache = Path(train_cache)
+        self.seed = _check_int("seed", seed, 0)
+        self.batch_size = _check_int("batch_size", batch_size, 1)
+        self.num_workers = _check_int("num_workers", num_workers, 0)
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
+        self.persistent_workers = bool(persistent_workers)
+        self.drop_last = bool(drop_last)
+        self.transform_options = _transform_options(transforms)
+        self._normalize = normalize_stats(_plain(normalize))
+        self.stain_options = _stain_options(stain_norm)
+        build_train_transform(**self.transform_options)  # validates the options now
+        self._stain: MacenkoNormalizer | ReinhardNormalizer | None = None
+        self._meta: tuple[int, int] | None = None
+        self.train_dataset: CacheDataset | None = None
+        self.val_dataset: CacheDataset | None = None
+        self.test_dataset: CacheDataset | None = None
+
+    # -- what the task module saves ------------------------------------------------------------
+    @property
+    def normalize(self) -> dict[str, list[float]]:
+        """``{"mean": [r, g, b], "std": [r, g, b]}`` in 0..1 units: ``(img / 255 - mean) / std``."""
+        return {k: list(v) for k, v in self._normalize.items()}
+
+    def _metadata(self) -> tuple[int, int]:
+        if self._meta is None:
+            cache = PatchCache(self.train_cache)
+            self._meta = (cache.patch_size, _cache_level(cache))
+        return self._meta
+
+    @property
+    def patch_size(self) -> int:
+        """Patch side in pixels of :attr:`level`, from the training cache's manifest."""
+        return self._metadata()[0]
+
+    @property
+    def level(self) -> int:
+        """The slide level the training cache's patches were read at."""
+        return self._metadata()[1]
+
+    # -- transforms ----------------------------------------------------------------------------
+    @property
+    def stain_normalizer(self) -> MacenkoNormalizer | ReinhardNormalizer | None:
+        """The fitted stain normaliser (fitted on first use), or None when stain_norm is null."""
+        if self.stain_options is None:
+            return None
+        if self._stain is None:
+            self._stain = self._fit_stain(self.stain_options)
+        return self._stain
+
+    def _fit_stain(self, options: Mapping[str, Any]) -> MacenkoNormalizer | ReinhardNormalizer:
+        normalizer = build_stain_normalizer(options["method"], **(options["options"] or {}))
+        if options["reference"] is not None:
+            images = [load_reference_image(options["reference"])]
+            source = str(options["reference"])
+        else:
+            path = Path(options["reference_cache"] or self.train_cache)
+            cache = PatchCache(path)
+            n = min(int(options["n_patches"]), len(cache))
+            rng = np.random.default_rng(options["seed"])
+            chosen = np.sort(rng.choice(len(cache), size=n, replace=False))
+            images = [cache[int(i)][0] for i in chosen]
+            source = f"{n} patches of {path} (seed {options['seed']})"
+        log.info("fitting %s stain normalisation to %s", options["method"], source)
+        return normalizer.fit(images)
+
+    def train_transform(self) -> Any:
+        """The training pipeline (augmentations from ``transforms``), seeded by ``seed``."""
+        return build_train_transform(
+            **self.transform_options,
+            normalize=self._normalize,
+            stain_normalizer=self.stain_normalizer,
+            seed=self.seed,
+        )
+
+    def eval_transform(self) -> Any:
+        """The validation/test pipeline: stain normalisation (if any) + normalisation."""
+        return build_eval_transform(
+            normalize=self._normalize, stain_normalizer=self.stain_normalizer
+        )
+
+    # -- loaders -------------------------------------------------------------------------------
+    def _loader(self, dataset: CacheDataset | None, *, train: bool, name: str) -> DataLoader:
+        if dataset is None:
+            raise ConfigError(f"{name}_dataloader() before setup(): call setup() first")
+        drop_last = False
+        if train and self.drop_last:
+            if len(dataset) >= self.batch_size:
+                drop_last = True  # every step the same batch size (BatchNorm, LR per sample)
+            else:
+                log.warning(
+                    "training set has %d patches < batch_size=%d: one smaller batch per epoch",
+                    len(dataset),
+                    self.batch_size,
+                )
+        generator = torch.Generator()
+        generator.manual_seed(self.seed if train else self.seed + 1)
+        workers = self.num_workers > 0
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=train,
+            drop_last=drop_last,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers and workers,
+            generator=generator,  # shuffling order and the workers' base seed
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled (seeded), augmented; drops an incomplete last batch when it can."""
+        return self._loader(self.train_dataset, train=True, name="train")
+
+    def val_dataloader(self) -> DataLoader:
+        """In cache order, no augmentation."""
+        return self._loader(self.val_dataset, train=False, name="val")
+
+
+# -------------------------------------------------------------------------------- pretrain
+class PretrainDataModule(_CacheDataModule):
+    """Reconstruction pretraining on the unlabeled cache (images only, masks never read).
+
+    Args:
+        cache_dir: the unlabeled patch cache.
+        val_fraction: share of its patches held out for validation, in (0, 1); at least one patch
+            each side. A seeded permutation of patch positions (patches of one slide can fall on
+            both sides: reconstruction needs no labels, so this leaks nothing the task uses).
+        seed: seed of the split, the shuffling, the workers and the augmentations.
+        batch_size, num_workers: DataLoader settings.
+        pin_memory: None -> True when CUDA is available.
+        persistent_workers: keep workers between epochs (only used when num_workers > 0).
+        drop_last: drop an incomplete last training batch (when at least one full batch exists).
+        transforms: ``{d4, color_jitter, hed}`` for :func:`build_train_transform`.
+        normalize: ``{"mean", "std"}`` in 0..1 units (None: 0.5/0.5).
+        stain_norm: null, or ``{method: macenko|reinhard, reference: image path|null,
+            reference_cache: path|null, n_patches: 32, seed: 0, options: {}}``.
+    """
+
+    def __init__(
+        self,
+        cache_dir: str | Path,
+        val_fraction: float = 0.1,
+        seed: int = 0,
+        batch_size: int = 16,
+        num_workers: int = 0,
+        pin_memory: bool | None = None,
+        persistent_workers: bool = True,
+        drop_last: bool = True,
+        transforms: Mapping[str, Any] | None = None,
+        normalize: Mapping[str, Sequence[float]] | None = None,
+        stain_norm: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__(
+            train_cache=cache_dir,
+            seed=seed,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            persistent_workers=persistent_workers,
+            drop_last=drop_last,
+            transforms=transforms,
+            normalize=normalize,
+            stain_norm=stain_norm,
+        )
+        if isinstance(val_fraction, bool) or not (
+            isinstance(val_fraction, (int, float)) and 0.0 < val_fraction < 1.0
+        ):
+            raise ConfigError(f"val_fraction={val_fraction!r} is invalid: expected in (0, 1)")
+        self.cache_dir = Path(cache_dir)
+        self.val_fraction = float(val_fraction)
+
+    def split(self) -> tuple[np.ndarray, np.ndarray]:
+        """(train, val) sorted cache positions, from a permutation seeded by ``seed``."""
+        n = len(PatchCache(self.cache_dir))
+        if n < 2:
+            raise ConfigError(
+                f"unlabeled cache {self.cache_dir} has {n} patch(es): expected at least 2 to "
+                "split off a validation set"
+            )
+        n_val = min(max(1, round(n * self.val_fraction)), n - 1)
+        order = np.random.default_rng([self.seed, n]).permutation(n)
+        return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+    def setup(self, stage: str | None = None) -> None:
+        """Build the train and validation datasets (idempotent)."""
+        if self.train_dataset is not None:
+            return
+        train, val = self.split()
+        self.train_dataset = CacheDataset(self.cache_dir, train, self.train_transform(), False)
+        self.val_dataset = CacheDataset(self.cache_dir, val, self.eval_transform(), False)
+        log.info(
+            "pretraining data: %d train / %d validation patches of %s",
+            len(train),
+            len(val),
+            self.cache_dir,
+        )
+
+
+# -------------------------------------------------------------------------------- finetune
+class FinetuneDataModule(_CacheDataModule):
+    """Fine-tuning on ``labeled_size`` labeled patches, fold ``fold`` of ``folds`` for validation.
+
+    The subset is :func:`stratified_subset` of the labeled cache's classes with (``labeled_size``,
+    ``seed``), dealt into folds by :func:`stratified_folds`: identical for every fold and for
+    pretrained and scratch runs, nested across sizes. ``labeled_size`` must be a multiple of
+    ``folds`` (equal validation folds: with the paper's 40/80/120/200 and 5 folds, 8/16/24/40
+    patches), and every class must get at least ``folds`` patches (each validation fold holds both
+    classes).
+
+    Args:
+        labeled_dir: the labeled patch cache (with masks) the subset is drawn from.
+        test_dir: the test patch cache (with masks; held-out slides), used whole.
+        labeled_size: patches in the subset (train + validation).
+        fold: the validation fold, 0..folds-1.
+        folds: number of folds (>= 2).
+        seed: seed of the subset, the shuffling, the workers and the augmentations.
+        other arguments: as :class:`PretrainDataModule`.
+
+    Raises:
+        ConfigError: bad labeled_size / fold / folds (also, at setup, labeled_size larger than
+            the labeled cache or too few patches of a class).
+        CacheError: missing caches (at setup or when ``patch_size``/``level`` are read), caches
+            without masks, labeled and test caches with different patch sizes or levels.
+    """
+
+    def __init__(
+        self,
+        labeled_dir: str | Path,
+        test_dir: str | Path,
+        labeled_size: int = 40,
+        fold: int = 0,
+        folds: int = 5,
+        seed: int = 0,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        pin_memory: bool | None = None,
+        persistent_workers: bool = True,
+        drop_last: bool = True,
+        transforms: Mapping[str, Any] | None = None,
+        normalize: Mapping[str, Sequence[float]] | None = None,
+        stain_norm: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__(
+            train_cache=labeled_dir,
+            seed=seed,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            persistent_workers=persistent_workers,
+            drop_last=drop_last,
+            transforms=transforms,
+            normalize=normalize,
+            stain_norm=stain_norm,
+        )
+        self.labeled_dir = Path(labeled_dir)
+        self.test_dir = Path(test_dir)
+        self.folds = _check_int("folds", folds, 2)
+        self.labeled_size = _check_int("labeled_size", labeled_size, 1)
+        if (
+            isinstance(fold, bool)
+            or not isinstance(fold, (int, np.integer))
+            or not (0 <= fold < self.folds)
+        ):
+            raise ConfigError(
+                f"fold={fold!r} is out of range: expected an integer in [0, {self.folds}) "
+                f"for folds={self.folds}"
+            )
+        self.fold = int(fold)
+        if self.labeled_size % self.folds:
+            lower = self.labeled_size // self.folds * self.folds
+            raise ConfigError(
+                f"labeled_size={self.labeled_size} is not a multiple of folds={self.folds}: "
+                f"expected equal folds, e.g. labeled_size={lower or self.folds} or "
+                f"{lower + self.folds}"
+            )
+        self._folds: list[np.ndarray] | None = None
+
+    def fold_indices(self) -> list[np.ndarray]:
+        """The ``folds`` folds of the subset: sorted labeled-cache positions per fold."""
+        if self._folds is None:
+            cache = PatchCache(self.labeled_dir)
+            if not cache.has_masks:
+                raise CacheError(
+                    f"labeled cache {self.labeled_dir} has no masks: expected a cache built from "
+                    "annotated slides"
+                )
+            if self.labeled_size > len(cache):
+                raise ConfigError(
+                    f"labeled_size={self.labeled_size} is larger than the labeled cache "
+                    f"{self.labeled_dir} ({len(cache)} patches): expected 1..{len(cache)}"
+                )
+            labels = _class_labels(cache)
+            per_class = stratified_subset(labels, self.labeled_size, self.seed)
+            for c, chosen in zip(CLASSES, per_class):
+                if len(chosen) < self.folds:
+                    available = int(np.sum(labels == c))
+                    raise ConfigError(
+                        f"labeled_size={self.labeled_size} gives {len(chosen)} {CLASS_NAMES[c]} "
+                        f"patch(es) (the labeled cache {self.labeled_dir} has {available} of "
+                        f"{len(cache)}), fewer than folds={self.folds}: every validation fold "
+                        "needs each class; expected a larger labeled_size or fewer folds"
+                    )
+            self._folds = stratified_folds(per_class, self.folds)
+        return self._folds
+
+    def subset_indices(self) -> np.ndarray:
+        """All ``labeled_size`` positions of the subset, sorted."""
+        return np.sort(np.concatenate(self.fold_indices()))
+
+    def train_indices(self) -> np.ndarray:
+        """Positions of the training folds (all but ``fold``), sorted."""
+        folds = self.fold_indices()
+        return np.sort(np.concatenate([f for k, f in enumerate(folds) if k != self.fold]))
+
+    def val_indices(self) -> np.ndarray:
+        """Positions of the validation fold ``fold``, sorted."""
+        return self.fold_indices()[self.fold]
+
+    def _check_test_cache(self) -> None:
+        test = PatchCache(self.test_dir)
+        if not test.has_masks:
+            raise CacheError(
+                f"test cache {self.test_dir} has no masks: expected a cache built from annotated "
+                "slides"
+            )
+        if test.patch_size != self.patch_size or _cache_level(test) != self.level:
+            raise CacheError(
+                f"test cache {self.test_dir} has patch_size={test.patch_size}, "
+                f"level={_cache_level(test)}; the labeled cache {self.labeled_dir} has "
+                f"patch_size={self.patch_size}, level={self.level}: expected the same"
+            )
+
+    def setup(self, stage: str | None = None) -> None:
+        """Build the datasets the stage needs (idempotent): fit/validate -> train + val,
+        test -> test."""
+        if stage in (None, "fit", "validate") and self.train_dataset is None:
+            train, val = self.train_indices(), self.val_indices()
+            self.train_dataset = CacheDataset(self.labeled_dir, train, self.train_transform(), True)
+            self.val_dataset = CacheDataset(self.labeled_dir, val, self.eval_transform(), True)
+            log.info(
+                "fine-tuning data: labeled_size=%d seed=%d fold %d/%d -> %d train / %d validation "
+                "patches of %s",
+                self.labeled_size,
+                self.seed,
+                self.fold,
+                self.folds,
+                len(train),
+                len(val),
+                self.labeled_dir,
+            )
+        if stage in (None, "test") and self.test_dataset is None:
+            self._check_test_cache()
+            self.test_dataset = CacheDataset(self.test_dir, None, self.eval_transform(), True)
+
+    def test_dataloader(self) -> DataLoader:
+        """The whole test cache in cache order, no augmentation."""
+        return self._loader(self.test_dataset, train=False, name="test")
+
+
+__all__ = [
+    "FinetuneDataModule",
+    "PretrainDataModule",
+    "stratified_folds",
+    "stratified_subset",
+]

@@ -1,0 +1,111 @@
+"""A torch ``Dataset`` over a patch cache (:class:`lymphnode.cache.PatchCache`).
+
+Each process that reads (the main process, every DataLoader worker) opens the cache itself on its
+first read: the dataset pickles without open files, and a forked worker does not reuse its parent's
+memory maps. In a worker the augmentation pipeline is also reseeded from the worker's torch seed
+(``DataLoader(generator=...)`` base seed + worker id), so workers never repeat each other's
+augmentations and a seeded DataLoader gives the same batches on every run.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import albumentations as A
+import numpy as np
+from torch.utils.data import Dataset, get_worker_info
+
+from lymphnode.cache import PatchCache
+from lymphnode.data.transforms import seed_pipeline, to_sample
+from lymphnode.errors import CacheError, ConfigError
+
+
+class CacheDataset(Dataset):
+    """Patches ``indices`` of the cache at ``cache_path``, as dicts of tensors.
+
+    Items: ``{"image": (3, P, P) float32, "mask": (1, P, P) float32 {0, 1} (only with
+    with_masks), "index": int (the patch's position in the cache)}``; P = the cache's patch size
+    in pixels of the level it was read at. With ``transform=None`` the image is ``uint8 / 255`` in
+    0..1 (no normalisation).
+
+    Args:
+        cache_path: the patch-cache directory.
+        indices: cache positions to serve, in this order (None: all patches).
+        transform: an albumentations pipeline (``lymphnode.data.transforms.build_*_transform``).
+        with_masks: return masks (the cache must have them).
+
+    Raises:
+        CacheError: missing or unreadable cache (from PatchCache), or with_masks on a cache
+            without masks.
+        ConfigError: an index out of range.
+    """
+
+    def __init__(
+        self,
+        cache_path: str | Path,
+        indices: Sequence[int] | np.ndarray | None = None,
+        transform: A.Compose | None = None,
+        with_masks: bool = False,
+    ) -> None:
+        self.cache_path = Path(cache_path)
+        cache = PatchCache(self.cache_path)  # validates the manifest; opens no shard file yet
+        n = len(cache)
+        if with_masks and not cache.has_masks:
+            raise CacheError(
+                f"patch cache {self.cache_path} has no masks, but with_masks=True: build it from "
+                "annotated slides (a labeled/test cache)"
+            )
+        if indices is None:
+            self.indices = np.arange(n, dtype=np.int64)
+        else:
+            self.indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+            bad = self.indices[(self.indices < 0) | (self.indices >= n)]
+            if len(bad):
+                raise ConfigError(
+                    f"indices include {bad[:5].tolist()}: patch cache {self.cache_path} has {n} "
+                    f"patches (valid 0..{n - 1})"
+                )
+        self.transform = transform
+        self.with_masks = bool(with_masks)
+        self._cache: PatchCache | None = None
+        self._pid: int | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_cache"] = None  # never pickle an open cache; the receiving process opens its own
+        state["_pid"] = None
+        return state
+
+    def __repr__(self) -> str:
+        return (
+            f"CacheDataset({str(self.cache_path)!r}, n={len(self)}, with_masks={self.with_masks})"
+        )
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def _open(self) -> PatchCache:
+        pid = os.getpid()
+        if self._cache is None or self._pid != pid:
+            self._cache = PatchCache(self.cache_path)
+            self._pid = pid
+            worker = get_worker_info()
+            if worker is not None and isinstance(self.transform, A.Compose):
+                seed_pipeline(self.transform, worker.seed % 2**32)
+        return self._cache
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        index = int(self.indices[i])
+        image, mask = self._open()[index]
+        tensor, mask_tensor = to_sample(self.transform, image, mask if self.with_masks else None)
+        item: dict[str, Any] = {"image": tensor}
+        if self.with_masks:
+            item["mask"] = mask_tensor
+        item["index"] = index
+        return item
+
+
+__all__ = ["CacheDataset"]

@@ -1,0 +1,329 @@
+"""Patch augmentations and normalisation (albumentations 2.x pipelines).
+
+Training: the 8 dihedral transforms of the square (``A.D4``, image and mask together) + colour jitter
+with the defaults of Liu et al. 2017 ("Detecting cancer metastases on gigapixel pathology images")
++ optional HED stain augmentation (Tellez et al. 2018). Validation and test: no augmentation. Both
+end with the normalisation ``(img / 255 - mean) / std`` and a tensor conversion, so a pipeline maps
+``image (H, W, 3) uint8 RGB, mask (H, W) uint8 {0, 1}`` to ``image (3, H, W) float32, mask (H, W)
+uint8`` (:func:`to_sample` adds the mask's channel axis and makes it float).
+
+A stain normaliser (:mod:`lymphnode.data.stain`) goes first in every split's pipeline when selected.
+
+Colour jitter units (Liu et al. used TensorFlow's ``random_brightness/contrast/saturation/hue``):
+
+- ``brightness`` is Liu et al.'s *additive* maximum delta on intensities in 0..1 (64/255).
+  ``A.ColorJitter`` multiplies by a factor instead, so ``b`` becomes the factor range
+  ``(1 - b, 1 + b)``: a white pixel (255) moves by at most ±64 grey levels, as in the paper, and a
+  darker pixel by proportionally less (tissue at ~180 moves by at most ±45).
+- ``contrast`` and ``saturation`` are factor half-widths: ``c`` means a factor in
+  ``(max(0, 1 - c), 1 + c)``, the same as TensorFlow's ``lower=1-c, upper=1+c``.
+- ``hue`` is a shift in fractions of the hue circle, ``U(-h, h)``, the same in both libraries.
+
+Importing this module imports :mod:`lymphnode` first so that albumentations never checks PyPI.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import albumentations as A
+import cv2
+import numpy as np
+import torch
+from skimage.color import hed_from_rgb, rgb_from_hed
+
+import lymphnode  # noqa: F401  (sets NO_ALBUMENTATIONS_UPDATE before albumentations is used)
+from lymphnode.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+# Liu et al. 2017, Sec. 3 ("color perturbation"): brightness delta 64/255, saturation 0.25,
+# hue 0.04, contrast 0.75.
+DEFAULT_COLOR_JITTER: dict[str, float] = {
+    "brightness": 64 / 255,
+    "contrast": 0.75,
+    "saturation": 0.25,
+    "hue": 0.04,
+    "p": 1.0,
+}
+# Tellez et al. 2018 used 0.05 ("HED-light"); 0.03 is a milder default (see HEDJitter for units).
+DEFAULT_HED: dict[str, float] = {"sigma": 0.03, "bias": 0.03, "p": 1.0}
+# The network is trained from scratch on H&E, so there is no ImageNet statistic to match: mapping
+# 0..255 to -1..1 keeps the reconstruction target symmetric and independent of the stain.
+DEFAULT_NORMALIZE: dict[str, tuple[float, float, float]] = {
+    "mean": (0.5, 0.5, 0.5),
+    "std": (0.5, 0.5, 0.5),
+}
+
+# Optical density of each uint8 value, -ln(I / 255), with 0 treated as 1 (finite, exactly invertible
+# for 1..255).
+_OD_LUT = (-np.log(np.maximum(np.arange(256, dtype=np.float64), 1.0) / 255.0)).astype(np.float32)
+
+
+def hed_perturb(
+    image: np.ndarray, alpha: Sequence[float] | np.ndarray, beta: Sequence[float] | np.ndarray
+) -> np.ndarray:
+    """Rescale and shift the haematoxylin, eosin and DAB channels of an RGB uint8 image.
+
+    Colour deconvolution with scikit-image's Ruifrok-Johnston matrices (``hed_from_rgb``,
+    ``rgb_from_hed``): ``hed = OD @ hed_from_rgb`` with ``OD = -ln(I / 255)`` per pixel, then
+    ``hed' = alpha * hed + beta`` per channel, then back to RGB. The three steps are linear in OD, so
+    they run as one 3x3 matrix plus offset per pixel (``cv2.transform``). ``beta`` is in natural-log
+    optical-density units. Unlike ``skimage.color.rgb2hed`` the stain concentrations are not clipped
+    at 0 and not divided by ``ln(1e6)``, so ``alpha = 1, beta = 0`` returns the input unchanged.
+
+    Args:
+        image: (H, W, 3) uint8 RGB.
+        alpha: 3 multiplicative factors (H, E, D).
+        beta: 3 additive offsets (H, E, D) in optical-density units.
+
+    Returns:
+        (H, W, 3) uint8 RGB.
+    """
+    alpha_arr = np.asarray(alpha, dtype=np.float64)
+    beta_arr = np.asarray(beta, dtype=np.float64)
+    # row-vector convention: od' = od @ M + c
+    matrix = hed_from_rgb @ np.diag(alpha_arr) @ rgb_from_hed
+    offset = beta_arr @ rgb_from_hed
+    # cv2.transform computes dst = m[:, :3] @ src + m[:, 3] per pixel (column-vector convention)
+    affine = np.concatenate([matrix.T, offset[:, None]], axis=1).astype(np.float32)
+    od = cv2.transform(_OD_LUT[image], affine)
+    rgb = np.exp(-od, out=od)
+    rgb *= 255.0
+    np.clip(rgb, 0.0, 255.0, out=rgb)
+    return (rgb + 0.5).astype(np.uint8)
+
+
+class HEDJitter(A.ImageOnlyTransform):
+    """HED stain augmentation (Tellez et al. 2018): perturb each stain channel independently.
+
+    For each image, ``alpha ~ U(1 - sigma, 1 + sigma)`` and ``beta ~ U(-bias, bias)`` are drawn per
+    channel (H, E, D) and applied by :func:`hed_perturb` (``beta`` in optical-density units,
+    ``-ln(I/255)``; typical tissue has H/E densities 0.1-1). Passing the same numbers to
+    scikit-image's ``rgb2hed``/``hed2rgb``, which divide densities by ``ln(1e6) ≈ 13.8``, would be
+    13.8x stronger in ``bias``. About 1.5 ms per 304² patch on one core (see
+    experiments/benchmarks/README_data.md).
+
+    Args:
+        sigma: half-width of the multiplicative factor range, in [0, 1).
+        bias: half-width of the additive offset range, >= 0 (optical density).
+        p: probability of applying the transform.
+    """
+
+    def __init__(self, sigma: float = 0.03, bias: float = 0.03, p: float = 1.0) -> None:
+        super().__init__(p=p)
+        if not (isinstance(sigma, (int, float)) and 0.0 <= sigma < 1.0):
+            raise ConfigError(f"hed.sigma={sigma!r} is invalid: expected a number in [0, 1)")
+        if not (isinstance(bias, (int, float)) and bias >= 0.0 and math.isfinite(bias)):
+            raise ConfigError(f"hed.bias={bias!r} is invalid: expected a finite number >= 0")
+        self.sigma = float(sigma)
+        self.bias = float(bias)
+
+    def get_params(self) -> dict[str, Any]:
+        """Draw ``alpha`` (3,) and ``beta`` (3,) from this transform's seeded generator."""
+        alpha = self.random_generator.uniform(1.0 - self.sigma, 1.0 + self.sigma, size=3)
+        beta = self.random_generator.uniform(-self.bias, self.bias, size=3)
+        return {"alpha": alpha, "beta": beta}
+
+    def apply(
+        self, img: np.ndarray, alpha: np.ndarray, beta: np.ndarray, **params: Any
+    ) -> np.ndarray:
+        """Perturb one (H, W, 3) uint8 RGB image."""
+        return hed_perturb(img, alpha, beta)
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        """Arguments that albumentations serialises (``A.to_dict``)."""
+        return ("sigma", "bias")
+
+
+def _merge_options(
+    name: str, options: Mapping[str, Any] | bool | None, defaults: Mapping[str, float]
+) -> dict[str, float] | None:
+    """None/False -> off; True or {} -> defaults; a mapping overrides defaults key by key."""
+    if options is None or options is False:
+        return None
+    if options is True:
+        return dict(defaults)
+    if not isinstance(options, Mapping):
+        raise ConfigError(
+            f"{name}={options!r} is invalid: expected null, true or a mapping with keys "
+            f"{sorted(defaults)}"
+        )
+    unknown = sorted(set(options) - set(defaults))
+    if unknown:
+        raise ConfigError(
+            f"{name} has unknown key(s) {unknown}: allowed keys are {sorted(defaults)}"
+        )
+    merged = dict(defaults)
+    for key, value in options.items():
+        if (
+            not isinstance(value, (int, float))
+            or isinstance(value, bool)
+            or not math.isfinite(value)
+        ):
+            raise ConfigError(f"{name}.{key}={value!r} is invalid: expected a finite number")
+        merged[key] = float(value)
+    return merged
+
+
+def _color_jitter(options: dict[str, float]) -> A.ColorJitter:
+    for key in ("brightness", "contrast", "saturation"):
+        if options[key] < 0:
+            raise ConfigError(f"color_jitter.{key}={options[key]} is invalid: expected >= 0")
+    if not 0.0 <= options["hue"] <= 0.5:
+        raise ConfigError(f"color_jitter.hue={options['hue']} is invalid: expected in [0, 0.5]")
+    if not 0.0 <= options["p"] <= 1.0:
+        raise ConfigError(f"color_jitter.p={options['p']} is invalid: expected in [0, 1]")
+    return A.ColorJitter(
+        brightness=(max(0.0, 1.0 - options["brightness"]), 1.0 + options["brightness"]),
+        contrast=(max(0.0, 1.0 - options["contrast"]), 1.0 + options["contrast"]),
+        saturation=(max(0.0, 1.0 - options["saturation"]), 1.0 + options["saturation"]),
+        hue=(-options["hue"], options["hue"]),
+        p=options["p"],
+    )
+
+
+def normalize_stats(
+    normalize: Mapping[str, Sequence[float]] | None,
+) -> dict[str, list[float]]:
+    """Validate ``{"mean": [r, g, b], "std": [r, g, b]}`` in 0..1 units; None -> the default.
+
+    Returns plain lists (what the task modules save in their hyperparameters).
+    """
+    if normalize is None:
+        normalize = DEFAULT_NORMALIZE
+    if not isinstance(normalize, Mapping) or set(normalize) != {"mean", "std"}:
+        raise ConfigError(
+            f"normalize={normalize!r} is invalid: expected a mapping with exactly the keys "
+            "'mean' and 'std' (3 numbers each, 0..1 units)"
+        )
+    stats: dict[str, list[float]] = {}
+    for key in ("mean", "std"):
+        values = normalize[key]
+        try:
+            numbers = [float(v) for v in values]
+        except (TypeError, ValueError):
+            numbers = []
+        if len(numbers) != 3 or not all(math.isfinite(v) for v in numbers):
+            raise ConfigError(
+                f"normalize.{key}={values!r} is invalid: expected 3 finite numbers (R, G, B)"
+            )
+        stats[key] = numbers
+    if any(not 0.0 <= m <= 1.0 for m in stats["mean"]):
+        raise ConfigError(
+            f"normalize.mean={stats['mean']} is invalid: expected values in 0..1 (intensity / 255), "
+            "not 0..255"
+        )
+    if any(s <= 0.0 for s in stats["std"]):
+        raise ConfigError(f"normalize.std={stats['std']} is invalid: expected values > 0")
+    return stats
+
+
+def _tail(normalize: Mapping[str, Sequence[float]] | None) -> list[A.BasicTransform]:
+    stats = normalize_stats(normalize)
+    return [
+        A.Normalize(mean=stats["mean"], std=stats["std"], max_pixel_value=255.0, p=1.0),
+        A.ToTensorV2(p=1.0),
+    ]
+
+
+def build_train_transform(
+    *,
+    d4: bool = True,
+    color_jitter: Mapping[str, float] | bool | None = True,
+    hed: Mapping[str, float] | bool | None = None,
+    normalize: Mapping[str, Sequence[float]] | None = None,
+    stain_normalizer: A.ImageOnlyTransform | None = None,
+    seed: int | None = None,
+) -> A.Compose:
+    """The training pipeline: [stain norm] -> D4 -> [colour jitter] -> [HED] -> normalise -> tensor.
+
+    Args:
+        d4: apply one of the 8 dihedral transforms (uniformly; identity included) to image and mask.
+        color_jitter: True/{} for Liu et al.'s defaults (:data:`DEFAULT_COLOR_JITTER`), a mapping
+            overriding some of ``brightness, contrast, saturation, hue, p`` (units in the module
+            docstring), or None/False for none.
+        hed: None/False (default) for none, True/{} for :data:`DEFAULT_HED`, or a mapping overriding
+            ``sigma, bias, p`` (:class:`HEDJitter`).
+        normalize: ``{"mean": [r, g, b], "std": [r, g, b]}`` in 0..1 units; None ->
+            :data:`DEFAULT_NORMALIZE`.
+        stain_normalizer: a fitted :mod:`lymphnode.data.stain` transform applied first, or None.
+        seed: seed of the pipeline's random generator (None: fresh entropy). DataLoader workers
+            reseed their copy (see :class:`lymphnode.data.datasets.CacheDataset`).
+
+    Returns:
+        ``A.Compose``; call it as ``pipeline(image=img, mask=mask)``.
+    """
+    steps: list[A.BasicTransform] = []
+    if stain_normalizer is not None:
+        steps.append(stain_normalizer)
+    if d4:
+        steps.append(A.D4(p=1.0))
+    jitter = _merge_options("color_jitter", color_jitter, DEFAULT_COLOR_JITTER)
+    if jitter is not None:
+        steps.append(_color_jitter(jitter))
+    hed_options = _merge_options("hed", hed, DEFAULT_HED)
+    if hed_options is not None:
+        steps.append(HEDJitter(**hed_options))
+    pipeline = A.Compose([*steps, *_tail(normalize)])
+    seed_pipeline(pipeline, seed)
+    return pipeline
+
+
+def seed_pipeline(pipeline: A.Compose, seed: int | None) -> None:
+    """Give every transform of ``pipeline`` one shared generator seeded with ``seed``.
+
+    ``A.Compose(seed=s)`` seeds each transform's own generator with the same ``s``, so two
+    transforms drawing from identical streams are correlated (e.g. the D4 element and the first HED
+    factor). Sharing one numpy and one Python generator makes the draws sequential instead.
+    """
+    pipeline.set_random_state(np.random.default_rng(seed), random.Random(seed))
+
+
+def build_eval_transform(
+    *,
+    normalize: Mapping[str, Sequence[float]] | None = None,
+    stain_normalizer: A.ImageOnlyTransform | None = None,
+) -> A.Compose:
+    """The validation/test pipeline: [stain norm] -> normalise -> tensor; deterministic."""
+    steps: list[A.BasicTransform] = [] if stain_normalizer is None else [stain_normalizer]
+    return A.Compose([*steps, *_tail(normalize)], seed=0)
+
+
+def to_sample(
+    transform: A.Compose | None, image: np.ndarray, mask: np.ndarray | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Run a pipeline on one patch and return ``image (3, H, W) float32, mask (1, H, W) float32``.
+
+    ``transform=None`` only converts: image / 255 in 0..1, no normalisation.
+    """
+    if transform is None:
+        tensor = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float() / 255.0
+        out_mask = None if mask is None else torch.from_numpy(np.ascontiguousarray(mask))
+    else:
+        out = transform(image=image) if mask is None else transform(image=image, mask=mask)
+        tensor = out["image"]
+        out_mask = out.get("mask") if mask is not None else None
+        if isinstance(out_mask, np.ndarray):
+            out_mask = torch.from_numpy(np.ascontiguousarray(out_mask))
+    if out_mask is not None:
+        out_mask = out_mask.reshape(1, *out_mask.shape[-2:]).float()
+    return tensor, out_mask
+
+
+__all__ = [
+    "DEFAULT_COLOR_JITTER",
+    "DEFAULT_HED",
+    "DEFAULT_NORMALIZE",
+    "HEDJitter",
+    "build_eval_transform",
+    "build_train_transform",
+    "hed_perturb",
+    "normalize_stats",
+    "seed_pipeline",
+    "to_sample",
+]
