@@ -7,7 +7,8 @@ segmentation and reconstruction together.
 
 Shapes: B batch, C channels, H x W pixels of the patch. Every block keeps its spatial size (3x3
 convolutions padded by 1); max pooling floors odd sizes and the decoder pads the upsampled tensor
-back to its skip's size, so the output is H x W for any H, W >= 2**depth (300 included).
+back to its skip's size, so the output is H x W for any H, W >= 2**depth (300 included; instance
+norm needs 2**(depth+1)).
 
 Parameter names (what checkpoints store, prefixed ``net.`` by the LightningModules)::
 
@@ -159,8 +160,9 @@ class UNet(nn.Module):
 
     @property
     def min_size(self) -> int:
-        """Smallest input side (px) the network takes: one pixel at the bottleneck."""
-        return 2**self.depth
+        """Smallest input side (px) the network takes: one pixel at the bottleneck (two with
+        instance norm, which cannot normalise a single pixel)."""
+        return 2 ** (self.depth + (1 if self.norm == "instance" else 0))
 
     def forward(self, x: Tensor) -> UNetOutput:
         """Map images (B, in_channels, H, W) to (recon (B, in_channels, H, W), seg (B, 1, H, W))."""
@@ -170,8 +172,9 @@ class UNet(nn.Module):
             )
         if min(x.shape[-2:]) < self.min_size:
             raise ConfigError(
-                f"UNet input of {x.shape[-2]}x{x.shape[-1]} px is smaller than 2**depth = "
-                f"{self.min_size} px (depth={self.depth}); use larger patches or a smaller depth"
+                f"UNet input of {x.shape[-2]}x{x.shape[-1]} px is smaller than the minimum "
+                f"{self.min_size} px for depth={self.depth}, norm={self.norm!r}; use larger "
+                "patches or a smaller depth"
             )
         features = []  # depth d: (B, base*2**d, H_d, W_d), H_d = floor(H / 2**d)
         h = self.encoder[0](x)  # (B, base, H, W)
@@ -204,12 +207,11 @@ class UNet(nn.Module):
     def reset_top_decoder(self) -> list[str]:
         """Re-initialise ``decoder.0`` (the block the top skip feeds); return its parameter and
         buffer names."""
-        for module in self.decoder[0].modules():
-            if module is not self.decoder[0] and hasattr(module, "reset_parameters"):
-                module.reset_parameters()
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                module.reset_running_stats()
-        return [f"decoder.0.{name}" for name in self.decoder[0].state_dict()]
+        top: nn.Module = self.decoder[0]
+        for module in top.modules():
+            if isinstance(module, nn.Conv2d | nn.modules.batchnorm._NormBase | nn.GroupNorm):
+                module.reset_parameters()  # norms: affine to (1, 0), running stats to (0, 1)
+        return [f"decoder.0.{name}" for name in top.state_dict()]
 
 
 def _pad_to(x: Tensor, size: torch.Size | tuple[int, int]) -> Tensor:

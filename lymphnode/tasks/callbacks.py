@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import pytorch_lightning as pl
@@ -60,7 +61,7 @@ class NonFiniteLossGuard(pl.Callback):
             )
 
 
-def _rms(tensors: list[Tensor]) -> float:
+def _rms(tensors: Sequence[Tensor]) -> float:
     """Root mean square over all elements of ``tensors`` (0.0 when there are none)."""
     if not tensors:
         return 0.0

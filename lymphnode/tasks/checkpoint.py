@@ -11,6 +11,7 @@ containers, so a file from elsewhere cannot run code on load.
 from __future__ import annotations
 
 import logging
+import pathlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,7 +85,8 @@ def _read_checkpoint(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist (or is not a file)")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals([pathlib.PosixPath, pathlib.WindowsPath]):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
         raise CheckpointError(
             f"checkpoint {path} is not a torch checkpoint readable with weights_only=True "

@@ -61,13 +61,12 @@ def per_patch_dice(pred: Tensor, target: Tensor) -> Tensor:
 
 def _seg_metrics(stage: str, threshold: float) -> MetricCollection:
     """Pixel-wise metrics accumulated over the whole epoch (counts, not per-batch means)."""
-    kwargs = {"threshold": threshold, "validate_args": False}
     return MetricCollection(
         {
-            "precision": BinaryPrecision(**kwargs),
-            "recall": BinaryRecall(**kwargs),
-            "f1": BinaryF1Score(**kwargs),
-            "iou": BinaryJaccardIndex(**kwargs),
+            "precision": BinaryPrecision(threshold=threshold, validate_args=False),
+            "recall": BinaryRecall(threshold=threshold, validate_args=False),
+            "f1": BinaryF1Score(threshold=threshold, validate_args=False),
+            "iou": BinaryJaccardIndex(threshold=threshold, validate_args=False),
         },
         prefix=f"{stage}/seg_",
     )
@@ -239,7 +238,7 @@ class MultiTaskModule(UNetTask):
         else:
             with torch.no_grad():
                 mse = F.mse_loss(out.recon, x)
-        kwargs = {
+        kwargs: dict[str, Any] = {
             "on_step": stage == "train",
             "on_epoch": True,
             "sync_dist": stage != "train",

@@ -63,6 +63,23 @@ def plain(value: Any) -> Any:
     return repr(value)
 
 
+def weights_only_safe(value: Any) -> Any:
+    """Paths -> str, OmegaConf containers -> dicts/lists, numpy scalars -> numbers, recursively;
+    tensors and everything else unchanged. What ``torch.load(weights_only=True)`` can then read
+    (e.g. a DataModule's hyperparameters holding a ``Path``)."""
+    if isinstance(value, DictConfig | ListConfig):
+        return OmegaConf.to_container(value, resolve=True)
+    if isinstance(value, dict):
+        return {k: weights_only_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple) and not hasattr(value, "_fields"):
+        return type(value)(weights_only_safe(v) for v in value)
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
 def _qualname(obj: Any) -> str:
     return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', repr(obj))}"
 
@@ -162,10 +179,10 @@ def image_grid(rows: Sequence[Tensor], pad: int = 2) -> np.ndarray:
     grid = np.full((len(rows) * (h + pad) + pad, n * (w + pad) + pad, 3), 255, np.uint8)
     for r, row in enumerate(rows):
         row_u8 = (row.detach().float().clamp(0, 1) * 255).round().byte().cpu()  # (N, 3, H, W)
-        row_u8 = row_u8.permute(0, 2, 3, 1).numpy()  # (N, H, W, 3)
+        images = row_u8.permute(0, 2, 3, 1).numpy()  # (N, H, W, 3)
         for i in range(n):
             y, x = pad + r * (h + pad), pad + i * (w + pad)
-            grid[y : y + h, x : x + w] = row_u8[i]
+            grid[y : y + h, x : x + w] = images[i]
     return grid
 
 
@@ -177,6 +194,8 @@ class UNetTask(pl.LightningModule):
     """
 
     net: UNet
+    _mean: Tensor  # (1, C, 1, 1) buffer
+    _std: Tensor  # (1, C, 1, 1) buffer
     _optimizer_factory: Callable[..., Any]
     _scheduler_factory: Callable[..., Any] | None
 
@@ -265,15 +284,18 @@ class UNetTask(pl.LightningModule):
     def configure_callbacks(self) -> list[pl.Callback]:
         """A :class:`NonFiniteLossGuard` unless the trainer already has one (a NaN/inf loss always
         stops the run with the step)."""
-        trainer = self._trainer
-        if trainer is not None and any(
-            isinstance(c, NonFiniteLossGuard) for c in trainer.callbacks
-        ):
+        callbacks = getattr(self._trainer, "callbacks", [])
+        if any(isinstance(c, NonFiniteLossGuard) for c in callbacks):
             return []
         return [NonFiniteLossGuard()]
 
     # --- checkpoints ----------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Mark the checkpoint as lymphnode's and keep it loadable with ``weights_only=True``
+        (DataModule hyperparameters or callback states may hold Paths or OmegaConf objects)."""
+        for key in list(checkpoint):
+            if key not in ("state_dict", "optimizer_states"):
+                checkpoint[key] = weights_only_safe(checkpoint[key])
         checkpoint["lymphnode"] = {
             "format": CHECKPOINT_FORMAT,
             "task": self.task_name,

@@ -1,0 +1,516 @@
+"""LightningModules, checkpoints and callbacks: fit on tiny random data, weight transfer, errors."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from pytorch_lightning.loggers import CSVLogger
+from torch.utils.data import DataLoader, Dataset
+
+from lymphnode.errors import CheckpointError, ConfigError, LymphnodeError
+from lymphnode.tasks import (
+    DepthNormLogger,
+    MultiTaskModule,
+    NonFiniteLossError,
+    NonFiniteLossGuard,
+    ReconstructionModule,
+    is_lymphnode_checkpoint,
+    load_inference_model,
+    load_pretrained_weights,
+)
+from lymphnode.tasks.multitask import per_patch_dice
+
+SIZE = 33  # odd on purpose
+TINY = {"base_width": 4, "depth": 2}
+SEG_KEYS = ["seg_precision", "seg_recall", "seg_f1", "seg_dice", "seg_iou", "seg_loss", "recon_mse"]
+
+
+class RandomPatches(Dataset):
+    """Deterministic random normalised images and {0, 1} masks (a blob in the middle)."""
+
+    def __init__(self, n: int = 8, size: int = SIZE, nan: bool = False) -> None:
+        self.n, self.size, self.nan = n, size, nan
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        g = torch.Generator().manual_seed(i)
+        image = torch.randn(3, self.size, self.size, generator=g)
+        if self.nan:
+            image[0, 0, 0] = float("nan")
+        mask = torch.zeros(1, self.size, self.size)
+        if i % 2:
+            mask[:, 8:20, 10:25] = 1.0
+        return {"image": image, "mask": mask, "label": i % 2}
+
+
+def loader(**kwargs) -> DataLoader:
+    return DataLoader(RandomPatches(**kwargs), batch_size=4)
+
+
+def trainer(tmp_path: Path, **kwargs) -> pl.Trainer:
+    defaults = {
+        "fast_dev_run": 2,
+        "accelerator": "cpu",
+        "logger": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "default_root_dir": tmp_path,
+    }
+    return pl.Trainer(**{**defaults, **kwargs})
+
+
+def recon_module(**kwargs) -> ReconstructionModule:
+    return ReconstructionModule(**{"model": TINY, "patch_size": SIZE, **kwargs})
+
+
+def multitask_module(**kwargs) -> MultiTaskModule:
+    return MultiTaskModule(**{"model": TINY, "patch_size": SIZE, **kwargs})
+
+
+@pytest.fixture
+def pretrain_ckpt(tmp_path: Path) -> Path:
+    """A real Lightning checkpoint of a reconstruction pretraining (top_skip=False)."""
+    pl.seed_everything(0)
+    module = recon_module(normalize={"mean": [0.5, 0.6, 0.7], "std": [0.2, 0.25, 0.3]})
+    t = trainer(tmp_path / "pre")
+    t.fit(module, loader(), loader())
+    path = tmp_path / "pretrain.ckpt"
+    t.save_checkpoint(path)
+    return path
+
+
+def _ckpt_net_state(path: Path) -> dict[str, torch.Tensor]:
+    state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    return {k.removeprefix("net."): v for k, v in state.items() if k.startswith("net.")}
+
+
+# --- fitting ---------------------------------------------------------------------------------
+
+
+def test_reconstruction_fit_logs_its_metrics_and_a_reconstruction_grid(tmp_path):
+    pl.seed_everything(0)
+    t = trainer(tmp_path)
+    t.fit(recon_module(), loader(), loader())
+    metrics = t.callback_metrics
+    for key in ["train/loss", "train/recon_mse", "val/loss", "val/recon_mse", "val/recon_psnr"]:
+        assert key in metrics and torch.isfinite(metrics[key]), key
+    assert "train/recon_l1" not in metrics
+    assert (tmp_path / "images" / "val_reconstructions_epoch0000.png").is_file()
+
+
+def test_reconstruction_with_l1_logs_l1_and_mse(tmp_path):
+    t = trainer(tmp_path)
+    t.fit(recon_module(loss="l1", log_images_every_n_epochs=0), loader(), loader())
+    assert {"train/recon_l1", "train/recon_mse", "val/recon_l1"} <= set(t.callback_metrics)
+    assert not (tmp_path / "images").exists()
+
+
+def test_reconstruction_pretraining_removes_the_top_skip_and_freezes_the_seg_head():
+    module = recon_module()
+    assert module.net.top_skip is False
+    assert not any(p.requires_grad for p in module.net.seg_head.parameters())
+    assert recon_module(model={**TINY, "top_skip": True}).net.top_skip is True
+
+
+def test_multitask_fit_and_test_log_segmentation_metrics_and_overlays(tmp_path):
+    pl.seed_everything(0)
+    module = multitask_module(seg_loss={"pos_weight": 2.0, "dice_weight": 0.5})
+    t = trainer(tmp_path)
+    t.fit(module, loader(), loader())
+    keys = set(t.callback_metrics)
+    assert {"train/loss", "train/seg_loss", "train/recon_mse", "val/loss"} <= keys
+    assert {f"val/{k}" for k in SEG_KEYS} <= keys
+    t.test(module, loader())
+    metrics = t.callback_metrics
+    for key in [f"test/{k}" for k in SEG_KEYS]:
+        assert key in metrics and torch.isfinite(metrics[key]), key
+        if "loss" not in key and "mse" not in key:
+            assert 0.0 <= float(metrics[key]) <= 1.0, key
+    assert (tmp_path / "images" / "val_overlays_epoch0000.png").is_file()
+    assert list((tmp_path / "images").glob("test_overlays_epoch*.png"))
+
+
+def test_same_seed_gives_the_same_metrics(tmp_path):
+    runs = []
+    for i in range(2):
+        pl.seed_everything(123)
+        module = multitask_module(log_images_every_n_epochs=0)
+        t = trainer(tmp_path / str(i))
+        t.fit(module, loader(), loader())
+        fit_metrics = {k: float(v) for k, v in t.callback_metrics.items()}
+        t.test(module, loader())
+        runs.append({**fit_metrics, **{k: float(v) for k, v in t.callback_metrics.items()}})
+    assert "val/seg_f1" in runs[0] and "test/seg_f1" in runs[0]
+    assert runs[0] == runs[1]
+    pl.seed_everything(124)
+    module = multitask_module(log_images_every_n_epochs=0)
+    t = trainer(tmp_path / "other")
+    t.fit(module, loader(), loader())
+    assert float(t.callback_metrics["val/loss"]) != runs[0]["val/loss"]
+
+
+def test_recon_weight_zero_trains_segmentation_only(tmp_path):
+    module = multitask_module(recon_weight=0.0, log_images_every_n_epochs=0)
+    assert not any(p.requires_grad for p in module.net.recon_head.parameters())
+    before = module.net.recon_head.weight.detach().clone()
+    t = trainer(tmp_path)
+    t.fit(module, loader(), loader())
+    assert torch.equal(module.net.recon_head.weight, before)
+    assert "val/recon_mse" in t.callback_metrics  # still reported
+    metrics = t.callback_metrics
+    assert torch.isclose(metrics["train/loss"], metrics["train/seg_loss"])
+
+
+def test_channels_last_module_fits(tmp_path):
+    module = multitask_module(log_images_every_n_epochs=0).to(memory_format=torch.channels_last)
+    t = trainer(tmp_path)
+    t.fit(module, loader(), loader())
+    assert torch.isfinite(t.callback_metrics["train/loss"])
+
+
+def test_fit_with_csv_logger_writes_metrics_and_png(tmp_path):
+    module = recon_module()
+    t = trainer(
+        tmp_path,
+        fast_dev_run=False,
+        max_epochs=1,
+        limit_train_batches=2,
+        limit_val_batches=1,
+        logger=CSVLogger(tmp_path, name="csv"),
+        log_every_n_steps=1,
+    )
+    t.fit(module, loader(), loader())
+    log_dir = Path(t.log_dir)
+    header = (log_dir / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"val/recon_mse", "val/recon_psnr", "train/loss_step"} <= set(header)
+    assert (log_dir / "images" / "val_reconstructions_epoch0000.png").is_file()
+
+
+# --- optimisation ---------------------------------------------------------------------------
+
+
+def test_default_optimizer_is_adamw_with_cosine_over_max_epochs(tmp_path):
+    t = trainer(
+        tmp_path, fast_dev_run=False, max_epochs=3, limit_train_batches=1, limit_val_batches=0
+    )
+    t.fit(multitask_module(), loader())
+    assert isinstance(t.optimizers[0], torch.optim.AdamW)
+    config = t.lr_scheduler_configs[0]
+    assert isinstance(config.scheduler, torch.optim.lr_scheduler.CosineAnnealingLR)
+    assert config.scheduler.T_max == 3
+    assert config.interval == "epoch"
+
+
+def test_optimizer_and_scheduler_partials_from_hydra_are_used_and_saved(tmp_path):
+    cfg = OmegaConf.create(
+        {
+            "_target_": "lymphnode.tasks.MultiTaskModule",
+            "model": TINY,
+            "patch_size": SIZE,
+            "optimizer": {"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.1},
+            "scheduler": {
+                "_target_": "torch.optim.lr_scheduler.CosineAnnealingLR",
+                "_partial_": True,
+                "T_max": 7,
+            },
+            "normalize": {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]},
+        }
+    )
+    module = instantiate(cfg)
+    assert module.hparams["optimizer"] == {"_target_": "torch.optim.sgd.SGD", "lr": 0.1}
+    assert module.hparams["model"]["base_width"] == 4
+    assert isinstance(module.hparams["model"], dict)  # plain data, not DictConfig
+    t = trainer(
+        tmp_path, fast_dev_run=False, max_epochs=1, limit_train_batches=1, limit_val_batches=0
+    )
+    t.fit(module, loader())
+    assert isinstance(t.optimizers[0], torch.optim.SGD)
+    assert t.optimizers[0].param_groups[0]["initial_lr"] == 0.1
+    assert t.lr_scheduler_configs[0].scheduler.T_max == 7
+
+
+def test_no_scheduler_gives_a_plain_optimizer(tmp_path):
+    module = recon_module(scheduler=None, optimizer=functools.partial(torch.optim.Adam, lr=1e-2))
+    t = trainer(tmp_path)
+    t.fit(module, loader(), loader())
+    assert isinstance(t.optimizers[0], torch.optim.Adam)
+    assert t.lr_scheduler_configs == []
+
+
+# --- checkpoints ----------------------------------------------------------------------------
+
+
+def test_checkpoint_is_self_describing_and_loads_weights_only(pretrain_ckpt):
+    ckpt = torch.load(pretrain_ckpt, map_location="cpu", weights_only=True)
+    hparams = ckpt["hyper_parameters"]
+    assert {"model", "normalize", "patch_size", "level", "optimizer", "scheduler"} <= set(hparams)
+    assert hparams["model"]["top_skip"] is False
+    assert hparams["normalize"] == {"mean": [0.5, 0.6, 0.7], "std": [0.2, 0.25, 0.3]}
+    assert ckpt["lymphnode"]["task"] == "reconstruction"
+    assert is_lymphnode_checkpoint(pretrain_ckpt)
+    module = ReconstructionModule.load_from_checkpoint(pretrain_ckpt)
+    for name, value in _ckpt_net_state(pretrain_ckpt).items():
+        assert torch.equal(module.net.state_dict()[name], value), name
+
+
+class _PathDataModule(pl.LightningDataModule):
+    def __init__(self, root: Path, cfg=None) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+
+    def train_dataloader(self) -> DataLoader:
+        return loader()
+
+
+def test_checkpoint_stays_weights_only_loadable_with_path_and_omegaconf_datamodule_hparams(
+    tmp_path,
+):
+    t = trainer(tmp_path, fast_dev_run=False, max_epochs=1, limit_train_batches=1)
+    t.fit(recon_module(), datamodule=_PathDataModule(tmp_path, OmegaConf.create({"a": [1]})))
+    path = tmp_path / "dm.ckpt"
+    t.save_checkpoint(path)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    assert ckpt["datamodule_hyper_parameters"] == {"root": str(tmp_path), "cfg": {"a": [1]}}
+    assert is_lymphnode_checkpoint(path)
+
+
+def test_pretrained_weights_transfer_into_the_finetune_model(pretrain_ckpt):
+    module = multitask_module(model={**TINY, "top_skip": False}, pretrained=str(pretrain_ckpt))
+    report = module.load_pretrained()
+    ckpt_state = _ckpt_net_state(pretrain_ckpt)
+    assert report is not None and report.reinitialized == [] and report.missing == []
+    assert sorted(report.loaded) == sorted(ckpt_state)
+    for name, value in module.net.state_dict().items():
+        assert torch.equal(value, ckpt_state[name]), name
+
+
+class _CaptureAtTrainStart(pl.Callback):
+    def on_train_start(self, trainer, pl_module):
+        self.state = {k: v.clone() for k, v in pl_module.net.state_dict().items()}
+
+
+def test_fit_loads_pretrained_weights_and_reinitialises_the_top_decoder_on_top_skip_change(
+    pretrain_ckpt, tmp_path, caplog
+):
+    pl.seed_everything(1)
+    module = multitask_module(pretrained=str(pretrain_ckpt))  # top_skip=True vs the ckpt's False
+    fresh_top = {k: v.clone() for k, v in module.net.decoder[0].state_dict().items()}
+    capture = _CaptureAtTrainStart()
+    with caplog.at_level(logging.WARNING, logger="lymphnode.tasks.checkpoint"):
+        trainer(tmp_path, callbacks=[capture]).fit(module, loader(), loader())
+    assert "top_skip=False but the model has top_skip=True" in caplog.text
+    assert "'decoder.0'" in caplog.text and "re-initialised" in caplog.text
+    ckpt_state = _ckpt_net_state(pretrain_ckpt)
+    for name, value in capture.state.items():
+        if name.startswith("decoder.0."):
+            assert name in module.pretrained_report.reinitialized
+            if name.endswith("weight") and value.ndim > 1:  # conv weights: freshly re-drawn
+                assert not torch.equal(value, fresh_top[name.removeprefix("decoder.0.")]), name
+                if ckpt_state[name].shape == value.shape:
+                    assert not torch.equal(value, ckpt_state[name]), name
+        else:
+            assert torch.equal(value, ckpt_state[name]), name
+
+
+def test_pretrained_is_not_reloaded_when_weights_come_from_a_checkpoint(pretrain_ckpt, tmp_path):
+    module = multitask_module(model={**TINY, "top_skip": False}, pretrained=str(pretrain_ckpt))
+    t = trainer(
+        tmp_path, fast_dev_run=False, max_epochs=1, limit_train_batches=2, limit_val_batches=0
+    )
+    t.fit(module, loader())
+    finetuned = tmp_path / "finetuned.ckpt"
+    t.save_checkpoint(finetuned)
+    pretrain_ckpt.unlink()  # the pretraining is gone; the fine-tuned checkpoint must suffice
+    restored = MultiTaskModule.load_from_checkpoint(finetuned)
+    t2 = trainer(
+        tmp_path, fast_dev_run=False, max_epochs=1, limit_train_batches=1, limit_val_batches=0
+    )
+    capture = _CaptureAtTrainStart()
+    t2.callbacks.append(capture)
+    t2.fit(restored, loader())
+    for name, value in _ckpt_net_state(finetuned).items():
+        assert torch.equal(capture.state[name], value), name
+
+
+def test_shape_mismatch_raises_listing_the_keys_and_leaves_the_model_unchanged(pretrain_ckpt):
+    from lymphnode.models import UNet
+
+    net = UNet(base_width=8, depth=2, top_skip=False)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(CheckpointError, match=r"mismatched keys") as info:
+        load_pretrained_weights(net, pretrain_ckpt)
+    message = str(info.value)
+    assert "encoder.0.0.weight: checkpoint (4, 3, 3, 3) vs model (8, 3, 3, 3)" in message
+    assert str(pretrain_ckpt) in message
+    for name, value in net.state_dict().items():
+        assert torch.equal(value, before[name]), name
+
+
+def test_missing_keys_are_listed_and_non_strict_loading_reports_them(pretrain_ckpt, caplog):
+    from lymphnode.models import UNet
+
+    net = UNet(base_width=4, depth=3, top_skip=False)  # one level deeper than the checkpoint
+    with pytest.raises(CheckpointError, match=r"encoder\.3\.0\.weight: in the model, not in"):
+        load_pretrained_weights(net, pretrain_ckpt)
+    with caplog.at_level(logging.WARNING):
+        report = load_pretrained_weights(net, pretrain_ckpt, strict_shapes=False)
+    assert "encoder.3.0.weight" in report.missing and "up.2.weight" in report.missing
+    assert "encoder.0.0.weight" in report.loaded and "decoder.1.0.weight" in report.loaded
+    assert "not loaded (strict_shapes=False)" in caplog.text
+    wider = UNet(base_width=8, depth=2, top_skip=False)
+    report = load_pretrained_weights(wider, pretrain_ckpt, strict_shapes=False)
+    assert "encoder.0.0.weight" in report.skipped
+    assert "recon_head.bias" in report.loaded  # (3,) fits whatever the width
+    ckpt_state = _ckpt_net_state(pretrain_ckpt)
+    assert torch.equal(wider.recon_head.bias, ckpt_state["recon_head.bias"])
+
+
+def test_load_inference_model_rebuilds_the_trained_net(pretrain_ckpt):
+    model = load_inference_model(pretrain_ckpt)
+    assert not model.net.training
+    assert model.net.config["top_skip"] is False
+    assert model.mean == (0.5, 0.6, 0.7) and model.std == (0.2, 0.25, 0.3)
+    assert (model.patch_size, model.level) == (SIZE, 0)
+    rgb = torch.full((SIZE, SIZE, 3), 128, dtype=torch.uint8).numpy()
+    x = model.prepare(rgb)
+    assert x.shape == (1, 3, SIZE, SIZE)
+    expected = (128 / 255 - torch.tensor([0.5, 0.6, 0.7])) / torch.tensor([0.2, 0.25, 0.3])
+    torch.testing.assert_close(x[0, :, 0, 0], expected)
+    module = ReconstructionModule.load_from_checkpoint(pretrain_ckpt).eval()
+    torch.testing.assert_close(model.net(x).recon, module.net(x).recon)
+
+
+def test_load_inference_model_rejects_a_missing_file(tmp_path):
+    path = tmp_path / "nope.ckpt"
+    with pytest.raises(CheckpointError, match=r"nope\.ckpt does not exist"):
+        load_inference_model(path)
+    assert not is_lymphnode_checkpoint(path)
+
+
+def test_load_inference_model_rejects_a_file_that_is_not_a_torch_checkpoint(tmp_path):
+    path = tmp_path / "random.ckpt"
+    path.write_bytes(torch.randint(0, 256, (4096,), dtype=torch.uint8).numpy().tobytes())
+    with pytest.raises(CheckpointError, match=r"random\.ckpt is not a torch checkpoint"):
+        load_inference_model(path)
+    assert not is_lymphnode_checkpoint(path)
+
+
+def test_load_inference_model_rejects_a_torch_file_without_lymphnode_keys(tmp_path):
+    path = tmp_path / "other.ckpt"
+    torch.save({"state_dict": {"layer.weight": torch.zeros(2)}, "epoch": 3}, path)
+    with pytest.raises(
+        CheckpointError,
+        match=r"other\.ckpt is not a lymphnode checkpoint: no 'hyper_parameters'; "
+        r"state_dict has no 'net\.\*' weights",
+    ):
+        load_inference_model(path)
+    torch.save([1, 2, 3], tmp_path / "list.ckpt")
+    with pytest.raises(CheckpointError, match=r"list\.ckpt holds a list"):
+        load_inference_model(tmp_path / "list.ckpt")
+    torch.save({"hyper_parameters": {"model": {}}, "state_dict": {"net.x": torch.zeros(1)}}, path)
+    with pytest.raises(CheckpointError, match=r"hyper_parameters lack \['normalize'"):
+        load_pretrained_weights(multitask_module().net, path)
+    assert not is_lymphnode_checkpoint(path)
+
+
+# --- callbacks ------------------------------------------------------------------------------
+
+
+def test_nan_loss_stops_training_naming_the_step(tmp_path):
+    module = recon_module(log_images_every_n_epochs=0)
+    with pytest.raises(NonFiniteLossError, match=r"training loss is nan at global step 0"):
+        trainer(tmp_path).fit(module, loader(nan=True))
+    assert issubclass(NonFiniteLossError, LymphnodeError)
+
+
+def test_nan_guard_is_not_duplicated_when_configured(tmp_path):
+    t = trainer(tmp_path, callbacks=[NonFiniteLossGuard(every_n_steps=2)])
+    t.fit(recon_module(log_images_every_n_epochs=0), loader(), loader())
+    guards = [c for c in t.callbacks if isinstance(c, NonFiniteLossGuard)]
+    assert len(guards) == 1 and guards[0].every_n_steps == 2
+
+
+def test_depth_norm_logger_logs_weight_and_gradient_norms_per_depth(tmp_path):
+    t = trainer(tmp_path, callbacks=[DepthNormLogger(every_n_steps=1)])
+    t.fit(recon_module(log_images_every_n_epochs=0), loader(), loader())
+    metrics = t.callback_metrics
+    for group in ["enc0", "enc1", "enc2", "dec0", "dec1", "heads"]:
+        assert float(metrics[f"norms/{group}_weight"]) > 0, group
+        assert float(metrics[f"norms/{group}_grad"]) > 0, group
+
+
+@pytest.mark.parametrize("cls", [DepthNormLogger, NonFiniteLossGuard])
+def test_callbacks_reject_a_bad_interval(cls):
+    with pytest.raises(ConfigError, match=r"every_n_steps=0 is invalid"):
+        cls(every_n_steps=0)
+
+
+# --- input checks ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"loss": "huber"}, r"loss='huber'.*\['mse', 'l1'\]"),
+        ({"normalize": {"mean": [0.5], "std": [0.2]}}, r"normalize.mean=\[0.5\].*3 numbers"),
+        ({"normalize": {"mean": [0, 0, 0]}}, r"normalize=.*'std'"),
+        ({"normalize": {"mean": [0, 0, 0], "std": [1, 0, 1]}}, r"normalize.std=.*> 0"),
+        ({"optimizer": "adam"}, r"optimizer='adam' is invalid"),
+        ({"patch_size": 2}, r"patch_size=2 is invalid; expected an integer >= 4"),
+        ({"level": -1}, r"level=-1 is invalid"),
+        ({"model": {"norm": "layer"}}, r"norm='layer'"),
+    ],
+)
+def test_reconstruction_rejects_bad_arguments(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        recon_module(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"seg_loss": {"focal": 1}}, r"seg_loss=\{'focal': 1\} is invalid"),
+        ({"seg_loss": {"pos_weight": -1}}, r"seg_loss.pos_weight=-1 is invalid"),
+        ({"seg_loss": {"dice_weight": None}}, r"seg_loss.dice_weight=None is invalid"),
+        ({"recon_weight": -0.5}, r"recon_weight=-0.5 is invalid"),
+        ({"recon_loss": "ssim"}, r"recon_loss='ssim' is not supported"),
+        ({"threshold": 1.5}, r"threshold=1.5 is invalid; expected a number in \(0, 1\)"),
+        ({"pretrained": 3}, r"pretrained=3 is invalid"),
+    ],
+)
+def test_multitask_rejects_bad_arguments(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        multitask_module(**kwargs)
+
+
+def test_missing_pretrained_checkpoint_fails_when_fitting_starts(tmp_path):
+    module = multitask_module(pretrained=str(tmp_path / "missing.ckpt"))
+    with pytest.raises(CheckpointError, match=r"missing\.ckpt does not exist"):
+        trainer(tmp_path).fit(module, loader(), loader())
+
+
+def test_batches_without_a_mask_or_with_0_255_masks_are_rejected(tmp_path):
+    module = multitask_module(log_images_every_n_epochs=0)
+    with pytest.raises(ConfigError, match=r"batches must be dicts with keys \['image', 'mask'\]"):
+        module.training_step({"image": torch.zeros(1, 3, SIZE, SIZE)}, 0)
+    bad = {"image": torch.zeros(1, 3, SIZE, SIZE), "mask": torch.full((1, 1, SIZE, SIZE), 255.0)}
+    with pytest.raises(ConfigError, match=r"values other than 0 and 1 \(e\.g\. 255"):
+        module.training_step(bad, 0)
+    wrong = {"image": torch.zeros(2, 3, SIZE, SIZE), "mask": torch.zeros(2, SIZE, SIZE)}
+    with pytest.raises(ConfigError, match=r"batch\['mask'\] has shape \(2, 33, 33\)"):
+        module.training_step(wrong, 1)
+
+
+def test_per_patch_dice_counts_empty_agreement_as_one():
+    pred = torch.tensor([[[[1, 1], [0, 0]]], [[[0, 0], [0, 0]]], [[[0, 0], [0, 0]]]]).bool()
+    target = torch.tensor([[[[1, 0], [0, 0]]], [[[0, 0], [0, 0]]], [[[1, 0], [0, 0]]]])
+    torch.testing.assert_close(per_patch_dice(pred, target), torch.tensor([2 / 3, 1.0, 0.0]))
