@@ -1,0 +1,381 @@
+"""One training run from the Hydra config: reconstruction pretraining or multi-task fine-tuning.
+
+    python -m lymphnode.train +experiment=pretrain
+    python -m lymphnode.train +experiment=finetune data.labeled_size=40 data.fold=0
+    python -m lymphnode.train +experiment=scratch  data.labeled_size=40 data.fold=0
+    ... +profile=demo (after +experiment), trainer=cpu|gpu|ddp|debug, logger=csv|wandb|none,
+    ckpt_path=last (resume), init=pretrained|scratch, seed=N
+
+:func:`train` builds every object from the config's ``_target_`` (conf/, read top to bottom in
+conf/train.yaml), fits, then evaluates both the selected (best) and the last checkpoint and writes
+``<run_dir>/results.json`` — also when the run fails (``status: failed`` and the error). The run
+directory is deterministic (``<runs_dir>/pretrain``, ``<runs_dir>/<init>/size<N>/fold<K>/seed<S>``),
+so a rerun of a completed run returns its recorded metric without training (``skip_if_done``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import hydra
+import pytorch_lightning as pl
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+from pytorch_lightning.loggers import Logger
+from pytorch_lightning.utilities import rank_zero_only
+
+from lymphnode.errors import CheckpointError, ConfigError, LymphnodeError
+
+log = logging.getLogger(__name__)
+
+STAGES = ("pretrain", "finetune")  # which half of the method a run is
+INITS = ("pretrained", "scratch")  # how a fine-tuning run's weights start
+RESULTS_FILE = "results.json"
+
+
+# --- configuration checks -----------------------------------------------------------------------
+def check_config(cfg: DictConfig) -> None:
+    """ConfigError for stage/init values that are not allowed or do not fit together."""
+    if cfg.stage not in STAGES:
+        raise ConfigError(f"stage={cfg.stage!r} is not supported; expected one of {list(STAGES)}")
+    if cfg.stage == "finetune" and cfg.init not in INITS:
+        raise ConfigError(
+            f"init={cfg.init!r} is not supported for fine-tuning; expected one of {list(INITS)} "
+            "(+experiment=finetune sets pretrained, +experiment=scratch sets scratch)"
+        )
+    if cfg.stage == "pretrain" and cfg.init is not None:
+        raise ConfigError(
+            f"init={cfg.init!r} only applies to fine-tuning; pretraining starts from random "
+            "weights (leave init=null with +experiment=pretrain)"
+        )
+
+
+def check_override_order(overrides: Sequence[str]) -> None:
+    """ConfigError when ``+profile=...`` comes before ``+experiment=...`` on the command line.
+
+    Hydra merges appended configs in command-line order, so the later one wins; the profile (demo
+    scale) must be merged after the experiment or the experiment's values override it.
+    """
+
+    def position(group: str) -> int | None:
+        for i, item in enumerate(overrides):
+            if item.lstrip("+~").split("=", 1)[0] == group:
+                return i
+        return None
+
+    experiment, profile = position("experiment"), position("profile")
+    if experiment is not None and profile is not None and profile < experiment:
+        raise ConfigError(
+            f"{overrides[profile]} comes before {overrides[experiment]} on the command line; "
+            "Hydra merges them in that order, so the experiment would override the profile. "
+            f"Put it after: {overrides[experiment]} {overrides[profile]}"
+        )
+
+
+def experiment_name(cfg: DictConfig) -> str:
+    """``pretrain``, ``finetune`` (init=pretrained) or ``scratch`` (init=scratch)."""
+    if cfg.stage == "pretrain":
+        return "pretrain"
+    return "finetune" if cfg.init == "pretrained" else "scratch"
+
+
+def pretrained_checkpoint(cfg: DictConfig) -> Path | None:
+    """The pretrain checkpoint a fine-tuning run starts from (None: scratch / pretraining)."""
+    if cfg.stage != "finetune" or cfg.init != "pretrained":
+        return None
+    if not cfg.get("pretrained_ckpt"):
+        raise ConfigError("init=pretrained needs pretrained_ckpt=<path of the pretrain best.ckpt>")
+    path = Path(cfg.pretrained_ckpt)
+    if not path.is_file():
+        raise CheckpointError(
+            f"pretrained checkpoint {path} not found (init=pretrained). Run "
+            "`python -m lymphnode.train +experiment=pretrain` first with the same paths.root "
+            "(and +profile), or set pretrained_ckpt=<path>, or use init=scratch"
+        )
+    return path
+
+
+def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> Path | None:
+    """``ckpt_path`` as a file: None (fresh run), ``last`` (this run's last.ckpt) or a path."""
+    if cfg.get("ckpt_path") is None:
+        return None
+    path = run_dir / "checkpoints" / "last.ckpt" if cfg.ckpt_path == "last" else Path(cfg.ckpt_path)
+    if not path.is_file():
+        raise CheckpointError(
+            f"ckpt_path={cfg.ckpt_path!r}: {path} not found; expected a checkpoint of this run "
+            f"(e.g. {run_dir / 'checkpoints' / 'last.ckpt'}) or null for a fresh run"
+        )
+    return path
+
+
+# --- objects from config ------------------------------------------------------------------------
+def build_datamodule(cfg: DictConfig) -> pl.LightningDataModule:
+    """The DataModule of ``cfg.data`` (pretraining: unlabeled cache; fine-tuning: labeled + test)."""
+    return instantiate(cfg.data)
+
+
+def data_hparams(datamodule: pl.LightningDataModule) -> dict[str, Any]:
+    """What the task module stores for inference: ``normalize``, ``patch_size`` and ``level``,
+    as the DataModule (and the cache manifest behind it) reports them."""
+    return {
+        "normalize": datamodule.normalize,  # type: ignore[attr-defined]
+        "patch_size": datamodule.patch_size,  # type: ignore[attr-defined]
+        "level": datamodule.level,  # type: ignore[attr-defined]
+    }
+
+
+def build_task(
+    cfg: DictConfig, datamodule: pl.LightningDataModule, pretrained: Path | None
+) -> pl.LightningModule:
+    """The LightningModule of ``cfg.task`` with the UNet of ``cfg.model`` and the data's
+    normalisation/patch size/level; fine-tuning modules also get ``pretrained``."""
+    kwargs: dict[str, Any] = {
+        "model": OmegaConf.to_container(cfg.model, resolve=True),
+        **data_hparams(datamodule),
+    }
+    if cfg.stage == "finetune":
+        kwargs["pretrained"] = None if pretrained is None else str(pretrained)
+    return instantiate(cfg.task, **kwargs)
+
+
+def build_callbacks(cfg: DictConfig) -> list[Callback]:
+    """Every entry of ``cfg.callbacks`` with a ``_target_`` (a null entry is switched off)."""
+    callbacks = []
+    for name, entry in (cfg.get("callbacks") or {}).items():
+        if entry is None:
+            continue
+        if not isinstance(entry, DictConfig) or "_target_" not in entry:
+            raise ConfigError(
+                f"callbacks.{name}={entry!r} is invalid; expected a dict with _target_"
+            )
+        callbacks.append(instantiate(entry))
+    return callbacks
+
+
+def build_loggers(cfg: DictConfig) -> list[Logger]:
+    """Every entry of ``cfg.logger`` with a ``_target_`` (csv, wandb; none: an empty list)."""
+    loggers = []
+    for name, entry in (cfg.get("logger") or {}).items():
+        if entry is None:
+            continue
+        if not isinstance(entry, DictConfig) or "_target_" not in entry:
+            raise ConfigError(f"logger.{name}={entry!r} is invalid; expected a dict with _target_")
+        loggers.append(instantiate(entry))
+    return loggers
+
+
+def build_trainer(
+    cfg: DictConfig, callbacks: list[Callback], loggers: list[Logger]
+) -> tuple[pl.Trainer, bool]:
+    """The Trainer of ``cfg.trainer`` and whether to use channels-last (lymphnode's own key)."""
+    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+    if not isinstance(trainer_cfg, dict) or "_target_" not in trainer_cfg:
+        raise ConfigError(f"trainer={trainer_cfg!r} is invalid; expected a dict with _target_")
+    channels_last = bool(trainer_cfg.pop("channels_last", False))
+    trainer = instantiate(trainer_cfg, callbacks=callbacks, logger=loggers or False)
+    return trainer, channels_last
+
+
+# --- results.json -------------------------------------------------------------------------------
+def run_dir_of(cfg: DictConfig) -> Path:
+    """The run directory (``cfg.run_dir``; Hydra's run/sweep dirs point at the same place)."""
+    return Path(cfg.run_dir)
+
+
+def read_results(path: Path) -> dict[str, Any] | None:
+    """A results.json as a dict; None when it does not exist or cannot be read."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as err:
+        log.warning("ignoring unreadable %s (%s)", path, err)
+        return None
+
+
+def write_results(path: Path, results: Mapping[str, Any]) -> None:
+    """Write results.json atomically (temp file + rename): readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".results.", suffix=".json.tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(results, f, indent=2, sort_keys=False, allow_nan=True)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def resolved_config(cfg: DictConfig) -> dict[str, Any]:
+    """The config as plain data, interpolations resolved (unresolved when that fails)."""
+    try:
+        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    except Exception:  # an unresolvable value is itself worth recording as written
+        return OmegaConf.to_container(cfg, resolve=False)  # type: ignore[return-value]
+
+
+def metric_value(metrics: Mapping[str, Any], key: str) -> float:
+    """``metrics[key]`` as a float; ConfigError listing the available keys when it is missing."""
+    if key not in metrics:
+        raise ConfigError(
+            f"optimized_metric={key!r} is not among this run's metrics {sorted(metrics)}"
+        )
+    return float(metrics[key])
+
+
+def _plain_metrics(results: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """Lightning's per-dataloader result dicts merged into one {key: float}."""
+    merged: dict[str, float] = {}
+    for result in results:
+        merged.update({k: float(v) for k, v in result.items()})
+    return merged
+
+
+def _is_rank_zero() -> bool:
+    """Whether this process writes files (rank 0 of a DDP job, or a single process)."""
+    return getattr(rank_zero_only, "rank", 0) == 0
+
+
+# --- the run ------------------------------------------------------------------------------------
+def evaluate(
+    trainer: pl.Trainer,
+    module: pl.LightningModule,
+    datamodule: pl.LightningDataModule,
+    stage: str,
+    ckpt: str | None,
+) -> dict[str, float]:
+    """Metrics of one checkpoint (None: the module's current weights): validation, plus the test
+    set when fine-tuning."""
+    metrics = _plain_metrics(
+        trainer.validate(module, datamodule=datamodule, ckpt_path=ckpt, verbose=False)
+    )
+    if stage == "finetune":
+        metrics.update(
+            _plain_metrics(
+                trainer.test(module, datamodule=datamodule, ckpt_path=ckpt, verbose=False)
+            )
+        )
+    return metrics
+
+
+def _fit_and_evaluate(cfg: DictConfig, run_dir: Path, results: dict[str, Any]) -> None:
+    """Build, fit and evaluate; fills ``results`` in place (so a failure keeps what is known)."""
+    start = time.perf_counter()
+    check_config(cfg)
+    pretrained = pretrained_checkpoint(cfg)
+    resume = resume_checkpoint(cfg, run_dir)
+    pl.seed_everything(cfg.seed, workers=True)
+
+    datamodule = build_datamodule(cfg)
+    module = build_task(cfg, datamodule, pretrained)
+    callbacks = build_callbacks(cfg)
+    loggers = build_loggers(cfg)
+    trainer, channels_last = build_trainer(cfg, callbacks, loggers)
+    if channels_last:
+        module = module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    for logger in trainer.loggers:  # (fast_dev_run replaces them by a dummy: nothing is written)
+        logger.log_hyperparams(results["config"])  # the full resolved config, not only hparams
+
+    log.info("fitting %s into %s", experiment_name(cfg), run_dir)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=None if resume is None else str(resume))
+    fit_s = time.perf_counter() - start
+
+    checkpoint = trainer.checkpoint_callback
+    best = last = None
+    if isinstance(checkpoint, ModelCheckpoint):
+        best = checkpoint.best_model_path or None
+        last = checkpoint.last_model_path or None
+    results["checkpoints"] = {
+        "best": None if best is None else str(Path(best).resolve()),
+        "last": None if last is None else str(Path(last).resolve()),
+    }
+    # The last checkpoint first, the selected one second: loggers keep the selected one's values
+    # as the final test/* (wandb summary), and the module ends with the selected weights.
+    if best is None and last is None:  # fast_dev_run or checkpointing off: the current weights
+        log.warning("no checkpoint was saved; evaluating the weights in memory as best and last")
+        metrics_last = metrics = evaluate(trainer, module, datamodule, cfg.stage, None)
+    else:
+        metrics_last = evaluate(trainer, module, datamodule, cfg.stage, last or best)
+        metrics = evaluate(trainer, module, datamodule, cfg.stage, best or last)
+    results["metrics"], results["metrics_last"] = metrics, metrics_last
+    total_s = time.perf_counter() - start
+    results["timing"] = {"fit_s": fit_s, "test_s": total_s - fit_s, "total_s": total_s}
+
+
+def train(cfg: DictConfig) -> float:
+    """Run one pretraining or fine-tuning run; return ``metrics[cfg.optimized_metric]``.
+
+    Writes ``<run_dir>/results.json`` (status completed, or failed with the error — then the
+    exception propagates). With ``skip_if_done`` a run dir whose results.json says completed is
+    not trained again: its recorded metric is returned.
+    """
+    run_dir = run_dir_of(cfg)
+    results_path = run_dir / RESULTS_FILE
+    previous = read_results(results_path)
+    if cfg.get("skip_if_done") and previous is not None:
+        if previous.get("status") == "completed":
+            log.info("%s is completed; skipping (skip_if_done=false trains again)", results_path)
+            return metric_value(previous.get("metrics") or {}, cfg.optimized_metric)
+        log.info(
+            "%s: the earlier attempt failed (%s); training again", run_dir, previous.get("error")
+        )
+
+    results: dict[str, Any] = {
+        "status": "failed",
+        "experiment": experiment_name(cfg) if cfg.stage in STAGES else cfg.stage,
+        "init": "pretrain" if cfg.stage == "pretrain" else cfg.init,
+        "labeled_size": OmegaConf.select(cfg, "data.labeled_size", default=None),
+        "fold": OmegaConf.select(cfg, "data.fold", default=None),
+        "seed": cfg.seed,
+        "metrics": {},
+        "metrics_last": {},
+        "checkpoints": {"best": None, "last": None},
+        "timing": {},
+        "config": resolved_config(cfg),
+        "error": None,
+    }
+    if cfg.stage == "pretrain":
+        results["labeled_size"] = results["fold"] = None
+    try:
+        _fit_and_evaluate(cfg, run_dir, results)
+        value = metric_value(results["metrics"], cfg.optimized_metric)
+    except BaseException as err:
+        results["error"] = f"{type(err).__name__}: {err}"
+        if _is_rank_zero():
+            write_results(results_path, results)
+        raise
+    results["status"] = "completed"
+    if _is_rank_zero():
+        write_results(results_path, results)
+    log.info("%s = %.4f (%s)", cfg.optimized_metric, value, results_path)
+    if not math.isfinite(value):
+        log.warning("%s is not finite", cfg.optimized_metric)
+    return value
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> float:
+    """The CLI: ``train(cfg)``; a LymphnodeError is logged (no traceback) and exits with code 1."""
+    try:
+        check_override_order(list(HydraConfig.get().overrides.task))
+        return train(cfg)
+    except LymphnodeError as err:
+        log.error("%s: %s", type(err).__name__, err)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

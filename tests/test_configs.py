@@ -1,0 +1,268 @@
+"""Every training config composes, resolves and builds its objects (no training here).
+
+Composes conf/train.yaml with each experiment (pretrain, finetune, scratch), with and without
+``+profile=demo``, with each trainer (debug, cpu, gpu, ddp), through Hydra's compose API, and
+instantiates the task modules, callbacks, loggers and CPU trainers that ``lymphnode.train`` would.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.loggers import CSVLogger, WandbLogger
+
+from lymphnode import train as train_mod
+from lymphnode.errors import CheckpointError, ConfigError
+from lymphnode.tasks import MultiTaskModule, NonFiniteLossGuard, ReconstructionModule
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+EXPERIMENTS = ("pretrain", "finetune", "scratch")
+TRAINERS = ("default", "debug", "cpu", "gpu", "ddp")
+DATA = {"normalize": {"mean": [0.5] * 3, "std": [0.25] * 3}, "patch_size": 64, "level": 1}
+
+
+@pytest.fixture(autouse=True)
+def _hydra() -> Iterator[None]:
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        yield
+    GlobalHydra.instance().clear()
+
+
+def compose_train(*overrides: str, hydra: bool = False) -> DictConfig:
+    return compose("train", overrides=list(overrides), return_hydra_config=hydra)
+
+
+class FakeData:
+    """What build_task reads from a DataModule."""
+
+    normalize = DATA["normalize"]
+    patch_size = DATA["patch_size"]
+    level = DATA["level"]
+
+
+@pytest.mark.parametrize("trainer", TRAINERS)
+@pytest.mark.parametrize("profile", [(), ("+profile=demo",)], ids=["full", "demo"])
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes_and_resolves(
+    experiment: str, profile: tuple[str, ...], trainer: str
+) -> None:
+    cfg = compose_train(f"+experiment={experiment}", *profile, f"trainer={trainer}")
+    resolved = OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
+    assert isinstance(resolved, dict)
+    train_mod.check_config(cfg)
+    root = "outputs/demo" if profile else "outputs"
+    expected_dir = {
+        "pretrain": f"{root}/runs/pretrain",
+        "finetune": f"{root}/runs/pretrained/size40/fold0/seed0",
+        "scratch": f"{root}/runs/scratch/size40/fold0/seed0",
+    }[experiment]
+    assert cfg.run_dir == expected_dir
+    assert cfg.callbacks.model_checkpoint.dirpath == f"{expected_dir}/checkpoints"
+    assert train_mod.experiment_name(cfg) == experiment
+    for key in ("_target_", "max_epochs", "precision", "channels_last"):
+        assert key in cfg.trainer
+
+
+def test_experiments_select_their_stage_data_task_and_init() -> None:
+    pretrain = compose_train("+experiment=pretrain")
+    finetune = compose_train("+experiment=finetune")
+    scratch = compose_train("+experiment=scratch")
+    assert (pretrain.stage, pretrain.init) == ("pretrain", None)
+    assert pretrain.data._target_.endswith("PretrainDataModule")
+    assert pretrain.task._target_.endswith("ReconstructionModule")
+    assert pretrain.optimized_metric == "val/recon_mse"
+    assert (
+        pretrain.callbacks.model_checkpoint.monitor,
+        pretrain.callbacks.model_checkpoint.mode,
+    ) == (
+        "val/recon_mse",
+        "min",
+    )
+    for cfg, init in ((finetune, "pretrained"), (scratch, "scratch")):
+        assert (cfg.stage, cfg.init) == ("finetune", init)
+        assert cfg.data._target_.endswith("FinetuneDataModule")
+        assert cfg.task._target_.endswith("MultiTaskModule")
+        assert cfg.optimized_metric == "test/seg_f1"
+        assert cfg.callbacks.model_checkpoint.monitor == "val/seg_f1"
+        assert cfg.callbacks.model_checkpoint.mode == "max"
+        assert cfg.pretrained_ckpt == "outputs/runs/pretrain/checkpoints/best.ckpt"
+    # finetune and scratch differ only in init and what follows from it (run dir, wandb job type)
+    a = OmegaConf.to_container(finetune, resolve=True)
+    b = OmegaConf.to_container(scratch, resolve=True)
+    for key in ("callbacks", "trainer", "logger"):  # they only hold run_dir-derived paths/names
+        b[key] = OmegaConf.to_container(
+            OmegaConf.create(
+                OmegaConf.to_yaml(scratch[key], resolve=True).replace("scratch", "pretrained")
+            )
+        )
+    differing = sorted(k for k in a if a[k] != b[k])
+    assert differing == ["init", "job_type", "run_dir", "run_name", "tags"]
+
+
+def test_init_override_switches_a_finetune_run_to_scratch() -> None:
+    cfg = compose_train(
+        "+experiment=finetune", "init=scratch", "data.labeled_size=80", "data.fold=3"
+    )
+    assert cfg.run_dir == "outputs/runs/scratch/size80/fold3/seed0"
+    assert train_mod.experiment_name(cfg) == "scratch"
+    assert cfg.logger.wandb.group == "labeled-80"
+    assert cfg.logger.wandb.job_type == "scratch"
+    assert list(cfg.logger.wandb.tags) == ["scratch", "size80", "fold3", "seed0"]
+
+
+def test_demo_profile_after_the_experiment_wins() -> None:
+    full = compose_train("+experiment=pretrain")
+    demo = compose_train("+experiment=pretrain", "+profile=demo")
+    assert full.trainer.max_epochs == 20 and full.model.base_width == 64
+    assert demo.trainer.max_epochs == demo.demo_max_epochs.pretrain
+    assert demo.model.base_width == 8
+    assert demo.paths.cache_dir == "outputs/demo/caches"
+    assert demo.pretrained_ckpt == "outputs/demo/runs/pretrain/checkpoints/best.ckpt"
+    finetune = compose_train("+experiment=scratch", "+profile=demo")
+    assert finetune.trainer.max_epochs == finetune.demo_max_epochs.finetune
+
+
+def test_profile_before_experiment_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"\+profile=demo comes before \+experiment=pretrain"):
+        train_mod.check_override_order(["+profile=demo", "+experiment=pretrain", "seed=1"])
+    train_mod.check_override_order(["+experiment=pretrain", "+profile=demo"])
+    train_mod.check_override_order(["+profile=demo"])
+
+
+def test_hydra_run_and_sweep_dirs_are_the_run_dir() -> None:
+    cfg = compose_train("+experiment=scratch", "data.labeled_size=120", "seed=2", hydra=True)
+    assert cfg.hydra.run.dir == cfg.run_dir == "outputs/runs/scratch/size120/fold0/seed2"
+    assert f"{cfg.hydra.sweep.dir}/{cfg.hydra.sweep.subdir}" == cfg.run_dir
+    assert cfg.hydra.job.chdir is False
+    pretrain = compose_train("+experiment=pretrain", "paths.root=/data/c16", hydra=True)
+    assert pretrain.hydra.run.dir == "/data/c16/runs/pretrain"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (("stage=evaluate",), r"stage='evaluate' is not supported; expected one of \['pretrain'"),
+        (("+experiment=finetune", "init=imagenet"), r"init='imagenet' is not supported"),
+        (("+experiment=finetune", "init=null"), r"init=None is not supported"),
+        (("+experiment=pretrain", "init=scratch"), r"init='scratch' only applies to fine-tuning"),
+    ],
+)
+def test_bad_stage_or_init_is_rejected(overrides: tuple[str, ...], match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        train_mod.check_config(compose_train(*overrides))
+
+
+def test_missing_pretrained_checkpoint_names_the_path_and_the_fix(tmp_path: Path) -> None:
+    cfg = compose_train("+experiment=finetune", f"paths.root={tmp_path}")
+    with pytest.raises(
+        CheckpointError, match=r"pretrain/checkpoints/best.ckpt not found.*\+experiment=pretrain"
+    ):
+        train_mod.pretrained_checkpoint(cfg)
+    scratch = compose_train("+experiment=scratch", f"paths.root={tmp_path}")
+    assert train_mod.pretrained_checkpoint(scratch) is None
+
+
+def test_resume_checkpoint_last_means_this_runs_last_ckpt(tmp_path: Path) -> None:
+    cfg = compose_train("+experiment=scratch", "ckpt_path=last")
+    with pytest.raises(CheckpointError, match=r"ckpt_path='last'.*checkpoints/last.ckpt not found"):
+        train_mod.resume_checkpoint(cfg, tmp_path)
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"")
+    assert train_mod.resume_checkpoint(cfg, tmp_path) == tmp_path / "checkpoints" / "last.ckpt"
+    assert train_mod.resume_checkpoint(compose_train(), tmp_path) is None
+
+
+@pytest.mark.parametrize("profile", [(), ("+profile=demo",)], ids=["full", "demo"])
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_task_module_builds_with_the_model_and_data_settings(
+    experiment: str, profile: tuple[str, ...], tmp_path: Path
+) -> None:
+    cfg = compose_train(f"+experiment={experiment}", *profile, "model.base_width=4")
+    pretrained = tmp_path / "best.ckpt" if experiment == "finetune" else None
+    module = train_mod.build_task(cfg, FakeData(), pretrained)  # type: ignore[arg-type]
+    expected = ReconstructionModule if experiment == "pretrain" else MultiTaskModule
+    assert isinstance(module, expected)
+    assert module.hparams["model"]["base_width"] == 4
+    assert module.hparams["model"]["top_skip"] is False
+    assert module.hparams["model"]["depth"] == cfg.model.depth
+    assert module.hparams["normalize"] == DATA["normalize"]
+    assert (module.hparams["patch_size"], module.hparams["level"]) == (64, 1)
+    if experiment != "pretrain":
+        assert module.hparams["pretrained"] == (None if pretrained is None else str(pretrained))
+    module.trainer = pl.Trainer(max_epochs=3, logger=False, enable_checkpointing=False)
+    optimizer = module.configure_optimizers()
+    assert isinstance(optimizer["optimizer"], torch.optim.AdamW)
+    assert optimizer["lr_scheduler"]["scheduler"].T_max == 3  # cosine over trainer.max_epochs
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_datamodule_config_instantiates(experiment: str, tmp_path: Path) -> None:
+    cfg = compose_train(f"+experiment={experiment}", "+profile=demo", f"paths.root={tmp_path}")
+    datamodule = train_mod.build_datamodule(cfg)  # construction reads nothing yet
+    assert isinstance(datamodule, pl.LightningDataModule)
+
+
+def test_callbacks_checkpoint_into_the_run_dir() -> None:
+    cfg = compose_train("+experiment=pretrain")
+    callbacks = train_mod.build_callbacks(cfg)
+    checkpoint = next(c for c in callbacks if isinstance(c, ModelCheckpoint))
+    assert Path(checkpoint.dirpath) == Path("outputs/runs/pretrain/checkpoints").resolve()
+    assert (checkpoint.monitor, checkpoint.mode, checkpoint.save_last) == (
+        "val/recon_mse",
+        "min",
+        True,
+    )
+    assert any(isinstance(c, NonFiniteLossGuard) for c in callbacks)
+    depth = compose_train("+experiment=pretrain", "callbacks=depth_norms", "~callbacks.lr_monitor")
+    names = [type(c).__name__ for c in train_mod.build_callbacks(depth)]
+    assert "DepthNormLogger" in names and "LearningRateMonitor" not in names
+
+
+def test_callback_without_target_is_rejected() -> None:
+    cfg = compose_train("+callbacks.broken.every_n_steps=3")
+    with pytest.raises(ConfigError, match=r"callbacks.broken=.* expected a dict with _target_"):
+        train_mod.build_callbacks(cfg)
+
+
+def test_loggers_default_csv_and_offline_wandb(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    cfg = compose_train("+experiment=finetune", "data.labeled_size=80", "data.fold=2")
+    assert cfg.logger.wandb.mode == "offline"  # without WANDB_MODE: never online by accident
+    assert (cfg.logger.wandb.group, cfg.logger.wandb.job_type) == ("labeled-80", "pretrained")
+    loggers = train_mod.build_loggers(cfg)
+    assert sorted(type(lg).__name__ for lg in loggers) == ["CSVLogger", "WandbLogger"]
+    csv = next(lg for lg in loggers if isinstance(lg, CSVLogger))
+    assert Path(csv.log_dir) == Path(cfg.run_dir) / "csv"
+    assert isinstance(next(lg for lg in loggers if isinstance(lg, WandbLogger)), WandbLogger)
+    monkeypatch.setenv("WANDB_MODE", "online")
+    assert compose_train().logger.wandb.mode == "online"
+    assert train_mod.build_loggers(compose_train("logger=none")) == []
+    assert [type(lg).__name__ for lg in train_mod.build_loggers(compose_train("logger=csv"))] == [
+        "CSVLogger"
+    ]
+
+
+@pytest.mark.parametrize("trainer", ["default", "cpu", "debug"])
+def test_cpu_trainers_instantiate_without_the_channels_last_key(trainer: str) -> None:
+    cfg = compose_train("+experiment=scratch", f"trainer={trainer}", "trainer.accelerator=cpu")
+    built, channels_last = train_mod.build_trainer(cfg, [], [])
+    assert isinstance(built, pl.Trainer)
+    assert channels_last is bool(cfg.trainer.channels_last)
+    assert built.fast_dev_run == (trainer == "debug")
+
+
+def test_gpu_and_ddp_trainers_use_bf16_channels_last_and_sync_batchnorm() -> None:
+    gpu = compose_train("trainer=gpu").trainer
+    assert (gpu.accelerator, gpu.precision, gpu.channels_last) == ("gpu", "bf16-mixed", True)
+    ddp = compose_train("trainer=ddp", "trainer.devices=4", "trainer.num_nodes=2").trainer
+    assert (ddp.strategy, ddp.sync_batchnorm, ddp.precision) == ("ddp", True, "bf16-mixed")
+    assert (ddp.devices, ddp.num_nodes) == (4, 2)

@@ -1,0 +1,282 @@
+"""End to end: the real ``python -m lymphnode.train`` CLI on tiny patch caches.
+
+A session fixture writes three tiny caches (unlabeled, labeled, test; 32 px patches at "level 1",
+pink tissue with dark tumour blobs) with :class:`lymphnode.cache.CacheWriter`, as
+``python -m lymphnode.prepare`` lays them out under ``<root>/caches``. Pretraining runs once per
+session; fine-tuning from its checkpoint, scratch, reruns, resume and failures build on it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from lymphnode.cache import CacheWriter
+from lymphnode.train import read_results, write_results
+
+PATCH = 32  # px
+# A tiny network and a short schedule: every run takes a few seconds on one CPU core.
+TINY = (
+    "trainer=cpu",
+    "trainer.max_epochs=2",
+    "trainer.num_sanity_val_steps=0",
+    "trainer.log_every_n_steps=1",
+    "trainer.enable_model_summary=false",
+    "model.base_width=4",
+    "model.depth=2",
+    "data.batch_size=4",
+    "data.num_workers=0",
+    "task.log_images_every_n_epochs=0",
+    "callbacks.progress_bar.refresh_rate=0",
+)
+FINETUNE = ("data.labeled_size=10", "data.folds=5")
+SEG_KEYS = ("test/seg_precision", "test/seg_recall", "test/seg_f1", "test/seg_dice", "test/seg_iou")
+
+
+def _patch(rng: np.random.Generator, tumor: bool) -> tuple[np.ndarray, np.ndarray]:
+    """A (P, P, 3) uint8 pink patch and its (P, P) {0,1} mask: tumour = dark purple disc."""
+    image = np.empty((PATCH, PATCH, 3), np.uint8)
+    image[:] = (230, 170, 200)
+    image = np.clip(image + rng.normal(0, 12, image.shape), 0, 255).astype(np.uint8)
+    mask = np.zeros((PATCH, PATCH), np.uint8)
+    if tumor:
+        yy, xx = np.mgrid[:PATCH, :PATCH]
+        cy, cx = rng.integers(8, PATCH - 8, 2)
+        mask[(yy - cy) ** 2 + (xx - cx) ** 2 <= rng.integers(36, 100)] = 1
+        image[mask == 1] = (110, 50, 140)
+    return image, mask
+
+
+def _write_cache(path: Path, slides: Sequence[str], n: int, masks: bool, seed: int) -> None:
+    writer = CacheWriter(
+        path, {"level": 1, "patch_size": PATCH, "source": "tests/test_train.py"},
+        codec="raw", patch_size=PATCH, has_masks=masks,
+    )  # fmt: skip
+    rng = np.random.default_rng(seed)
+    for s, slide in enumerate(slides):
+        with writer.slide(slide, n=n) as shard:
+            for k in range(n):
+                tumor = k % 2 == 1
+                image, mask = _patch(rng, tumor)
+                shard.add(
+                    image, mask if masks else None, x=64 * k, y=64 * s, level=1, label=int(tumor)
+                )
+        writer.commit(slide, shard.info)
+    writer.finalize(list(slides))
+
+
+@pytest.fixture(scope="session")
+def caches(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``<dir>/{unlabeled,labeled,test}``: 48 unlabeled, 24 labeled, 8 test patches."""
+    root = tmp_path_factory.mktemp("caches")
+    _write_cache(root / "unlabeled", ["tumor_001", "normal_001"], 24, masks=False, seed=1)
+    _write_cache(root / "labeled", ["tumor_001", "tumor_002"], 12, masks=True, seed=2)
+    _write_cache(root / "test", ["tumor_003"], 8, masks=True, seed=3)
+    return root
+
+
+def run_cli(*overrides: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``python -m lymphnode.train <overrides>``; its combined output is in ``.stdout``."""
+    return subprocess.run(
+        [sys.executable, "-m", "lymphnode.train", *overrides],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore", **(env or {})},
+        check=False,
+    )
+
+
+def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result
+
+
+def results_of(run_dir: Path) -> dict[str, Any]:
+    results = read_results(run_dir / "results.json")
+    assert results is not None, f"no results.json in {run_dir}"
+    return results
+
+
+def _root(tmp_path: Path, caches: Path) -> tuple[str, str]:
+    return f"paths.root={tmp_path}", f"paths.cache_dir={caches}"
+
+
+@pytest.fixture(scope="session")
+def pretrained_root(tmp_path_factory: pytest.TempPathFactory, caches: Path) -> Path:
+    """A root whose runs/pretrain holds a completed pretraining run (CSV logger only)."""
+    root = tmp_path_factory.mktemp("root")
+    ok(run_cli("+experiment=pretrain", *_root(root, caches), *TINY, "logger=csv"))
+    return root
+
+
+# --- pretraining ---------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_pretrain_writes_results_checkpoints_and_csv_log(pretrained_root: Path) -> None:
+    run_dir = pretrained_root / "runs" / "pretrain"
+    results = results_of(run_dir)
+    assert (results["status"], results["experiment"], results["init"]) == (
+        "completed",
+        "pretrain",
+        "pretrain",
+    )
+    assert results["labeled_size"] is None and results["fold"] is None and results["error"] is None
+    for key in ("val/recon_mse", "val/recon_psnr"):
+        assert np.isfinite(results["metrics"][key]) and np.isfinite(results["metrics_last"][key])
+    assert Path(results["checkpoints"]["best"]) == (run_dir / "checkpoints" / "best.ckpt").resolve()
+    assert Path(results["checkpoints"]["last"]).is_file()
+    assert results["config"]["model"]["base_width"] == 4  # the resolved config
+    assert results["config"]["run_dir"] == str(run_dir)
+    assert set(results["timing"]) == {"fit_s", "test_s", "total_s"}
+    metrics_csv = (run_dir / "csv" / "metrics.csv").read_text()
+    assert "val/recon_mse" in metrics_csv.splitlines()[0]
+    ckpt = torch.load(run_dir / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False)
+    assert (
+        ckpt["hyper_parameters"]["patch_size"] == PATCH and ckpt["hyper_parameters"]["level"] == 1
+    )
+    assert ckpt["hyper_parameters"]["model"]["top_skip"] is False
+
+
+# --- fine-tuning ---------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_finetune_starts_from_the_pretrain_checkpoint(pretrained_root: Path, caches: Path) -> None:
+    result = ok(
+        run_cli("+experiment=finetune", *_root(pretrained_root, caches), *TINY, *FINETUNE,
+                "data.fold=1", "logger=csv")
+    )  # fmt: skip
+    run_dir = pretrained_root / "runs" / "pretrained" / "size10" / "fold1" / "seed0"
+    results = results_of(run_dir)
+    assert (results["status"], results["experiment"], results["init"]) == (
+        "completed",
+        "finetune",
+        "pretrained",
+    )
+    assert (results["labeled_size"], results["fold"], results["seed"]) == (10, 1, 0)
+    for key in SEG_KEYS:
+        assert 0.0 <= results["metrics"][key] <= 1.0
+        assert 0.0 <= results["metrics_last"][key] <= 1.0
+    assert "val/seg_f1" in results["metrics"]
+    pretrain_ckpt = pretrained_root / "runs" / "pretrain" / "checkpoints" / "best.ckpt"
+    assert results["config"]["pretrained_ckpt"] == str(pretrain_ckpt)
+    assert "initialised from pretrained" in result.stdout + result.stderr
+    assert "initialised from pretrained" in (run_dir / "train.log").read_text()
+    for name in ("best", "last"):
+        assert (run_dir / "checkpoints" / f"{name}.ckpt").is_file()
+
+
+@pytest.mark.slow
+def test_scratch_run_and_same_seed_gives_same_metrics(pretrained_root: Path, caches: Path) -> None:
+    args = ("+experiment=scratch", *_root(pretrained_root, caches), *TINY, *FINETUNE,
+            "data.fold=2", "logger=csv")  # fmt: skip
+    ok(run_cli(*args))
+    run_dir = pretrained_root / "runs" / "scratch" / "size10" / "fold2" / "seed0"
+    first = results_of(run_dir)
+    assert (first["experiment"], first["init"], first["status"]) == (
+        "scratch",
+        "scratch",
+        "completed",
+    )
+    assert first["config"]["task"]["_target_"] == "lymphnode.tasks.MultiTaskModule"
+    ok(run_cli(*args, "skip_if_done=false"))
+    second = results_of(run_dir)
+    assert second["metrics"] == first["metrics"]
+    assert second["metrics_last"] == first["metrics_last"]
+
+
+@pytest.mark.slow
+def test_rerun_of_a_completed_run_is_skipped(pretrained_root: Path, caches: Path) -> None:
+    run_dir = pretrained_root / "runs" / "pretrain"
+    before = (run_dir / "results.json").stat().st_mtime_ns
+    result = ok(
+        run_cli("+experiment=pretrain", *_root(pretrained_root, caches), *TINY, "logger=csv")
+    )
+    assert "is completed; skipping" in result.stdout + result.stderr
+    assert (run_dir / "results.json").stat().st_mtime_ns == before
+    assert not (run_dir / "checkpoints" / "best-v1.ckpt").exists()
+
+
+@pytest.mark.slow
+def test_resume_from_the_last_checkpoint(tmp_path: Path, caches: Path) -> None:
+    args = ("+experiment=scratch", *_root(tmp_path, caches), *TINY, *FINETUNE, "logger=csv")
+    ok(run_cli(*args, "trainer.max_epochs=1"))
+    run_dir = tmp_path / "runs" / "scratch" / "size10" / "fold0" / "seed0"
+    last = run_dir / "checkpoints" / "last.ckpt"
+    first = torch.load(last, map_location="cpu", weights_only=False)
+    steps_one_epoch = first["global_step"]
+    assert steps_one_epoch > 0
+    result = ok(run_cli(*args, "trainer.max_epochs=3", "ckpt_path=last", "skip_if_done=false"))
+    assert "Restoring states from the checkpoint" in result.stdout + result.stderr
+    resumed = torch.load(last, map_location="cpu", weights_only=False)
+    assert resumed["global_step"] == 3 * steps_one_epoch  # epochs 2 and 3 added to the first
+    assert results_of(run_dir)["status"] == "completed"
+
+
+@pytest.mark.slow
+def test_default_loggers_write_an_offline_wandb_run_and_a_csv_log(
+    tmp_path: Path, caches: Path
+) -> None:
+    ok(run_cli("+experiment=scratch", *_root(tmp_path, caches), *TINY, *FINETUNE, "data.fold=4",
+               "trainer.max_epochs=1"))  # fmt: skip
+    run_dir = tmp_path / "runs" / "scratch" / "size10" / "fold4" / "seed0"
+    offline = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(offline) == 1 and list(offline[0].glob("*.wandb"))
+    assert "test/seg_f1" in (run_dir / "csv" / "metrics.csv").read_text()
+    assert "labeled_size: 10" in (run_dir / "csv" / "hparams.yaml").read_text()  # full config
+
+
+# --- failures ------------------------------------------------------------------------------------
+def test_missing_pretrain_checkpoint_exits_non_zero_naming_it(tmp_path: Path, caches: Path) -> None:
+    result = run_cli(
+        "+experiment=finetune", *_root(tmp_path, caches), *TINY, *FINETUNE, "logger=csv"
+    )
+    assert result.returncode == 1
+    output = result.stdout + result.stderr
+    expected = tmp_path / "runs" / "pretrain" / "checkpoints" / "best.ckpt"
+    assert f"pretrained checkpoint {expected} not found" in output
+    assert "+experiment=pretrain" in output and "Traceback" not in output
+    results = results_of(tmp_path / "runs" / "pretrained" / "size10" / "fold0" / "seed0")
+    assert results["status"] == "failed" and "CheckpointError" in results["error"]
+
+
+@pytest.mark.slow
+def test_nan_loss_stops_the_run_naming_the_step(tmp_path: Path, caches: Path) -> None:
+    result = run_cli("+experiment=scratch", *_root(tmp_path, caches), *TINY, *FINETUNE,
+                     "logger=csv", "task.recon_weight=nan")  # fmt: skip
+    assert result.returncode == 1
+    assert "training loss is nan at global step 0" in result.stdout + result.stderr
+    results = results_of(tmp_path / "runs" / "scratch" / "size10" / "fold0" / "seed0")
+    assert results["status"] == "failed" and "NonFiniteLossError" in results["error"]
+
+
+def test_profile_before_experiment_exits_with_the_right_order(tmp_path: Path) -> None:
+    result = run_cli("+profile=demo", "+experiment=pretrain", f"paths.root={tmp_path}")
+    assert result.returncode == 1
+    assert "Put it after: +experiment=pretrain +profile=demo" in result.stdout + result.stderr
+    assert not (tmp_path / "runs" / "pretrain" / "results.json").exists()
+
+
+def test_bad_init_exits_non_zero_naming_the_value(tmp_path: Path) -> None:
+    result = run_cli("+experiment=finetune", "init=imagenet", f"paths.root={tmp_path}")
+    assert result.returncode == 1
+    assert "init='imagenet' is not supported" in result.stdout + result.stderr
+
+
+# --- results.json -------------------------------------------------------------------------------
+def test_results_json_is_replaced_atomically(tmp_path: Path) -> None:
+    path = tmp_path / "run" / "results.json"
+    write_results(path, {"status": "completed", "metrics": {"test/seg_f1": 0.5}})
+    write_results(path, {"status": "failed", "metrics": {}})
+    assert json.loads(path.read_text())["status"] == "failed"
+    assert [p.name for p in path.parent.iterdir()] == ["results.json"]  # no temp file left
+    (tmp_path / "bad.json").write_text("{not json")
+    assert read_results(tmp_path / "bad.json") is None
+    assert read_results(tmp_path / "missing.json") is None
