@@ -411,9 +411,13 @@ def test_truncated_single_level_tiff_fails_at_open(tmp_path: Path) -> None:
         open_slide(path)
 
 
-def test_slide_cut_mid_tile_data_fails_on_read_and_recovers(tmp_path: Path) -> None:
+@pytest.mark.parametrize("tile_reader", [True, False])
+def test_slide_cut_mid_tile_data_fails_on_read_and_recovers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tile_reader: bool
+) -> None:
     # An interrupted, preallocated download: the tail is zeros. OpenSlide opens it (the first IFD
     # is intact), then fails on the first tile past the cut.
+    monkeypatch.setattr(slide_module, "TILE_READER", tile_reader)
     path = write_tiff(tmp_path / "partial.tif", gradient_image(), tile=64)
     data = path.read_bytes()
     cut = _tile_cut(path)
@@ -426,6 +430,51 @@ def test_slide_cut_mid_tile_data_fails_on_read_and_recovers(tmp_path: Path) -> N
         slide.read(0, 320, 64, 64)
     # the broken handle was evicted: a good region reads again
     assert slide.read(0, 0, 64, 64).shape == (64, 64, 3)
+
+
+# -- direct tile reads of tiled JPEG TIFFs ----------------------------------------------------------
+
+
+def _openslide_only(path: Path, monkeypatch: pytest.MonkeyPatch) -> Slide:
+    with monkeypatch.context() as patch:
+        patch.setattr(slide_module, "TILE_READER", False)
+        return open_slide(path)
+
+
+def test_tiled_jpeg_levels_are_read_by_the_tile_reader(
+    tiff_path: Path, lossless_path: Path
+) -> None:
+    assert open_slide(tiff_path)._tile_pages == {0: 0, 1: 1, 2: 2}
+    assert open_slide(lossless_path)._tile_pages == {}  # zlib tiles: OpenSlide reads them
+
+
+def test_tile_reader_is_pixel_identical_to_openslide(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (700, 900, 3), dtype=np.uint8)  # noisy: JPEG rounding shows
+    image = (image // 2 + gradient_image(900, 700) // 2).astype(np.uint8)
+    path = write_tiff(tmp_path / "noisy.tif", image, tile=96)
+    fast, reference = open_slide(path), _openslide_only(path, monkeypatch)
+    assert fast._tile_pages and not reference._tile_pages
+    regions = [(-20, -30, 150, 100, 0), (850, 650, 100, 100, 0), (0, 0, 900, 700, 0)]
+    regions += [(2 * 101, 2 * 57, 120, 90, 1), (4 * 33, 4 * 11, 100, 80, 2), (301, 17, 50, 40, 1)]
+    for _ in range(20):
+        regions.append((*rng.integers(-50, [850, 650]), *rng.integers(1, 200, size=2), 0))
+    for x, y, w, h, level in regions:
+        np.testing.assert_array_equal(
+            fast.read(x, y, w, h, level), reference.read(x, y, w, h, level), f"{x, y, w, h, level}"
+        )
+
+
+def test_tile_reader_matches_openslide_on_real_camelyon_tiles(
+    real_fixtures: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = real_fixtures / "slides" / "camelyon16_tumor_001_level5.tif"
+    fast, reference = open_slide(path), _openslide_only(path, monkeypatch)
+    assert fast._tile_pages == {0: 0}
+    for x, y in [(0, 0), (1000, 3000), (2000, 4100), (2900, 7000)]:
+        np.testing.assert_array_equal(fast.read(x, y, 600, 300), reference.read(x, y, 600, 300))
 
 
 # -- real fixtures --------------------------------------------------------------------------------
