@@ -24,9 +24,9 @@ across slides, as CAMELYON16's is):
   ``RGB = 255 * exp(-OD)``) so that a stain change acts as it does on real slides.
 
 Rendering is vectorised: low-frequency fields are drawn at low resolution and resampled with OpenCV,
-nuclei are stamped with ``cv2.ellipse`` onto concentration maps, and the slide is rendered in
-horizontal strips so memory stays at about the size of the RGB image. Everything comes from one
-seed: same seed, same bytes.
+nuclei are stamped as small irregular polygons (``cv2.fillConvexPoly``) onto concentration maps,
+and the slide is rendered in horizontal strips, so memory stays at about the size of the RGB image.
+Everything comes from one seed: same seed, same bytes.
 
 ``python -m lymphnode.synth`` (Hydra, ``conf/synth.yaml``) writes ``<out_dir>/slides/tumor_XXX.tif``,
 ``normal_XXX.tif`` and ``<out_dir>/annotations/tumor_XXX.xml`` (CAMELYON16 names) in parallel, with a
@@ -38,6 +38,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import multiprocessing
 import os
 import secrets
 import sys
@@ -51,6 +52,7 @@ from typing import Any
 
 import cv2
 import numpy as np
+from tqdm import tqdm
 
 from lymphnode.annotations import Annotations, write_asap
 from lymphnode.errors import ConfigError, LymphnodeError
@@ -777,13 +779,15 @@ def make_slide(
         :class:`SynthSlide` with the outlines (level-0 px), style and tissue/tumor fractions.
 
     Raises:
-        ConfigError: bad size or mpp.
+        ConfigError: bad size, mpp or seed.
     """
     t0 = time.perf_counter()
     path = Path(path)
     w, h = _resolve_size(size, width, height)
     if not (isinstance(mpp, (int, float)) and math.isfinite(mpp) and 0.05 <= mpp <= 5):
         raise ConfigError(f"make_slide: mpp must be in 0.05..5 µm/px, got {mpp!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ConfigError(f"make_slide: seed must be a non-negative integer, got {seed!r}")
     style_seed, layout_seed = np.random.SeedSequence(seed).spawn(2)
     rng = np.random.default_rng(layout_seed)  # the layout does not depend on the style given
     style = style if style is not None else SlideStyle.sample(np.random.default_rng(style_seed))
@@ -998,8 +1002,6 @@ def generate_slides(
     if not jobs:
         return manifest
 
-    from tqdm import tqdm
-
     bar = tqdm(total=len(jobs), desc="synth slides", unit="slide", disable=not progress)
 
     def record(job: dict, result: dict) -> None:
@@ -1018,8 +1020,6 @@ def generate_slides(
             for job in jobs:
                 record(job, _make_one(job))
         else:
-            import multiprocessing
-
             n = min(workers, len(jobs))
             threads = max(1, (os.cpu_count() or 1) // n)
             with ProcessPoolExecutor(
@@ -1029,8 +1029,12 @@ def generate_slides(
                 initargs=(threads,),
             ) as pool:
                 futures = {pool.submit(_make_one, job): job for job in jobs}
-                for future in as_completed(futures):
-                    record(futures[future], future.result())
+                try:
+                    for future in as_completed(futures):
+                        record(futures[future], future.result())
+                except BaseException:
+                    pool.shutdown(wait=True, cancel_futures=True)  # finished slides stay
+                    raise
     finally:
         bar.close()
     return manifest

@@ -194,11 +194,12 @@ def test_another_mpp_is_written_to_the_pyramid(tmp_path: Path) -> None:
         ({"size": (1024, 1024), "width": 1024}, "either size=.* or width= and height="),
         ({"width": 1024}, r"size=\(width, height\) or both width= and height= needed"),
         ({"size": (1024, 1024), "mpp": 0.0}, r"mpp must be in 0.05..5 µm/px, got 0.0"),
+        ({"size": (1024, 1024), "seed": -1}, "seed must be a non-negative integer, got -1"),
     ],
 )
 def test_bad_arguments_raise_config_error(tmp_path: Path, kwargs: dict, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
-        make_slide(tmp_path / "bad.tif", seed=0, tumor=True, **kwargs)
+        make_slide(tmp_path / "bad.tif", **{"seed": 0, "tumor": True, **kwargs})
     assert list(tmp_path.iterdir()) == []
 
 
