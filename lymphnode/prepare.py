@@ -26,6 +26,7 @@ import logging
 import multiprocessing
 import os
 import sys
+import threading
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -33,12 +34,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import hydra
 import numpy as np
-from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
 
+from lymphnode.annotations import read_asap
 from lymphnode.cache import CacheWriter
 from lymphnode.errors import ConfigError, LymphnodeError, SlideError
+from lymphnode.sampling import sample_patches
+from lymphnode.slide import open_slide
+from lymphnode.tissue import tissue_mask
 
 log = logging.getLogger(__name__)
 
@@ -304,11 +308,6 @@ def _fit(mask: np.ndarray, size: int) -> np.ndarray:
 
 def process_slide(job: SlideJob) -> SlideResult:
     """Sample, read and write one slide's shards; LymphnodeErrors come back in the result."""
-    from lymphnode.annotations import read_asap
-    from lymphnode.sampling import sample_patches
-    from lymphnode.slide import open_slide
-    from lymphnode.tissue import tissue_mask
-
     result = SlideResult(job.source.name)
     source, patch = job.source, job.patch
     try:
@@ -547,6 +546,20 @@ def prepare(
     return {kind: writer.path for kind, writer in writers.items()}
 
 
+class _Progress(tqdm):
+    """tqdm without its monitor thread, so that worker processes can be forked safely."""
+
+    monitor_interval = 0
+
+
+def _mp_context() -> multiprocessing.context.BaseContext:
+    """``fork`` on Linux when this process runs one thread (workers start in milliseconds and
+    inherit the imports); ``spawn`` otherwise (threads and fork do not mix; macOS)."""
+    if sys.platform.startswith("linux") and threading.active_count() == 1:
+        return multiprocessing.get_context("fork")
+    return multiprocessing.get_context("spawn")
+
+
 def _run(
     jobs: Sequence[SlideJob],
     writers: Mapping[str, CacheWriter],
@@ -560,7 +573,6 @@ def _run(
 
     Returns the first error; no job is started after it, running ones finish and are committed.
     """
-    from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     first_error: LymphnodeError | None = None
@@ -568,7 +580,9 @@ def _run(
         return None
     with (
         logging_redirect_tqdm(),
-        tqdm(total=total, initial=done, unit="slide", desc="prepare", disable=not progress) as bar,
+        _Progress(
+            total=total, initial=done, unit="slide", desc="prepare", disable=not progress
+        ) as bar,
     ):
 
         def record(result: SlideResult) -> None:
@@ -586,9 +600,8 @@ def _run(
                 if first_error is not None:
                     break
             return first_error
-        context = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(
-            max_workers=min(workers, len(jobs)), mp_context=context, initializer=_worker_init
+            max_workers=min(workers, len(jobs)), mp_context=_mp_context(), initializer=_worker_init
         ) as pool:
             pending: set[Future[SlideResult]] = set()
             queue: Iterator[SlideJob] = iter(jobs)
@@ -611,8 +624,10 @@ def _run(
 # Hydra entry point
 
 
-def run(cfg: DictConfig) -> dict[str, Path]:
+def run(cfg: Any) -> dict[str, Path]:
     """:func:`prepare` with the slides, annotations and cache folders of ``cfg.paths``."""
+    from omegaconf import OmegaConf
+
     plain = OmegaConf.to_container(cfg, resolve=True)
     if not isinstance(plain, dict):  # pragma: no cover - Hydra always gives a mapping
         raise ConfigError(f"the prepare config must be a mapping, got {type(plain).__name__}")
@@ -625,14 +640,22 @@ def run(cfg: DictConfig) -> dict[str, Path]:
     )
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="prepare")
-def main(cfg: DictConfig) -> None:
-    """``python -m lymphnode.prepare [key=value ...]``: a LymphnodeError is logged, exit code 1."""
+def _app(cfg: Any) -> None:
     try:
         run(cfg)
     except LymphnodeError as exc:
         log.error("prepare failed: %s", exc)
         sys.exit(1)
+
+
+def main() -> None:
+    """``python -m lymphnode.prepare [key=value ...]``: a LymphnodeError is logged, exit code 1.
+
+    Hydra is imported here, not at module level, so that worker processes do not pay for it.
+    """
+    import hydra
+
+    hydra.main(version_base="1.3", config_path="../conf", config_name="prepare")(_app)()
 
 
 if __name__ == "__main__":
