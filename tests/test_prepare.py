@@ -198,6 +198,16 @@ def test_a_changed_split_refuses_without_force(data: Path) -> None:
     failed(moved, r"another configuration \(config\.slides")
 
 
+def test_mpp_picks_the_level_to_read(data: Path) -> None:
+    # The synthetic slides are 0.243 µm/px at level 0: 0.486 µm/px is level 1 (downsample 2).
+    assert prepare(data, "caches=[labeled]", "mpp=0.486").returncode == 0
+    cache = PatchCache(data / "caches" / "labeled")
+    assert set(cache.index["level"]) == {1}
+    x = cache.index["x"]
+    assert x.max() <= SIZE[0] - 2 * 64  # 64 px at level 1 span 128 level-0 px
+    failed(prepare(data, "caches=[test]", "mpp=0.35"), r"no level at 0\.35 µm/px.*level 1: 0\.486")
+
+
 def test_only_the_requested_caches_are_built(data: Path) -> None:
     assert prepare(data, "caches=[unlabeled]").returncode == 0
     assert sorted(p.name for p in (data / "caches").iterdir() if not p.name.startswith(".")) == [
