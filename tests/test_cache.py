@@ -678,3 +678,18 @@ def test_cli_module_exits_non_zero_with_a_clear_error(tmp_path: Path) -> None:
     )
     assert result.returncode == 1
     assert f"error: images folder not found: {tmp_path / 'none'}" in result.stderr
+
+
+def write_and_commit_in_worker(writer: CacheWriter, slide_id: str, seed: int) -> str:
+    writer.commit(slide_id, write_slide(writer, slide_id, 2, seed))
+    return slide_id
+
+
+def test_workers_that_commit_themselves_do_not_lose_each_others_slides(tmp_path: Path) -> None:
+    slides = [f"s{k}" for k in range(6)]
+    writer = CacheWriter(tmp_path / "c", {"slides": slides}, patch_size=P, has_masks=True)
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        done = list(pool.map(write_and_commit_in_worker, [writer] * 6, slides, range(6)))
+    assert sorted(done) == slides
+    writer.finalize(slides)  # the manifest lock kept every worker's commit
+    assert PatchCache(tmp_path / "c", verify=True).slides == tuple(slides)
