@@ -20,8 +20,8 @@ Training never reads slides; it reads patch caches that ``python -m lymphnode.pr
 concatenation of standard JPEG files), so a cache is readable without lymphnode.
 
 Writing (:class:`CacheWriter`) is per slide and atomic: a slide's patches stream into
-``shards/.tmp-<slide_id>-<pid>``, which is fsynced and renamed to ``shards/<slide_id>`` only when
-the slide is complete; the slide becomes visible once :meth:`CacheWriter.commit` records it in the
+``shards/.tmp-<slide_id>-<host>-<pid>``, which is fsynced and renamed to ``shards/<slide_id>``
+only when the slide is complete; the slide becomes visible once :meth:`CacheWriter.commit` records it in the
 manifest (replaced atomically). Shards can be written in worker processes while the parent
 commits; a build killed at any moment and rerun with the same config resumes, and after
 :meth:`CacheWriter.finalize` every file is byte-identical to an uninterrupted build (no
@@ -46,6 +46,7 @@ import operator
 import os
 import re
 import shutil
+import socket
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -136,11 +137,22 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _stale(name: str, prefix: str) -> bool:
-    """Whether a temp entry ``<prefix>...-<pid>`` belongs to a process that no longer runs."""
-    pid_text = name[len(prefix) :].rsplit("-", 1)[-1]
+def _owner() -> str:
+    """``<host>-<pid>``: names temp files, so that a build on another machine sharing the cache
+    directory (a job array on a network file system) is never taken for a killed one."""
+    host = re.sub(r"[^A-Za-z0-9.]", "", socket.gethostname()) or "host"
+    return f"{host}-{os.getpid()}"
+
+
+def _stale(name: str, prefix: str, other_hosts: bool = False) -> bool:
+    """Whether a temp entry ``<prefix>...-<host>-<pid>`` belongs to a process of this machine
+    that no longer runs (or, with ``other_hosts``, to any other machine)."""
+    rest, _, pid_text = name[len(prefix) :].rpartition("-")
     if not pid_text.isdigit():
         return True
+    host = _owner().rpartition("-")[0]
+    if not (rest == host or rest.endswith(f"-{host}")):
+        return other_hosts  # another machine's: it may still be writing
     pid = int(pid_text)
     return pid != os.getpid() and not _pid_alive(pid)
 
@@ -297,7 +309,7 @@ def _read_manifest(cache: Path) -> dict[str, Any]:
 def _write_manifest(cache: Path, manifest: Mapping[str, Any]) -> None:
     """Replace ``manifest.json`` atomically (temp file, fsync, os.replace, fsync dir)."""
     text = json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
-    tmp = cache / f"{_MANIFEST_TMP_PREFIX}{os.getpid()}"
+    tmp = cache / f"{_MANIFEST_TMP_PREFIX}{_owner()}"
     try:
         with open(tmp, "wb") as fh:
             _write(fh, text.encode("utf-8"))
@@ -474,8 +486,8 @@ _IMAGE_SOURCES: dict[str, type[_RawSource] | type[_JpegSource]] = {
 class ShardWriter:
     """Writes one slide's patches; made by :meth:`CacheWriter.slide`, used as a context manager.
 
-    Patches stream to ``shards/.tmp-<slide_id>-<pid>`` (memory does not grow with their number).
-    A successful ``with`` block fsyncs the files and renames the directory to
+    Patches stream to ``shards/.tmp-<slide_id>-<host>-<pid>`` (memory does not grow with their
+    number). A successful ``with`` block fsyncs the files and renames the directory to
     ``shards/<slide_id>``; :attr:`info` then holds the picklable record that
     :meth:`CacheWriter.commit` puts into the manifest. A block that raises leaves nothing behind.
     """
@@ -498,7 +510,7 @@ class ShardWriter:
         self._patch_size = patch_size
         self._has_masks = has_masks
         self._quality = quality
-        self._tmp = cache / SHARDS_DIR / f"{_TMP_PREFIX}{slide_id}-{os.getpid()}"
+        self._tmp = cache / SHARDS_DIR / f"{_TMP_PREFIX}{slide_id}-{_owner()}"
         self._final = cache / SHARDS_DIR / slide_id
         self._images: _RawSink | _JpegSink | None = None
         self._masks: _NpyAppender | None = None
@@ -784,17 +796,20 @@ class CacheWriter:
         except OSError as exc:
             raise CacheError(f"cannot delete the patch cache {self.path}: {exc}") from exc
 
-    def _remove_stale_temps(self) -> None:
-        """Remove temp shards and manifest temps whose process is gone (killed builds)."""
+    def _remove_stale_temps(self, other_hosts: bool = False) -> None:
+        """Remove temp shards and manifest temps whose process is gone (killed builds); those of
+        other machines only with ``other_hosts`` (at finalize, when every slide is complete)."""
         for entry in self.path.iterdir():
             if entry.name.startswith(_MANIFEST_TMP_PREFIX) and _stale(
-                entry.name, _MANIFEST_TMP_PREFIX
+                entry.name, _MANIFEST_TMP_PREFIX, other_hosts
             ):
                 entry.unlink(missing_ok=True)
         shards = self.path / SHARDS_DIR
         if shards.is_dir():
             for entry in shards.iterdir():
-                if entry.name.startswith(_TMP_PREFIX) and _stale(entry.name, _TMP_PREFIX):
+                if entry.name.startswith(_TMP_PREFIX) and _stale(
+                    entry.name, _TMP_PREFIX, other_hosts
+                ):
                     log.info("removing %s, left by a build that was killed", entry)
                     shutil.rmtree(entry, ignore_errors=True)
 
@@ -912,7 +927,7 @@ class CacheWriter:
                     if not entry.name.startswith(_TMP_PREFIX) and entry.name not in by_id:
                         log.info("removing %s: not in the manifest (uncommitted)", entry)
                         shutil.rmtree(entry, ignore_errors=True)
-            self._remove_stale_temps()
+            self._remove_stale_temps(other_hosts=True)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -305,13 +305,19 @@ def test_stale_temp_dirs_of_dead_processes_are_removed_on_open(tmp_path: Path) -
     build(tmp_path / "c", {"a": 1})
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    stale = tmp_path / "c/shards" / f".tmp-b-{dead.pid}"
+    host = cache_module._owner().rpartition("-")[0]
+    stale = tmp_path / "c/shards" / f".tmp-b-{host}-{dead.pid}"
     stale.mkdir()
     (stale / "images.npy").write_bytes(b"partial")
-    (tmp_path / "c" / f".manifest.json.tmp-{dead.pid}").write_text("{")
-    CacheWriter(tmp_path / "c", {"slides": ["a"]}, patch_size=P, has_masks=True)
-    assert not stale.exists()
-    assert not (tmp_path / "c" / f".manifest.json.tmp-{dead.pid}").exists()
+    stale_manifest = tmp_path / "c" / f".manifest.json.tmp-{host}-{dead.pid}"
+    stale_manifest.write_text("{")
+    elsewhere = tmp_path / "c/shards" / f".tmp-b-othernode7-{os.getpid()}"
+    elsewhere.mkdir()  # another machine's build on a shared file system may still be writing
+    writer = CacheWriter(tmp_path / "c", {"slides": ["a"]}, patch_size=P, has_masks=True)
+    assert not stale.exists() and not stale_manifest.exists()
+    assert elsewhere.is_dir()
+    writer.finalize(["a"])  # every slide complete: leftovers of any machine go
+    assert not elsewhere.exists()
 
 
 # ---------------------------------------------------------------------------------------------
