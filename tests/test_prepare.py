@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 import os
 import resource
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -176,6 +178,41 @@ def test_one_worker_and_two_workers_write_the_same_bytes(data: Path, tmp_path: P
         a = (tmp_path / "one" / kind / "manifest.json").read_text()
         b = (tmp_path / "two" / kind / "manifest.json").read_text()
         assert a == b  # the manifest holds every shard file's SHA-256
+
+
+@pytest.mark.slow
+def test_a_build_killed_mid_way_resumes_to_the_same_bytes(data: Path, tmp_path: Path) -> None:
+    killed = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "lymphnode.prepare", f"paths.root={data}"]
+    cmd += [*FAST, f"paths.cache_dir={killed}", "workers=1", "counts.unlabeled=200"]
+    proc = subprocess.Popen(
+        cmd,
+        cwd=PROJECT_ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    manifest = killed / "unlabeled" / "manifest.json"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        if manifest.is_file() and json.loads(manifest.read_text())["slides"]:
+            break
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert len(json.loads(manifest.read_text())["slides"]) < 3  # it was stopped part way
+
+    resumed = prepare(data, f"paths.cache_dir={killed}", "counts.unlabeled=200")
+    assert resumed.returncode == 0, resumed.stdout
+    clean = tmp_path / "clean"
+    redo = prepare(data, f"paths.cache_dir={clean}", "counts.unlabeled=200")
+    assert redo.returncode == 0, redo.stdout
+    for kind in ("unlabeled", "labeled", "test"):
+        # The manifest holds every shard file's SHA-256.
+        assert (killed / kind / "manifest.json").read_bytes() == (
+            clean / kind / "manifest.json"
+        ).read_bytes()
+    no_temp_left(killed)
 
 
 def test_a_rerun_after_a_config_change_refuses_naming_the_key_and_force_rebuilds(
