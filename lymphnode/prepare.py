@@ -38,7 +38,7 @@ import numpy as np
 from tqdm import tqdm
 
 from lymphnode.annotations import read_asap
-from lymphnode.cache import CacheWriter
+from lymphnode.cache import CODECS, CacheWriter
 from lymphnode.errors import ConfigError, LymphnodeError, SlideError
 from lymphnode.sampling import sample_patches
 from lymphnode.slide import open_slide
@@ -50,7 +50,6 @@ CACHE_KINDS = ("unlabeled", "labeled", "test")
 #: File suffixes taken for slides (those OpenSlide reads).
 SLIDE_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".bif", ".svslide")
 SPLIT_FILE = "split.json"
-CODECS = ("raw", "jpeg")
 _SAMPLING_KEYS = (
     "tumor_probability",
     "min_tumor_fraction",
@@ -185,7 +184,7 @@ class PatchSettings:
     sampling: Mapping[str, Any] = field(default_factory=dict)
 
 
-def _positive_int(cfg: Mapping[str, Any], key: str, value: Any, minimum: int = 1) -> int:
+def _int_at_least(key: str, value: Any, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise ConfigError(f"{key} must be an integer >= {minimum}, got {value!r}")
     return int(value)
@@ -202,7 +201,7 @@ def settings_from_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
         raise ConfigError(f"codec must be one of {list(CODECS)}, got {codec!r}")
     counts = dict(cfg.get("counts") or {})
     for kind in caches:
-        counts[kind] = _positive_int(cfg, f"counts.{kind}", counts.get(kind), minimum=0)
+        counts[kind] = _int_at_least(f"counts.{kind}", counts.get(kind), minimum=0)
     sampling = dict(cfg.get("sampling") or {})
     extra = sorted(set(sampling) - set(_SAMPLING_KEYS))
     if extra:
@@ -217,15 +216,15 @@ def settings_from_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
     if not (isinstance(tissue_downsample, (int, float)) and tissue_downsample >= 1):
         raise ConfigError(f"tissue.downsample must be a number >= 1, got {tissue_downsample!r}")
     patch = PatchSettings(
-        patch_size=_positive_int(cfg, "patch_size", cfg.get("patch_size")),
-        level=_positive_int(cfg, "level", cfg.get("level"), minimum=0),
+        patch_size=_int_at_least("patch_size", cfg.get("patch_size")),
+        level=_int_at_least("level", cfg.get("level"), minimum=0),
         mpp=float(mpp) if mpp is not None else None,
         slide_mpp=float(slide_mpp) if slide_mpp is not None else None,
         tissue_downsample=float(tissue_downsample),
         sampling=sampling,
     )
-    workers = _positive_int(cfg, "workers", cfg.get("workers"), minimum=0)
-    quality = _positive_int(cfg, "quality", cfg.get("quality", 90))
+    workers = _int_at_least("workers", cfg.get("workers"), minimum=0)
+    quality = _int_at_least("quality", cfg.get("quality", 90))
     split = dict(cfg.get("split") or {})
     test_slides = split.get("test_slides")
     if test_slides is not None and (
