@@ -379,6 +379,9 @@ def test_stain_normalisation_is_fitted_on_seeded_training_patches(caches: dict[s
     assert not torch.equal(val, next(iter(plain.val_dataloader()))["image"])
     test = next(iter(a.test_dataloader()))["image"]
     assert torch.isfinite(test).all()
+    state = a.stain_state
+    assert state["method"] == "reinhard" and np.allclose(state["mean"], a.stain_normalizer.mean)
+    assert plain.stain_state is None
 
 
 def test_stain_reference_from_an_image_file(caches: dict[str, Path], tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ from lymphnode.data.stain import (
     ReinhardNormalizer,
     build_stain_normalizer,
     load_reference_image,
+    stain_normalizer_from_state,
 )
 from lymphnode.errors import ConfigError
 
@@ -198,3 +199,20 @@ def test_macenko_on_real_he_finds_haematoxylin_and_eosin(real_fixtures: Path) ->
     assert matrix[1] @ _unit(RUIFROK_E) > 0.85
     out = ReinhardNormalizer().fit(REFERENCE).transform(region)
     assert out.shape == region.shape and out.dtype == np.uint8
+
+
+@pytest.mark.parametrize("cls", NORMALIZERS)
+def test_state_round_trip_normalises_identically(cls: type) -> None:
+    normalizer = cls().fit(REFERENCE)
+    state = pickle.loads(pickle.dumps(normalizer.state()))
+    rebuilt = stain_normalizer_from_state(state)
+    assert type(rebuilt) is cls
+    assert np.array_equal(rebuilt.transform(SHIFTED), normalizer.transform(SHIFTED))
+
+
+def test_bad_state_raises() -> None:
+    bad = {"method": "macenko", "options": {}, "stain_matrix": [1, 2], "max_concentrations": [1]}
+    with pytest.raises(ConfigError, match=r"stain normaliser state .* is invalid .*must be 2x3"):
+        stain_normalizer_from_state(bad)
+    with pytest.raises(ConfigError, match=r"state .* is invalid \('method'\)"):
+        stain_normalizer_from_state({})

@@ -222,3 +222,16 @@ def test_normalize_stats_default_and_plain_lists() -> None:
     assert normalize_stats(None) == {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
     stats = normalize_stats({"mean": (0.7, 0.5, 0.6), "std": (0.2, 0.2, 0.2)})
     assert stats == {"mean": [0.7, 0.5, 0.6], "std": [0.2, 0.2, 0.2]}
+
+
+def test_normalised_tensor_matches_albumentations_normalize_and_is_contiguous() -> None:
+    image = np.ascontiguousarray(_he_like(seed=6, size=P)[::-1])  # also from a flipped view
+    stats = {"mean": [0.7, 0.6, 0.75], "std": [0.15, 0.2, 0.1]}
+    reference = A.Compose(
+        [A.Normalize(mean=stats["mean"], std=stats["std"], max_pixel_value=255.0), A.ToTensorV2()]
+    )(image=image)["image"]
+    ours, _ = to_sample(build_eval_transform(normalize=stats), image, None)
+    torch.testing.assert_close(ours, reference, rtol=0, atol=1e-5)
+    assert ours.is_contiguous()
+    view, _ = to_sample(build_eval_transform(normalize=stats), image[::-1], None)
+    torch.testing.assert_close(view, reference.flip(1), rtol=0, atol=1e-5)

@@ -247,6 +247,14 @@ class _CacheDataModule(pl.LightningDataModule):
             self._stain = self._fit_stain(self.stain_options)
         return self._stain
 
+    @property
+    def stain_state(self) -> dict[str, Any] | None:
+        """The fitted stain reference as plain JSON types (None without stain_norm): save it with
+        the model and rebuild it with ``lymphnode.data.stain.stain_normalizer_from_state`` so
+        that inference normalises as training did."""
+        normalizer = self.stain_normalizer
+        return None if normalizer is None else normalizer.state()
+
     def _fit_stain(self, options: Mapping[str, Any]) -> MacenkoNormalizer | ReinhardNormalizer:
         normalizer = build_stain_normalizer(options["method"], **(options["options"] or {}))
         if options["reference"] is not None:

@@ -21,7 +21,7 @@ statistics is returned unchanged, never NaN; fitting on such a reference raises 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -67,10 +67,13 @@ def _as_image_list(images: np.ndarray | Sequence[np.ndarray]) -> list[np.ndarray
     return out
 
 
-def _subsample(rows: np.ndarray, limit: int) -> np.ndarray:
-    if len(rows) <= limit:
-        return rows
-    return rows[:: int(np.ceil(len(rows) / limit))]
+def _sample_rows(pixels: np.ndarray, mask: np.ndarray, limit: int) -> tuple[np.ndarray, int]:
+    """At most ``limit`` rows of ``pixels`` (N, C) where ``mask`` (N,) holds, at a fixed stride
+    (deterministic, no RNG), and how many rows the mask selects in all. Integer indexing: 5x
+    faster than boolean row selection on a 304² patch."""
+    index = np.flatnonzero(mask)
+    step = max(1, -(-len(index) // limit))
+    return pixels[index[::step]], len(index)
 
 
 def load_reference_image(path: str | Path) -> np.ndarray:
@@ -126,13 +129,14 @@ class MacenkoNormalizer(A.ImageOnlyTransform):
         self.max_concentrations: np.ndarray | None = None  # (2,)
 
     # -- estimation --------------------------------------------------------------------------
-    def _tissue_od(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """ODs of all pixels (H*W, 3) and of the tissue pixels (N, 3) of one uint8 image."""
-        od = _OD_LUT[image].reshape(-1, 3)
+    def _tissue_od(self, image: np.ndarray, limit: int) -> tuple[np.ndarray, int]:
+        """ODs (<= limit, 3) float32 of a stride sample of the tissue pixels of one uint8 image,
+        and the number of its tissue pixels."""
         # OD > t in every channel <=> the brightest channel is below 255 * exp(-t)
         brightest = np.maximum(np.maximum(image[..., 0], image[..., 1]), image[..., 2])
         tissue = brightest.reshape(-1) < 255.0 * np.exp(-self.od_threshold)
-        return od, od[tissue]
+        rows, count = _sample_rows(image.reshape(-1, 3), tissue, limit)
+        return _OD_LUT[rows], count
 
     def _stain_matrix(self, od: np.ndarray) -> np.ndarray | None:
         """(2, 3) unit stain vectors (H first) from tissue ODs (N, 3), or None when degenerate."""
@@ -173,7 +177,8 @@ class MacenkoNormalizer(A.ImageOnlyTransform):
             ConfigError: the references hold too little tissue or a single colour.
         """
         images = _as_image_list(reference_images)
-        od = _subsample(np.concatenate([self._tissue_od(im)[1] for im in images]), _MAX_FIT_PIXELS)
+        limit = max(_MAX_PATCH_PIXELS, _MAX_FIT_PIXELS // len(images))
+        od = np.concatenate([self._tissue_od(im, limit)[0] for im in images])
         matrix = self._stain_matrix(od)
         if matrix is None:
             raise ConfigError(
@@ -198,8 +203,9 @@ class MacenkoNormalizer(A.ImageOnlyTransform):
         if self.stain_matrix is None or self.max_concentrations is None:
             raise ConfigError("MacenkoNormalizer is not fitted: call fit(reference_images) first")
         image = _check_rgb(image, "image")
-        od, tissue = self._tissue_od(image)
-        tissue = _subsample(tissue, _MAX_PATCH_PIXELS)
+        tissue, count = self._tissue_od(image, _MAX_PATCH_PIXELS)
+        if count < self.min_tissue_pixels:
+            return image
         matrix = self._stain_matrix(tissue)
         if matrix is None:
             return image
@@ -209,22 +215,33 @@ class MacenkoNormalizer(A.ImageOnlyTransform):
         if np.any(source_max < _EPS):
             return image
         scale = self.max_concentrations / source_max
-        # od' = (C * scale) @ ref_matrix with C = od @ pinv(matrix): one 3x3 matrix per patch;
-        # cv2.transform takes it transposed (dst = m @ src per pixel)
+        # od' = (C * scale) @ ref_matrix with C = od @ pinv(matrix): one 3x3 matrix per patch.
+        # cv2.transform computes m[:, :3] @ src + m[:, 3] per pixel, so it yields
+        # ln(255) - od' = ln(I' ) directly; exp, then round and saturate to uint8.
         recompose = (np.linalg.pinv(matrix) * scale) @ self.stain_matrix
-        out: np.ndarray = cv2.transform(od.reshape(image.shape), recompose.T.astype(np.float32))
-        np.exp(-out, out=out)
-        out *= 255.0
-        np.clip(out, 0.0, 255.0, out=out)
-        return (out + 0.5).astype(np.uint8)
+        affine = np.concatenate([-recompose.T, np.full((3, 1), np.log(255.0))], axis=1)
+        od = cv2.LUT(image, _OD_LUT)  # (H, W, 3) float32
+        log_rgb: np.ndarray = cv2.transform(od, affine.astype(np.float32))
+        return cv2.convertScaleAbs(np.exp(log_rgb, out=log_rgb))
 
     def apply(self, img: np.ndarray, **params: Any) -> np.ndarray:
         """albumentations hook: :meth:`transform`."""
         return self.transform(img)
 
     def get_transform_init_args_names(self) -> tuple[str, ...]:
-        """Arguments that albumentations serialises (the fitted state is not serialised)."""
+        """Arguments that albumentations serialises (the fitted state: :meth:`state`)."""
         return ("od_threshold", "alpha", "max_percentile", "min_tissue_pixels")
+
+    def state(self) -> dict[str, Any]:
+        """The fitted reference as plain JSON types (for checkpoints / inference)."""
+        if self.stain_matrix is None or self.max_concentrations is None:
+            raise ConfigError("MacenkoNormalizer is not fitted: call fit(reference_images) first")
+        return {
+            "method": "macenko",
+            "options": {k: getattr(self, k) for k in self.get_transform_init_args_names()},
+            "stain_matrix": self.stain_matrix.tolist(),
+            "max_concentrations": self.max_concentrations.tolist(),
+        }
 
 
 # -------------------------------------------------------------------------------------- Reinhard
@@ -264,9 +281,10 @@ class ReinhardNormalizer(A.ImageOnlyTransform):
         self.mean: np.ndarray | None = None  # (3,) L, a, b
         self.std: np.ndarray | None = None  # (3,)
 
-    def _tissue(self, lab8: np.ndarray) -> np.ndarray:
-        """Tissue pixels (N, 3) of 8-bit LAB pixels (H*W, 3), still in 8-bit units."""
-        return lab8[lab8[:, 0] < self.tissue_lightness * _LAB8_SCALE[0]]
+    def _tissue(self, lab8: np.ndarray, limit: int) -> tuple[np.ndarray, int]:
+        """A stride sample (<= limit, 3) of the tissue pixels of 8-bit LAB pixels (H*W, 3), still
+        in 8-bit units, and the number of tissue pixels."""
+        return _sample_rows(lab8, lab8[:, 0] < self.tissue_lightness * _LAB8_SCALE[0], limit)
 
     @staticmethod
     def _lab_units(lab8: np.ndarray) -> np.ndarray:
@@ -283,8 +301,10 @@ class ReinhardNormalizer(A.ImageOnlyTransform):
             ConfigError: the references hold fewer than ``min_tissue_pixels`` tissue pixels.
         """
         images = _as_image_list(reference_images)
-        tissue = np.concatenate([self._tissue(self._lab8(im)) for im in images])
-        tissue = self._lab_units(_subsample(tissue, _MAX_FIT_PIXELS))
+        limit = max(_MAX_PATCH_PIXELS, _MAX_FIT_PIXELS // len(images))
+        tissue = self._lab_units(
+            np.concatenate([self._tissue(self._lab8(im), limit)[0] for im in images])
+        )
         if len(tissue) < self.min_tissue_pixels:
             raise ConfigError(
                 f"stain reference has {len(tissue)} tissue pixels (L < {self.tissue_lightness}): "
@@ -310,10 +330,10 @@ class ReinhardNormalizer(A.ImageOnlyTransform):
             raise ConfigError("ReinhardNormalizer is not fitted: call fit(reference_images) first")
         image = _check_rgb(image, "image")
         lab8 = self._lab8(image)
-        tissue = self._tissue(lab8)
-        if len(tissue) < self.min_tissue_pixels:
+        sample, count = self._tissue(lab8, _MAX_PATCH_PIXELS)
+        if count < self.min_tissue_pixels:
             return image
-        tissue = self._lab_units(_subsample(tissue, _MAX_PATCH_PIXELS))
+        tissue = self._lab_units(sample)
         scale = self.std / np.maximum(tissue.std(axis=0), self.min_std)
         shift = self.mean - tissue.mean(axis=0) * scale
         # the same affine map in 8-bit LAB units: y8 = s * x8 + (shift * k + o - s * o)
@@ -328,8 +348,19 @@ class ReinhardNormalizer(A.ImageOnlyTransform):
         return self.transform(img)
 
     def get_transform_init_args_names(self) -> tuple[str, ...]:
-        """Arguments that albumentations serialises (the fitted state is not serialised)."""
+        """Arguments that albumentations serialises (the fitted state: :meth:`state`)."""
         return ("tissue_lightness", "min_std", "min_tissue_pixels")
+
+    def state(self) -> dict[str, Any]:
+        """The fitted reference as plain JSON types (for checkpoints / inference)."""
+        if self.mean is None or self.std is None:
+            raise ConfigError("ReinhardNormalizer is not fitted: call fit(reference_images) first")
+        return {
+            "method": "reinhard",
+            "options": {k: getattr(self, k) for k in self.get_transform_init_args_names()},
+            "mean": self.mean.tolist(),
+            "std": self.std.tolist(),
+        }
 
 
 StainNormalizer = MacenkoNormalizer | ReinhardNormalizer
@@ -344,6 +375,33 @@ def build_stain_normalizer(method: str, **options: Any) -> MacenkoNormalizer | R
     raise ConfigError(f"stain_norm.method={method!r} is invalid: expected one of {list(METHODS)}")
 
 
+def stain_normalizer_from_state(
+    state: Mapping[str, Any],
+) -> MacenkoNormalizer | ReinhardNormalizer:
+    """Rebuild a fitted normaliser from its :meth:`state` (e.g. saved in a checkpoint), so that
+    inference normalises exactly as training did."""
+    try:
+        normalizer = build_stain_normalizer(state["method"], **state["options"])
+        if isinstance(normalizer, MacenkoNormalizer):
+            matrix = np.asarray(state["stain_matrix"], np.float64)
+            maxima = np.asarray(state["max_concentrations"], np.float64)
+            if matrix.shape != (2, 3) or maxima.shape != (2,):
+                raise ValueError("stain_matrix must be 2x3 and max_concentrations 2 numbers")
+            normalizer.stain_matrix, normalizer.max_concentrations = matrix, maxima
+        else:
+            mean = np.asarray(state["mean"], np.float64)
+            std = np.asarray(state["std"], np.float64)
+            if mean.shape != (3,) or std.shape != (3,):
+                raise ValueError("mean and std must be 3 numbers each")
+            normalizer.mean, normalizer.std = mean, std
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(
+            f"stain normaliser state {dict(state)!r} is invalid ({exc}): expected the dict of "
+            "MacenkoNormalizer.state() or ReinhardNormalizer.state()"
+        ) from exc
+    return normalizer
+
+
 __all__ = [
     "METHODS",
     "MacenkoNormalizer",
@@ -351,4 +409,5 @@ __all__ = [
     "StainNormalizer",
     "build_stain_normalizer",
     "load_reference_image",
+    "stain_normalizer_from_state",
 ]

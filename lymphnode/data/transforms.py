@@ -3,9 +3,10 @@
 Training: the 8 dihedral transforms of the square (``A.D4``, image and mask together) + colour jitter
 with the defaults of Liu et al. 2017 ("Detecting cancer metastases on gigapixel pathology images")
 + optional HED stain augmentation (Tellez et al. 2018). Validation and test: no augmentation. Both
-end with the normalisation ``(img / 255 - mean) / std`` and a tensor conversion, so a pipeline maps
-``image (H, W, 3) uint8 RGB, mask (H, W) uint8 {0, 1}`` to ``image (3, H, W) float32, mask (H, W)
-uint8`` (:func:`to_sample` adds the mask's channel axis and makes it float).
+end with the normalisation ``(img / 255 - mean) / std`` into a tensor (:class:`ToNormalizedTensor`),
+so a pipeline maps ``image (H, W, 3) uint8 RGB, mask (H, W) uint8 {0, 1}`` to ``image (3, H, W)
+float32 tensor, mask (H, W) uint8 array`` (:func:`to_sample` makes the mask a (1, H, W) float32
+tensor).
 
 A stain normaliser (:mod:`lymphnode.data.stain`) goes first in every split's pipeline when selected.
 
@@ -86,16 +87,13 @@ def hed_perturb(
     """
     alpha_arr = np.asarray(alpha, dtype=np.float64)
     beta_arr = np.asarray(beta, dtype=np.float64)
-    # row-vector convention: od' = od @ M + c
+    # row-vector convention: od' = od @ M + c. cv2.transform computes m[:, :3] @ src + m[:, 3]
+    # per pixel, so it yields ln(255) - od' = ln(I') directly; exp, then round and saturate.
     matrix = hed_from_rgb @ np.diag(alpha_arr) @ rgb_from_hed
     offset = beta_arr @ rgb_from_hed
-    # cv2.transform computes dst = m[:, :3] @ src + m[:, 3] per pixel (column-vector convention)
-    affine = np.concatenate([matrix.T, offset[:, None]], axis=1).astype(np.float32)
-    od = cv2.transform(_OD_LUT[image], affine)
-    rgb = np.exp(-od, out=od)
-    rgb *= 255.0
-    np.clip(rgb, 0.0, 255.0, out=rgb)
-    return (rgb + 0.5).astype(np.uint8)
+    affine = np.concatenate([-matrix.T, np.log(255.0) - offset[:, None]], axis=1)
+    log_rgb = cv2.transform(cv2.LUT(image, _OD_LUT), affine.astype(np.float32))
+    return cv2.convertScaleAbs(np.exp(log_rgb, out=log_rgb))
 
 
 class HEDJitter(A.ImageOnlyTransform):
@@ -105,7 +103,7 @@ class HEDJitter(A.ImageOnlyTransform):
     channel (H, E, D) and applied by :func:`hed_perturb` (``beta`` in optical-density units,
     ``-ln(I/255)``; typical tissue has H/E densities 0.1-1). Passing the same numbers to
     scikit-image's ``rgb2hed``/``hed2rgb``, which divide densities by ``ln(1e6) ≈ 13.8``, would be
-    13.8x stronger in ``bias``. About 1.5 ms per 304² patch on one core (see
+    13.8x stronger in ``bias``. About 0.3 ms per 304² patch on one core (see
     experiments/benchmarks/README_data.md).
 
     Args:
@@ -223,12 +221,49 @@ def normalize_stats(
     return stats
 
 
+class ToNormalizedTensor(A.ImageOnlyTransform):
+    """The last step: ``(img / 255 - mean) / std`` as a contiguous (3, H, W) float32 tensor.
+
+    Equivalent to ``A.Normalize(max_pixel_value=255) + A.ToTensorV2()`` for the image, but it
+    splits the uint8 channels first and maps each through a 256-entry float LUT into a channel-first
+    buffer: 0.3 ms instead of 0.9 ms per 304² patch, and the collated batch is a plain memcpy
+    instead of a strided copy (another 0.4 ms). Masks are left to :func:`to_sample`.
+
+    Args:
+        mean, std: 3 numbers each in 0..1 units (see :func:`normalize_stats`).
+    """
+
+    def __init__(
+        self, mean: Sequence[float] = (0.5, 0.5, 0.5), std: Sequence[float] = (0.5, 0.5, 0.5)
+    ) -> None:
+        super().__init__(p=1.0)
+        stats = normalize_stats({"mean": mean, "std": std})
+        self.mean = tuple(stats["mean"])
+        self.std = tuple(stats["std"])
+        values = np.arange(256, dtype=np.float64) / 255.0
+        self._luts = [((values - m) / s).astype(np.float32) for m, s in zip(self.mean, self.std)]
+
+    def apply(self, img: np.ndarray, **params: Any) -> torch.Tensor:
+        """(H, W, 3) uint8 -> (3, H, W) float32 tensor."""
+        if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
+            raise ConfigError(
+                f"image has shape {img.shape} and dtype {img.dtype}: expected (H, W, 3) uint8 RGB"
+            )
+        out = np.empty((3, *img.shape[:2]), np.float32)
+        for channel, (plane, lut) in enumerate(
+            zip(cv2.split(np.ascontiguousarray(img)), self._luts)
+        ):
+            cv2.LUT(plane, lut, dst=out[channel])
+        return torch.from_numpy(out)
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        """Arguments that albumentations serialises (``A.to_dict``)."""
+        return ("mean", "std")
+
+
 def _tail(normalize: Mapping[str, Sequence[float]] | None) -> list[A.BasicTransform]:
     stats = normalize_stats(normalize)
-    return [
-        A.Normalize(mean=stats["mean"], std=stats["std"], max_pixel_value=255.0, p=1.0),
-        A.ToTensorV2(p=1.0),
-    ]
+    return [ToNormalizedTensor(mean=stats["mean"], std=stats["std"])]
 
 
 def build_train_transform(
@@ -320,6 +355,7 @@ __all__ = [
     "DEFAULT_HED",
     "DEFAULT_NORMALIZE",
     "HEDJitter",
+    "ToNormalizedTensor",
     "build_eval_transform",
     "build_train_transform",
     "hed_perturb",
