@@ -30,10 +30,11 @@ import hydra
 import pytorch_lightning as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
-from pytorch_lightning.loggers import Logger
+from pytorch_lightning.loggers import Logger, WandbLogger
 from pytorch_lightning.utilities import rank_zero_only
 
 from lymphnode.errors import CheckpointError, ConfigError, LymphnodeError
@@ -286,33 +287,52 @@ def _fit_and_evaluate(cfg: DictConfig, run_dir: Path, results: dict[str, Any]) -
     trainer, channels_last = build_trainer(cfg, callbacks, loggers)
     if channels_last:
         module = module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-    for logger in trainer.loggers:  # (fast_dev_run replaces them by a dummy: nothing is written)
-        logger.log_hyperparams(results["config"])  # the full resolved config, not only hparams
+    try:
+        for logger in trainer.loggers:  # (fast_dev_run swaps in a dummy: nothing is written)
+            logger.log_hyperparams(results["config"])  # the full resolved config
+        log.info("fitting %s into %s", experiment_name(cfg), run_dir)
+        trainer.fit(
+            module, datamodule=datamodule, ckpt_path=None if resume is None else str(resume)
+        )
+        fit_s = time.perf_counter() - start
 
-    log.info("fitting %s into %s", experiment_name(cfg), run_dir)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=None if resume is None else str(resume))
-    fit_s = time.perf_counter() - start
+        checkpoint = trainer.checkpoint_callback
+        best = last = None
+        if isinstance(checkpoint, ModelCheckpoint):
+            best = checkpoint.best_model_path or None
+            last = checkpoint.last_model_path or None
+        results["checkpoints"] = {
+            "best": None if best is None else str(Path(best).resolve()),
+            "last": None if last is None else str(Path(last).resolve()),
+        }
+        # The last checkpoint first, the selected one second: loggers keep the selected one's
+        # values as the final test/* (wandb summary), and the module ends with those weights.
+        if best is None and last is None:  # checkpointing off: the weights in memory
+            log.warning(
+                "no checkpoint was saved; evaluating the weights in memory as best and last"
+            )
+            metrics_last = metrics = evaluate(trainer, module, datamodule, cfg.stage, None)
+        else:
+            metrics_last = evaluate(trainer, module, datamodule, cfg.stage, last or best)
+            metrics = evaluate(trainer, module, datamodule, cfg.stage, best or last)
+        results["metrics"], results["metrics_last"] = metrics, metrics_last
+        total_s = time.perf_counter() - start
+        results["timing"] = {"fit_s": fit_s, "test_s": total_s - fit_s, "total_s": total_s}
+    except BaseException:
+        finish_loggers(loggers, failed=True)
+        raise
+    finish_loggers(loggers, failed=False)
 
-    checkpoint = trainer.checkpoint_callback
-    best = last = None
-    if isinstance(checkpoint, ModelCheckpoint):
-        best = checkpoint.best_model_path or None
-        last = checkpoint.last_model_path or None
-    results["checkpoints"] = {
-        "best": None if best is None else str(Path(best).resolve()),
-        "last": None if last is None else str(Path(last).resolve()),
-    }
-    # The last checkpoint first, the selected one second: loggers keep the selected one's values
-    # as the final test/* (wandb summary), and the module ends with the selected weights.
-    if best is None and last is None:  # fast_dev_run or checkpointing off: the current weights
-        log.warning("no checkpoint was saved; evaluating the weights in memory as best and last")
-        metrics_last = metrics = evaluate(trainer, module, datamodule, cfg.stage, None)
-    else:
-        metrics_last = evaluate(trainer, module, datamodule, cfg.stage, last or best)
-        metrics = evaluate(trainer, module, datamodule, cfg.stage, best or last)
-    results["metrics"], results["metrics_last"] = metrics, metrics_last
-    total_s = time.perf_counter() - start
-    results["timing"] = {"fit_s": fit_s, "test_s": total_s - fit_s, "total_s": total_s}
+
+def finish_loggers(loggers: Sequence[Logger], failed: bool) -> None:
+    """End this run's wandb run (the next run of a sweep, in the same process, must start its
+    own instead of appending to this one) and flush the other loggers."""
+    for logger in loggers:
+        if isinstance(logger, WandbLogger):
+            if getattr(logger, "_experiment", None) is not None:
+                logger.experiment.finish(exit_code=1 if failed else 0)
+        else:
+            logger.finalize("failed" if failed else "success")
 
 
 def train(cfg: DictConfig) -> float:
@@ -368,12 +388,17 @@ def train(cfg: DictConfig) -> float:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float:
-    """The CLI: ``train(cfg)``; a LymphnodeError is logged (no traceback) and exits with code 1."""
+    """The CLI: ``train(cfg)``. A LymphnodeError is logged without a traceback and exits with
+    code 1; in a ``--multirun`` sweep it is re-raised instead, so that Hydra runs the sweep's
+    other jobs first and then exits non-zero (each failed run has its results.json)."""
+    hydra_cfg = HydraConfig.get()
     try:
-        check_override_order(list(HydraConfig.get().overrides.task))
+        check_override_order(list(hydra_cfg.overrides.task))
         return train(cfg)
     except LymphnodeError as err:
         log.error("%s: %s", type(err).__name__, err)
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            raise
         sys.exit(1)
 
 

@@ -221,16 +221,28 @@ def test_resume_from_the_last_checkpoint(tmp_path: Path, caches: Path) -> None:
 
 
 @pytest.mark.slow
-def test_default_loggers_write_an_offline_wandb_run_and_a_csv_log(
+def test_sweep_runs_get_their_own_dirs_wandb_runs_and_csv_logs(
     tmp_path: Path, caches: Path
 ) -> None:
-    ok(run_cli("+experiment=scratch", *_root(tmp_path, caches), *TINY, *FINETUNE, "data.fold=4",
-               "trainer.max_epochs=1"))  # fmt: skip
-    run_dir = tmp_path / "runs" / "scratch" / "size10" / "fold4" / "seed0"
-    offline = list((run_dir / "wandb").glob("offline-run-*"))
-    assert len(offline) == 1 and list(offline[0].glob("*.wandb"))
-    assert "test/seg_f1" in (run_dir / "csv" / "metrics.csv").read_text()
-    assert "labeled_size: 10" in (run_dir / "csv" / "hparams.yaml").read_text()  # full config
+    # 4 jobs: size 10 x folds 3, 4 complete; size 995 (> the 24-patch labeled cache) fails, which
+    # must neither stop the sweep's other jobs nor go unnoticed (exit code 1).
+    args = ("--multirun", "+experiment=scratch", *_root(tmp_path, caches), *TINY, "data.folds=5",
+            "data.labeled_size=995,10", "data.fold=3,4", "trainer.max_epochs=1")  # fmt: skip
+    result = run_cli(*args)  # the default loggers: CSV + wandb (offline)
+    assert result.returncode == 1
+    for fold in (3, 4):
+        run_dir = tmp_path / "runs" / "scratch" / "size10" / f"fold{fold}" / "seed0"
+        assert results_of(run_dir)["status"] == "completed"
+        offline = list((run_dir / "wandb").glob("offline-run-*"))
+        assert len(offline) == 1 and list(offline[0].glob("*.wandb"))  # one wandb run per job
+        assert "test/seg_f1" in (run_dir / "csv" / "metrics.csv").read_text()
+        assert "labeled_size: 10" in (run_dir / "csv" / "hparams.yaml").read_text()  # full config
+        failed = results_of(tmp_path / "runs" / "scratch" / "size995" / f"fold{fold}" / "seed0")
+        assert failed["status"] == "failed"
+        assert "labeled_size=995 is larger than the labeled cache" in failed["error"]
+    rerun = run_cli(*args)
+    assert rerun.returncode == 1  # the failed runs are tried again (and fail again)
+    assert (rerun.stdout + rerun.stderr).count("is completed; skipping") == 2
 
 
 # --- failures ------------------------------------------------------------------------------------
