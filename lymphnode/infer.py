@@ -177,20 +177,23 @@ def main(cfg: DictConfig) -> None:
     slides_spec = cfg.slides
     if isinstance(slides_spec, ListConfig):
         slides_spec = OmegaConf.to_container(slides_spec)
-    settings = InferenceSettings(
-        patch_size=cfg.patch_size,
-        stride=cfg.stride,
-        downsample=float(cfg.downsample),
-        blend=str(cfg.blend),
-        batch_size=int(cfg.batch_size),
-        num_workers=int(cfg.num_workers),
-        tta=bool(cfg.tta),
-        bf16=bool(cfg.bf16),
-        channels_last=bool(cfg.channels_last),
-        device=str(cfg.device),
-        min_tissue_fraction=float(cfg.min_tissue_fraction),
-    )
     try:
+        settings = InferenceSettings(
+            patch_size=cfg.patch_size,
+            stride=cfg.stride,
+            downsample=float(cfg.downsample),
+            blend=str(cfg.blend),
+            batch_size=int(cfg.batch_size),
+            num_workers=int(cfg.num_workers),
+            tta=bool(cfg.tta),
+            bf16=bool(cfg.bf16),
+            channels_last=bool(cfg.channels_last),
+            device=str(cfg.device),
+            min_tissue_fraction=float(cfg.min_tissue_fraction),
+            # torch threads on the CPU (None: the cores the workers leave free); read with get() so
+            # that a conf/infer.yaml without the key still composes (`+num_threads=N` then sets it)
+            num_threads=None if cfg.get("num_threads") is None else int(cfg.num_threads),
+        )
         slides = resolve_slides(slides_spec)  # type: ignore[arg-type]
         status = run_inference(
             cfg.checkpoint, slides, cfg.out_dir, annotations=cfg.annotations, settings=settings,
