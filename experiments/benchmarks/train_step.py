@@ -24,6 +24,7 @@ import contextlib
 import datetime
 import json
 import logging
+import os
 import platform
 import statistics
 import time
@@ -70,6 +71,8 @@ class Variant:
 class Figure:
     variant: str
     images_per_s: float  # median over repeats
+    best_images_per_s: float  # the fastest repeat (least disturbed by other processes)
+    images_per_cpu_s: float  # median; with --threads 1: what one free core does, under any load
     runs: list[float]
 
 
@@ -97,19 +100,21 @@ def _batches(loader: DataLoader, steps: int) -> Iterator[dict[str, torch.Tensor]
                 return
 
 
-def run_plain(args: argparse.Namespace, loader: DataLoader, variant: Variant) -> float:
-    """Images/s of a hand-written loop: forward, the multi-task loss, backward, AdamW step."""
+def run_plain(
+    args: argparse.Namespace, loader: DataLoader, variant: Variant
+) -> tuple[float, float]:
+    """(images/s, images per CPU-s) of a hand-written loop: forward, the multi-task loss, backward, AdamW step."""
     torch.manual_seed(0)
     net = UNet(**model_config(args)).to(args.device)
     memory_format = torch.channels_last if variant.channels_last else torch.contiguous_format
     net = net.to(memory_format=memory_format)  # type: ignore[call-overload]
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=1e-4)
     net.train()
-    start = 0.0
+    start = cpu_start = 0.0
     for step, batch in enumerate(_batches(loader, args.warmup + args.steps)):
         if step == args.warmup:
             _sync(args.device)
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
         x = batch["image"].to(args.device, non_blocking=True)  # (B, 3, H, W)
         y = batch["mask"].to(args.device, non_blocking=True)  # (B, 1, H, W)
         with _autocast(args.device, variant.bf16):
@@ -122,7 +127,8 @@ def run_plain(args: argparse.Namespace, loader: DataLoader, variant: Variant) ->
         if not torch.isfinite(loss.detach()).item():
             raise RuntimeError(f"non-finite loss at step {step}")
     _sync(args.device)
-    return args.steps * args.batch_size / (time.perf_counter() - start)
+    images = args.steps * args.batch_size
+    return images / (time.perf_counter() - start), images / (time.process_time() - cpu_start)
 
 
 class _StepTimer(pl.Callback):
@@ -130,20 +136,22 @@ class _StepTimer(pl.Callback):
 
     def __init__(self, warmup: int, device: str) -> None:
         self.warmup, self.device = warmup, device
-        self.start = self.end = 0.0
+        self.start = self.end = self.cpu_start = self.cpu_end = 0.0
 
     def on_train_batch_start(self, trainer: pl.Trainer, *_: Any) -> None:
         if trainer.global_step == self.warmup:
             _sync(self.device)
-            self.start = time.perf_counter()
+            self.start, self.cpu_start = time.perf_counter(), time.process_time()
 
     def on_train_batch_end(self, trainer: pl.Trainer, *_: Any) -> None:
         _sync(self.device)
-        self.end = time.perf_counter()
+        self.end, self.cpu_end = time.perf_counter(), time.process_time()
 
 
-def run_lightning(args: argparse.Namespace, loader: DataLoader, variant: Variant) -> float:
-    """Images/s of ``Trainer.fit`` on the real MultiTaskModule (no logger/checkpoints/val)."""
+def run_lightning(
+    args: argparse.Namespace, loader: DataLoader, variant: Variant
+) -> tuple[float, float]:
+    """(images/s, images per CPU-s) of ``Trainer.fit`` on the real MultiTaskModule (no logger/checkpoints/val)."""
     torch.manual_seed(0)
     module = MultiTaskModule(
         model=model_config(args),
@@ -168,10 +176,11 @@ def run_lightning(args: argparse.Namespace, loader: DataLoader, variant: Variant
         callbacks=[timer],
     )
     trainer.fit(module, train_dataloaders=loader)
-    return args.steps * args.batch_size / (timer.end - timer.start)
+    images = args.steps * args.batch_size
+    return images / (timer.end - timer.start), images / (timer.cpu_end - timer.cpu_start)
 
 
-RUNNERS: dict[str, Callable[[argparse.Namespace, DataLoader, Variant], float]] = {
+RUNNERS: dict[str, Callable[[argparse.Namespace, DataLoader, Variant], tuple[float, float]]] = {
     "plain": run_plain,
     "lightning": run_lightning,
 }
@@ -228,11 +237,17 @@ def main() -> None:
     )
     chosen = [v for v in variants(args) if args.only is None or args.only in v.name]
     runs: dict[str, list[float]] = {v.name: [] for v in chosen}
+    cpu_runs: dict[str, list[float]] = {v.name: [] for v in chosen}
+    load_before = os.getloadavg()[0]
     for _ in range(args.repeats):  # interleaved, so drift hits every variant alike
         for variant in chosen:
-            runs[variant.name].append(RUNNERS[variant.runner](args, loader, variant))
+            wall, cpu = RUNNERS[variant.runner](args, loader, variant)
+            runs[variant.name].append(wall)
+            cpu_runs[variant.name].append(cpu)
 
+    load_after = os.getloadavg()[0]
     print(f"# {datetime.date.today()} | {machine()}")
+    print(f"# load average (1 min) before/after: {load_before:.2f} / {load_after:.2f}")
     print(
         f"# UNet base_width={args.base_width} depth={args.depth}, {args.patch_size}² px, "
         f"batch {args.batch_size}, {args.steps} timed steps after {args.warmup}, "
@@ -241,15 +256,20 @@ def main() -> None:
     figures = []
     for variant in chosen:
         values = runs[variant.name]
-        figure = Figure(variant.name, statistics.median(values), values)
+        per_cpu_s = statistics.median(cpu_runs[variant.name])
+        figure = Figure(variant.name, statistics.median(values), max(values), per_cpu_s, values)
         figures.append(figure)
-        spread = f"{min(values):.2f}-{max(values):.2f}"
-        print(f"{variant.name:32s} {figure.images_per_s:8.2f} img/s  (runs {spread})")
-    medians = {f.variant: f.images_per_s for f in figures}
+        print(
+            f"{variant.name:32s} {figure.images_per_s:8.2f} img/s median, "
+            f"{figure.best_images_per_s:8.2f} best (runs {min(values):.2f}-{max(values):.2f}), "
+            f"{per_cpu_s:8.2f} img per CPU-s"
+        )
+    ratios = {}
     for suffix in ("fp32 contiguous", "fp32 channels_last", "bf16 channels_last"):
-        plain, light = medians.get(f"plain {suffix}"), medians.get(f"lightning {suffix}")
-        if plain and light:
-            print(f"lightning / plain ({suffix}): {light / plain:.3f}")
+        plain, light = runs.get(f"plain {suffix}"), runs.get(f"lightning {suffix}")
+        if plain and light:  # paired by repeat: both ran back to back under the same load
+            ratios[suffix] = statistics.median(lt / pt for lt, pt in zip(light, plain))
+            print(f"lightning / plain ({suffix}): {ratios[suffix]:.3f} (median of paired runs)")
     if args.json:
         args.json.write_text(
             json.dumps(
@@ -257,7 +277,9 @@ def main() -> None:
                     "date": str(datetime.date.today()),
                     "machine": machine(),
                     "args": {k: str(v) for k, v in vars(args).items()},
+                    "load_average": [load_before, load_after],
                     "figures": [asdict(f) for f in figures],
+                    "lightning_over_plain": ratios,
                 },
                 indent=2,
             )
