@@ -137,17 +137,34 @@ def data_hparams(datamodule: pl.LightningDataModule) -> dict[str, Any]:
     }
 
 
+def warn_if_data_differ(pretrained: Path, data: Mapping[str, Any]) -> None:
+    """Warn when fine-tuning data are normalised differently from, or come from another slide
+    level than, the data the pretrained network learned from (its checkpoint's hparams)."""
+    try:  # memory-mapped: only the small hparams are read; a bad file is load_pretrained's to report
+        ckpt = torch.load(pretrained, map_location="cpu", weights_only=True, mmap=True)
+        saved = ckpt.get("hyper_parameters") or {}
+    except Exception:
+        return
+    for key in ("normalize", "level"):
+        if key in saved and saved[key] != data[key]:
+            log.warning(
+                "fine-tuning data %s=%s differs from the pretraining's %s=%s (%s): the "
+                "pretrained features expect the pretraining's (data.normalize; the caches' level)",
+                key, data[key], key, saved[key], pretrained,
+            )  # fmt: skip
+
+
 def build_task(
     cfg: DictConfig, datamodule: pl.LightningDataModule, pretrained: Path | None
 ) -> pl.LightningModule:
     """The LightningModule of ``cfg.task`` with the UNet of ``cfg.model`` and the data's
     normalisation/patch size/level; fine-tuning modules also get ``pretrained``."""
-    kwargs: dict[str, Any] = {
-        "model": OmegaConf.to_container(cfg.model, resolve=True),
-        **data_hparams(datamodule),
-    }
+    data = data_hparams(datamodule)
+    kwargs: dict[str, Any] = {"model": OmegaConf.to_container(cfg.model, resolve=True), **data}
     if cfg.stage == "finetune":
         kwargs["pretrained"] = None if pretrained is None else str(pretrained)
+        if pretrained is not None:
+            warn_if_data_differ(pretrained, data)
     return instantiate(cfg.task, **kwargs)
 
 
@@ -295,6 +312,7 @@ def _fit_and_evaluate(cfg: DictConfig, run_dir: Path, results: dict[str, Any]) -
             module, datamodule=datamodule, ckpt_path=None if resume is None else str(resume)
         )
         fit_s = time.perf_counter() - start
+        results["fast_dev_run"] = bool(getattr(trainer, "fast_dev_run", False))
 
         checkpoint = trainer.checkpoint_callback
         best = last = None
@@ -338,9 +356,9 @@ def finish_loggers(loggers: Sequence[Logger], failed: bool) -> None:
 def train(cfg: DictConfig) -> float:
     """Run one pretraining or fine-tuning run; return ``metrics[cfg.optimized_metric]``.
 
-    Writes ``<run_dir>/results.json`` (status completed, or failed with the error — then the
-    exception propagates). With ``skip_if_done`` a run dir whose results.json says completed is
-    not trained again: its recorded metric is returned.
+    Writes ``<run_dir>/results.json`` (status completed; failed with the error, and the exception
+    propagates; or debug for a ``trainer=debug`` smoke test). With ``skip_if_done`` a run dir whose
+    results.json says completed is not trained again: its recorded metric is returned.
     """
     run_dir = run_dir_of(cfg)
     results_path = run_dir / RESULTS_FILE
@@ -350,7 +368,10 @@ def train(cfg: DictConfig) -> float:
             log.info("%s is completed; skipping (skip_if_done=false trains again)", results_path)
             return metric_value(previous.get("metrics") or {}, cfg.optimized_metric)
         log.info(
-            "%s: the earlier attempt failed (%s); training again", run_dir, previous.get("error")
+            "%s: the earlier attempt ended %s (%s); training again",
+            run_dir,
+            previous.get("status"),
+            previous.get("error"),
         )
 
     results: dict[str, Any] = {
@@ -373,11 +394,18 @@ def train(cfg: DictConfig) -> float:
         _fit_and_evaluate(cfg, run_dir, results)
         value = metric_value(results["metrics"], cfg.optimized_metric)
     except BaseException as err:
+        results.pop("fast_dev_run", None)
         results["error"] = f"{type(err).__name__}: {err}"
         if _is_rank_zero():
             write_results(results_path, results)
         raise
     results["status"] = "completed"
+    if results.pop("fast_dev_run", False):
+        results["status"] = "debug"  # neither skipped by a rerun nor averaged by the report
+        results["error"] = (
+            "trainer=debug (fast_dev_run): a one-batch smoke test, not a result; "
+            "run again without trainer=debug"
+        )
     if _is_rank_zero():
         write_results(results_path, results)
     log.info("%s = %.4f (%s)", cfg.optimized_metric, value, results_path)

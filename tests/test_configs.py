@@ -204,6 +204,18 @@ def test_task_module_builds_with_the_model_and_data_settings(
     assert optimizer["lr_scheduler"]["scheduler"].T_max == 3  # cosine over trainer.max_epochs
 
 
+def test_finetune_warns_when_data_differ_from_the_pretraining(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    ckpt = tmp_path / "best.ckpt"
+    torch.save({"hyper_parameters": {"normalize": DATA["normalize"], "level": 0}}, ckpt)
+    cfg = compose_train("+experiment=finetune", "model.base_width=4")
+    with caplog.at_level("WARNING", logger="lymphnode.train"):
+        train_mod.build_task(cfg, FakeData(), ckpt)  # type: ignore[arg-type]
+    assert "fine-tuning data level=1 differs from the pretraining's level=0" in caplog.text
+    assert "data normalize=" not in caplog.text  # equal: no warning
+
+
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_datamodule_config_instantiates(experiment: str, tmp_path: Path) -> None:
     cfg = compose_train(f"+experiment={experiment}", "+profile=demo", f"paths.root={tmp_path}")

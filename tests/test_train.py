@@ -245,6 +245,22 @@ def test_sweep_runs_get_their_own_dirs_wandb_runs_and_csv_logs(
     assert (rerun.stdout + rerun.stderr).count("is completed; skipping") == 2
 
 
+@pytest.mark.slow
+def test_debug_trainer_smoke_run_is_recorded_as_debug_and_not_skipped(
+    tmp_path: Path, caches: Path
+) -> None:
+    tiny = [a for a in TINY if a != "trainer=cpu"]
+    args = ("+experiment=scratch", *_root(tmp_path, caches), *tiny, *FINETUNE, "trainer=debug")
+    ok(run_cli(*args))  # fast_dev_run: one batch of train, val and test
+    run_dir = tmp_path / "runs" / "scratch" / "size10" / "fold0" / "seed0"
+    results = results_of(run_dir)
+    assert results["status"] == "debug" and "not a result" in results["error"]
+    assert "test/seg_f1" in results["metrics"]
+    assert not (run_dir / "wandb").exists()  # fast_dev_run logs nothing
+    rerun = ok(run_cli(*args))
+    assert "skipping" not in rerun.stdout + rerun.stderr
+
+
 # --- failures ------------------------------------------------------------------------------------
 def test_missing_pretrain_checkpoint_exits_non_zero_naming_it(tmp_path: Path, caches: Path) -> None:
     result = run_cli(
