@@ -28,10 +28,9 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from lymphnode.errors import ConfigError, LymphnodeError
 from lymphnode.heatmap import heatmap_path, write_heatmap
 from lymphnode.inference import InferenceSettings, predict_slide, render_overlay, scratch_dir
+from lymphnode.slide import SLIDE_SUFFIXES
 
 log = logging.getLogger(__name__)
-
-SLIDE_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".bif", ".svslide")
 
 
 def overlay_path(out_dir: str | Path, slide: str) -> Path:

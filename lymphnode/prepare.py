@@ -41,14 +41,13 @@ from lymphnode.annotations import read_asap
 from lymphnode.cache import CODECS, CacheWriter
 from lymphnode.errors import ConfigError, LymphnodeError, SlideError
 from lymphnode.sampling import sample_patches
-from lymphnode.slide import open_slide
+from lymphnode.slide import SLIDE_SUFFIXES, open_slide
 from lymphnode.tissue import tissue_mask
 
 log = logging.getLogger(__name__)
 
 CACHE_KINDS = ("unlabeled", "labeled", "test")
 #: File suffixes taken for slides (those OpenSlide reads).
-SLIDE_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".bif", ".svslide")
 SPLIT_FILE = "split.json"
 _SAMPLING_KEYS = (
     "tumor_probability",

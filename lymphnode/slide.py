@@ -45,6 +45,8 @@ PROPERTY_MPP_X = openslide.PROPERTY_NAME_MPP_X
 PROPERTY_MPP_Y = openslide.PROPERTY_NAME_MPP_Y
 PROPERTY_VENDOR = openslide.PROPERTY_NAME_VENDOR
 
+#: File suffixes of the whole-slide formats OpenSlide reads (for finding slides in a folder).
+SLIDE_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".bif", ".svslide")
 #: Open OpenSlide handles kept per process (least recently used ones are dropped first).
 MAX_OPEN_HANDLES = 16
 #: Largest region :meth:`Slide.read` allocates (pixels); 2**28 px is 1 GiB as RGBA.
@@ -674,4 +676,4 @@ def open_slide(path: str | Path, mpp: float | None = None) -> Slide:
     return Slide(path, mpp=mpp)
 
 
-__all__ = ["MAX_OPEN_HANDLES", "Slide", "open_handle_count", "open_slide"]
+__all__ = ["MAX_OPEN_HANDLES", "SLIDE_SUFFIXES", "Slide", "open_handle_count", "open_slide"]
