@@ -11,7 +11,7 @@ import os
 # albumentations checks PyPI for a newer release on import; never call home.
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-from lymphnode.errors import LymphnodeError
+from lymphnode.core.errors import LymphnodeError
 
 __all__ = ["LymphnodeError", "__version__"]
 __version__ = "0.1.0"

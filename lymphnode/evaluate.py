@@ -1,7 +1,7 @@
 """``python -m lymphnode.evaluate heatmaps=DIR annotations=DIR [reference=CSV] [out_dir=DIR]``
 
 Scores whole-slide heatmaps (from ``lymphnode.infer``) against ASAP XML lesion outlines with the
-CAMELYON16 protocol (:mod:`lymphnode.froc`): FROC and the sensitivity at 0.25–8 FPs per slide, slide
+CAMELYON16 protocol (:mod:`lymphnode.evaluation.froc`): FROC and the sensitivity at 0.25–8 FPs per slide, slide
 AUC from each slide's maximum probability, and pixel precision/recall/F1 at map resolution (tumor
 minus exclusion regions, threshold 0.5, summed over slides). Writes ``evaluation.json``,
 ``froc.png``, ``roc.png`` and ``detections/<slide>.csv`` (probability, x, y in level-0 px — the
@@ -28,9 +28,8 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig
 
-from lymphnode.annotations import read_asap
-from lymphnode.errors import EvaluationError, LymphnodeError
-from lymphnode.froc import (
+from lymphnode.core.errors import EvaluationError, LymphnodeError
+from lymphnode.evaluation.froc import (
     FP_RATES,
     Detection,
     SlideFroc,
@@ -42,7 +41,8 @@ from lymphnode.froc import (
     roc_curve,
     score_slide,
 )
-from lymphnode.heatmap import HEATMAP_SUFFIX, Heatmap, read_heatmap
+from lymphnode.inference.heatmap import HEATMAP_SUFFIX, Heatmap, read_heatmap
+from lymphnode.wsi.annotations import read_asap
 
 log = logging.getLogger(__name__)
 

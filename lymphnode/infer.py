@@ -1,6 +1,6 @@
 """``python -m lymphnode.infer checkpoint=CKPT slides=[...] out_dir=DIR [annotations=DIR]``
 
-Whole-slide tumor-probability heatmaps from a fine-tuned checkpoint (see :mod:`lymphnode.inference`).
+Whole-slide tumor-probability heatmaps from a fine-tuned checkpoint (see :mod:`lymphnode.inference.predict`).
 Per slide, into ``out_dir``: ``<slide>.heatmap.tif`` (pyramidal, opens in OpenSlide and QuPath;
 input of ``lymphnode.evaluate``) and ``<slide>.overlay.png`` (thumbnail with the heatmap and, when
 ``annotations`` holds ``<slide>.xml``, the lesion outlines). Resumable: slides whose outputs exist are
@@ -25,10 +25,15 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from lymphnode.errors import ConfigError, LymphnodeError
-from lymphnode.heatmap import heatmap_path, write_heatmap
-from lymphnode.inference import InferenceSettings, predict_slide, render_overlay, scratch_dir
-from lymphnode.slide import SLIDE_SUFFIXES
+from lymphnode.core.errors import ConfigError, LymphnodeError
+from lymphnode.inference.heatmap import heatmap_path, write_heatmap
+from lymphnode.inference.predict import (
+    InferenceSettings,
+    predict_slide,
+    render_overlay,
+    scratch_dir,
+)
+from lymphnode.wsi.slide import SLIDE_SUFFIXES
 
 log = logging.getLogger(__name__)
 
@@ -123,10 +128,10 @@ def run_inference(
     """Heatmap + overlay for each slide; returns {slide: "done" | "skipped" | "failed: <why>"}."""
     from tqdm import tqdm
 
-    from lymphnode.annotations import read_asap
-    from lymphnode.slide import open_slide
-    from lymphnode.tasks.checkpoint import load_inference_model
-    from lymphnode.tissue import tissue_mask
+    from lymphnode.models.checkpoint import load_inference_model
+    from lymphnode.wsi.annotations import read_asap
+    from lymphnode.wsi.slide import open_slide
+    from lymphnode.wsi.tissue import tissue_mask
 
     settings = settings or InferenceSettings()
     model = load_inference_model(checkpoint)  # CheckpointError before any slide is touched

@@ -8,8 +8,8 @@
 The train/test split is by slide (a list, or a seeded fraction of the tumor and of the normal
 slides) and is written to ``<cache_dir>/split.json``; no slide is in both. Slides are processed in
 a process pool, one slide per task: the worker opens the slide itself, computes its tissue mask,
-samples locations (:mod:`lymphnode.sampling`), reads the patches and streams them into that
-slide's shard of each cache (:class:`lymphnode.cache.ShardWriter`); the parent commits finished
+samples locations (:mod:`lymphnode.patches.sampling`), reads the patches and streams them into that
+slide's shard of each cache (:class:`lymphnode.patches.cache.ShardWriter`); the parent commits finished
 shards. Memory is that of one slide's tissue mask and one patch per worker, whatever the number or
 size of slides. A rerun with the same config skips completed slides; one with another config
 refuses and names the differing keys (``force=true`` rebuilds). Errors name the slide, the
@@ -37,12 +37,12 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from lymphnode.annotations import read_asap
-from lymphnode.cache import CODECS, CacheWriter
-from lymphnode.errors import ConfigError, LymphnodeError, SlideError
-from lymphnode.sampling import sample_patches
-from lymphnode.slide import SLIDE_SUFFIXES, open_slide
-from lymphnode.tissue import tissue_mask
+from lymphnode.core.errors import ConfigError, LymphnodeError, SlideError
+from lymphnode.patches.cache import CODECS, CacheWriter
+from lymphnode.patches.sampling import sample_patches
+from lymphnode.wsi.annotations import read_asap
+from lymphnode.wsi.slide import SLIDE_SUFFIXES, open_slide
+from lymphnode.wsi.tissue import tissue_mask
 
 log = logging.getLogger(__name__)
 
@@ -458,7 +458,7 @@ def prepare(
     """Build the caches ``cfg.caches`` under ``cache_dir``; returns their paths by kind.
 
     ``cfg`` is the prepare config (see ``conf/prepare.yaml``) as a mapping. Raises a
-    :class:`~lymphnode.errors.LymphnodeError` naming the input at the first failing slide, after
+    :class:`~lymphnode.core.errors.LymphnodeError` naming the input at the first failing slide, after
     committing every slide that finished.
     """
     settings = settings_from_config(cfg)

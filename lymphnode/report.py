@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lymphnode.errors import LymphnodeError
+from lymphnode.core.errors import LymphnodeError
 
 log = logging.getLogger(__name__)
 

@@ -54,9 +54,9 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from lymphnode.annotations import Annotations, write_asap
-from lymphnode.errors import ConfigError, LymphnodeError
-from lymphnode.pyramid import write_pyramid
+from lymphnode.core.errors import ConfigError, LymphnodeError
+from lymphnode.wsi.annotations import Annotations, write_asap
+from lymphnode.wsi.pyramid import write_pyramid
 
 log = logging.getLogger(__name__)
 

@@ -37,7 +37,7 @@ from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.loggers import Logger, WandbLogger
 from pytorch_lightning.utilities import rank_zero_only
 
-from lymphnode.errors import CheckpointError, ConfigError, LymphnodeError
+from lymphnode.core.errors import CheckpointError, ConfigError, LymphnodeError
 
 log = logging.getLogger(__name__)
 

@@ -18,5 +18,7 @@ REAL_FIXTURES = PROJECT_ROOT.parent / "shared" / "fixtures" / "real"
 def real_fixtures() -> Path:
     """Folder of real slides/annotations; skips the test when ../shared is not beside the repo."""
     if not REAL_FIXTURES.is_dir():
-        pytest.skip(f"real fixtures not found at {REAL_FIXTURES} (../shared is not beside the repo)")
+        pytest.skip(
+            f"real fixtures not found at {REAL_FIXTURES} (../shared is not beside the repo)"
+        )
     return REAL_FIXTURES

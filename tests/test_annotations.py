@@ -1,4 +1,4 @@
-"""Tests of lymphnode.annotations: ASAP XML reading/writing, masks, the to-mask CLI."""
+"""Tests of lymphnode.wsi.annotations: ASAP XML reading/writing, masks, the to-mask CLI."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lymphnode.annotations import Annotations, main, read_asap, to_mask, write_asap
-from lymphnode.errors import AnnotationError, SlideError
+from lymphnode.core.errors import AnnotationError, SlideError
+from lymphnode.wsi.annotations import Annotations, main, read_asap, to_mask, write_asap
 
 # --------------------------------------------------------------------------------------------------
 # Helpers
@@ -94,7 +94,7 @@ def test_camelyon17_file_keeps_float_coordinates_in_group_tumor(real_fixtures: P
 def test_unconfigured_groups_are_ignored_with_one_warning_naming_them(
     real_fixtures: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.WARNING, logger="lymphnode.annotations"):
+    with caplog.at_level(logging.WARNING, logger="lymphnode.wsi.annotations"):
         ann = read_asap(real_fixtures / "annotations" / "asap_shape_types.xml")
     assert ann.is_empty and not ann.exclusion
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
@@ -105,7 +105,7 @@ def test_unconfigured_groups_are_ignored_with_one_warning_naming_them(
 def test_polygon_rectangle_and_spline_enclose_areas_dot_and_measurement_do_not(
     real_fixtures: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.DEBUG, logger="lymphnode.annotations"):
+    with caplog.at_level(logging.DEBUG, logger="lymphnode.wsi.annotations"):
         ann = read_asap(
             real_fixtures / "annotations" / "asap_shape_types.xml", tumor_groups=("None",)
         )
@@ -454,7 +454,7 @@ def test_write_asap_replaces_an_existing_file(tmp_path: Path) -> None:
 @pytest.fixture
 def tiny_slide(tmp_path: Path) -> Path:
     """A 1024 x 768 px pyramidal tiled RGB TIFF at 0.25 µm/px (4 levels: until both sides < 256)."""
-    from lymphnode.pyramid import write_pyramid
+    from lymphnode.wsi.pyramid import write_pyramid
 
     image = np.full((768, 1024, 3), 230, dtype=np.uint8)
     path = tmp_path / "slide.tif"
@@ -540,7 +540,7 @@ def test_to_mask_module_entry_point_exits_non_zero_with_the_error(
         [
             sys.executable,
             "-m",
-            "lymphnode.annotations",
+            "lymphnode.wsi.annotations",
             "to-mask",
             str(tiny_slide),
             str(bad),

@@ -1,4 +1,4 @@
-"""Tests of lymphnode.cache: the on-disk patch cache (writer, reader, import, CLI)."""
+"""Tests of lymphnode.patches.cache: the on-disk patch cache (writer, reader, import, CLI)."""
 
 from __future__ import annotations
 
@@ -20,15 +20,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import lymphnode.cache as cache_module
-from lymphnode.cache import (
+import lymphnode.patches.cache as cache_module
+from lymphnode.core.errors import CacheError, ConfigError
+from lymphnode.patches.cache import (
     CACHE_FORMAT_VERSION,
     CacheWriter,
     PatchCache,
     import_patch_folder,
     main,
 )
-from lymphnode.errors import CacheError, ConfigError
 
 P = 32  # patch side in the tests (px)
 
@@ -236,7 +236,7 @@ BUILDER = textwrap.dedent(
     """
     import sys, time
     import numpy as np
-    from lymphnode.cache import CacheWriter
+    from lymphnode.patches.cache import CacheWriter
 
     path, codec, delay = sys.argv[1], sys.argv[2], float(sys.argv[3])
     slides = ["s0", "s1", "s2", "s3"]
@@ -674,7 +674,7 @@ def test_cli_module_exits_non_zero_with_a_clear_error(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "lymphnode.cache",
+            "lymphnode.patches.cache",
             "import",
             str(tmp_path / "none"),
             str(tmp_path / "o"),

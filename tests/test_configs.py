@@ -20,7 +20,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, WandbLogger
 
 from lymphnode import train as train_mod
-from lymphnode.errors import CheckpointError, ConfigError
+from lymphnode.core.errors import CheckpointError, ConfigError
 from lymphnode.tasks import MultiTaskModule, NonFiniteLossGuard, ReconstructionModule
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"

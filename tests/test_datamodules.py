@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from lymphnode.cache import CacheWriter
+from lymphnode.core.errors import CacheError, ConfigError
 from lymphnode.data.datamodules import (
     FinetuneDataModule,
     PretrainDataModule,
@@ -19,7 +19,7 @@ from lymphnode.data.datamodules import (
     stratified_subset,
 )
 from lymphnode.data.datasets import CacheDataset
-from lymphnode.errors import CacheError, ConfigError
+from lymphnode.patches.cache import CacheWriter
 
 P = 16  # patch side (px)
 NO_AUGMENT = {"d4": False, "color_jitter": None}
@@ -95,7 +95,7 @@ def finetune(caches: dict[str, Path], **kwargs: object) -> FinetuneDataModule:
 
 
 def labels_of(caches: dict[str, Path]) -> np.ndarray:
-    from lymphnode.cache import PatchCache
+    from lymphnode.patches.cache import PatchCache
 
     return PatchCache(caches["labeled"]).labels
 
@@ -398,7 +398,7 @@ def test_stain_reference_from_an_image_file(caches: dict[str, Path], tmp_path: P
 
 
 def test_unknown_labels_are_taken_from_masks(tmp_path: Path) -> None:
-    from lymphnode.cache import PatchCache
+    from lymphnode.patches.cache import PatchCache
 
     path = tmp_path / "unknown"
     writer = CacheWriter(path, {}, patch_size=P, has_masks=True)

@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lymphnode.annotations import write_asap
-from lymphnode.errors import EvaluationError
+from lymphnode.core.errors import EvaluationError
 from lymphnode.evaluate import EvaluationSettings, evaluate
-from lymphnode.heatmap import Heatmap, heatmap_path, read_heatmap, write_heatmap
+from lymphnode.inference.heatmap import Heatmap, heatmap_path, read_heatmap, write_heatmap
+from lymphnode.wsi.annotations import write_asap
 
 DS = 32.0
 MPP = 0.243

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lymphnode.froc import (
+from lymphnode.evaluation.froc import (
     Detection,
     SlideFroc,
     detect_lesions,

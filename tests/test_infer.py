@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from lymphnode.heatmap import read_heatmap
 from lymphnode.infer import resolve_slides
+from lymphnode.inference.heatmap import read_heatmap
 from lymphnode.models.unet import UNet
-from lymphnode.pyramid import write_pyramid
+from lymphnode.wsi.pyramid import write_pyramid
 
 MPP = 0.243
 

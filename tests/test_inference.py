@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from lymphnode.errors import ConfigError
-from lymphnode.inference import (
+from lymphnode.core.errors import ConfigError
+from lymphnode.inference.predict import (
     HeatmapStitcher,
     _d4,
     _d4_inverse,
@@ -17,7 +17,7 @@ from lymphnode.inference import (
     resolve_device,
     tile_grid,
 )
-from lymphnode.tissue import TissueMask
+from lymphnode.wsi.tissue import TissueMask
 
 
 def test_tile_grid_covers_the_slide_and_keeps_only_tissue_tiles() -> None:

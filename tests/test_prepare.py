@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 import tifffile
 
-from lymphnode.annotations import write_asap
-from lymphnode.cache import PatchCache
-from lymphnode.pyramid import write_pyramid
+from lymphnode.patches.cache import PatchCache
 from lymphnode.synth import make_slide
+from lymphnode.wsi.annotations import write_asap
+from lymphnode.wsi.pyramid import write_pyramid
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 TUMOR = ("tumor_001", "tumor_002", "tumor_003")

@@ -1,4 +1,4 @@
-"""Tests of lymphnode.pyramid: pyramidal TIFFs that OpenSlide opens as generic-tiff."""
+"""Tests of lymphnode.wsi.pyramid: pyramidal TIFFs that OpenSlide opens as generic-tiff."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import numpy as np
 import openslide
 import pytest
 
-from lymphnode import pyramid
-from lymphnode.errors import ConfigError
-from lymphnode.pyramid import halve, pyramid_shapes, write_pyramid
+from lymphnode.wsi import pyramid
+from lymphnode.core.errors import ConfigError
+from lymphnode.wsi.pyramid import halve, pyramid_shapes, write_pyramid
 
 
 def _smooth_rgb(height: int, width: int, seed: int = 0) -> np.ndarray:

@@ -1,14 +1,14 @@
-"""Tests of lymphnode.sampling: the paper's class-balanced patch sampling."""
+"""Tests of lymphnode.patches.sampling: the paper's class-balanced patch sampling."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from lymphnode.annotations import Annotations
-from lymphnode.errors import ConfigError, SamplingError
-from lymphnode.sampling import NON_TUMOR, TUMOR, UNLABELED, PatchLocation, sample_patches
-from lymphnode.tissue import TissueMask
+from lymphnode.core.errors import ConfigError, SamplingError
+from lymphnode.patches.sampling import NON_TUMOR, TUMOR, UNLABELED, PatchLocation, sample_patches
+from lymphnode.wsi.annotations import Annotations
+from lymphnode.wsi.tissue import TissueMask
 
 SLIDE = (8192, 8192)  # level-0 (width, height)
 PATCH = 300

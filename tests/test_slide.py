@@ -1,4 +1,4 @@
-"""Tests of lymphnode.slide: tiny pyramidal TIFFs written here, plus the real fixtures."""
+"""Tests of lymphnode.wsi.slide: tiny pyramidal TIFFs written here, plus the real fixtures."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import openslide
 import pytest
 import tifffile
 
-import lymphnode.slide as slide_module
-from lymphnode.errors import LymphnodeError, SlideError
-from lymphnode.slide import Slide, open_handle_count, open_slide
+import lymphnode.wsi.slide as slide_module
+from lymphnode.core.errors import LymphnodeError, SlideError
+from lymphnode.wsi.slide import Slide, open_handle_count, open_slide
 
 MPP = 0.243
 W, H = 640, 400  # level-0 size of the synthetic slides (px)

@@ -10,6 +10,7 @@ import cv2
 import numpy as np
 import pytest
 
+from lymphnode.core.errors import ConfigError
 from lymphnode.data.stain import (
     MacenkoNormalizer,
     ReinhardNormalizer,
@@ -17,7 +18,6 @@ from lymphnode.data.stain import (
     load_reference_image,
     stain_normalizer_from_state,
 )
-from lymphnode.errors import ConfigError
 
 RUIFROK_H = np.array([0.65, 0.70, 0.29])
 RUIFROK_E = np.array([0.07, 0.99, 0.11])

@@ -13,8 +13,7 @@ import numpy as np
 import openslide
 import pytest
 
-from lymphnode.annotations import Annotations, read_asap
-from lymphnode.errors import ConfigError
+from lymphnode.core.errors import ConfigError
 from lymphnode.synth import (
     CAMELYON_MPP,
     MANIFEST_NAME,
@@ -24,6 +23,7 @@ from lymphnode.synth import (
     slide_names,
     slide_seed,
 )
+from lymphnode.wsi.annotations import Annotations, read_asap
 
 SIDE = 2048  # level-0 px of the test slides (500 µm); 5 pyramid levels
 PROJECT_ROOT = Path(__file__).resolve().parents[1]

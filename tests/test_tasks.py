@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from pytorch_lightning.loggers import CSVLogger
 from torch.utils.data import DataLoader, Dataset
 
-from lymphnode.errors import CheckpointError, ConfigError, LymphnodeError
+from lymphnode.core.errors import CheckpointError, ConfigError, LymphnodeError
 from lymphnode.tasks import (
     DepthNormLogger,
     MultiTaskModule,
@@ -305,7 +305,7 @@ def test_fit_loads_pretrained_weights_and_reinitialises_the_top_decoder_on_top_s
     module = multitask_module(pretrained=str(pretrain_ckpt))  # top_skip=True vs the ckpt's False
     fresh_top = {k: v.clone() for k, v in module.net.decoder[0].state_dict().items()}
     capture = _CaptureAtTrainStart()
-    with caplog.at_level(logging.WARNING, logger="lymphnode.tasks.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="lymphnode.models.checkpoint"):
         trainer(tmp_path, callbacks=[capture]).fit(module, loader(), loader())
     assert "top_skip=False but the model has top_skip=True" in caplog.text
     assert "'decoder.0'" in caplog.text and "re-initialised" in caplog.text

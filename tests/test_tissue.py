@@ -1,4 +1,4 @@
-"""Tests of lymphnode.tissue: masks of synthetic images and slides, region queries, real slides."""
+"""Tests of lymphnode.wsi.tissue: masks of synthetic images and slides, region queries, real slides."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import tifffile
 
-import lymphnode.tissue as tissue_module
-from lymphnode.annotations import read_asap
-from lymphnode.errors import ConfigError, TissueError
-from lymphnode.slide import open_slide
-from lymphnode.tissue import TissueMask, tissue_image, tissue_mask, tissue_mask_from_rgb
+import lymphnode.wsi.tissue as tissue_module
+from lymphnode.core.errors import ConfigError, TissueError
+from lymphnode.wsi.annotations import read_asap
+from lymphnode.wsi.slide import open_slide
+from lymphnode.wsi.tissue import TissueMask, tissue_image, tissue_mask, tissue_mask_from_rgb
 
 PINK = (222, 160, 200)  # eosin-stained stroma at low resolution
 

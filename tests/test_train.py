@@ -1,7 +1,7 @@
 """End to end: the real ``python -m lymphnode.train`` CLI on tiny patch caches.
 
 A session fixture writes three tiny caches (unlabeled, labeled, test; 32 px patches at "level 1",
-pink tissue with dark tumour blobs) with :class:`lymphnode.cache.CacheWriter`, as
+pink tissue with dark tumour blobs) with :class:`lymphnode.patches.cache.CacheWriter`, as
 ``python -m lymphnode.prepare`` lays them out under ``<root>/caches``. Pretraining runs once per
 session; fine-tuning from its checkpoint, scratch, reruns, resume and failures build on it.
 """
@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from lymphnode.cache import CacheWriter
+from lymphnode.patches.cache import CacheWriter
 from lymphnode.train import read_results, write_results
 
 PATCH = 32  # px

@@ -8,6 +8,7 @@ import pytest
 import torch
 from skimage.color import rgb2hed
 
+from lymphnode.core.errors import ConfigError
 from lymphnode.data.transforms import (
     DEFAULT_NORMALIZE,
     HEDJitter,
@@ -17,7 +18,6 @@ from lymphnode.data.transforms import (
     normalize_stats,
     to_sample,
 )
-from lymphnode.errors import ConfigError
 
 P = 16
 

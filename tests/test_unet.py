@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lymphnode.errors import ConfigError
+from lymphnode.core.errors import ConfigError
 from lymphnode.models import UNet, UNetOutput, build_unet, unet_depth_groups
 
 

@@ -27,7 +27,7 @@ import cv2
 import imagecodecs
 import numpy as np
 
-from lymphnode.cache import CacheWriter, PatchCache
+from lymphnode.patches.cache import CacheWriter, PatchCache
 
 
 def he_canvas(size: int, seed: int) -> np.ndarray:

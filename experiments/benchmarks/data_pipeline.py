@@ -37,11 +37,11 @@ from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
 import lymphnode  # noqa: F401  (NO_ALBUMENTATIONS_UPDATE)
-from lymphnode.cache import CacheWriter, PatchCache
 from lymphnode.data.datasets import CacheDataset
 from lymphnode.data.stain import MacenkoNormalizer, ReinhardNormalizer
 from lymphnode.data.transforms import HEDJitter, build_eval_transform, build_train_transform
 from lymphnode.models.unet import UNet
+from lymphnode.patches.cache import CacheWriter, PatchCache
 
 ROOT = Path(__file__).resolve().parents[2]
 REAL_SLIDE = ROOT.parent / "shared" / "fixtures" / "real" / "slides" / "cmu_small_region.svs"

@@ -103,7 +103,7 @@ def time_prepare(root: Path, cache_dir: Path, per_slide: int, patch: int, worker
 
 
 def coordinates(cache_dir: Path, slides: dict[str, Path]) -> list[tuple[Path, int, int]]:
-    from lymphnode.cache import PatchCache
+    from lymphnode.patches.cache import PatchCache
 
     index = PatchCache(cache_dir / "unlabeled").index
     return [
@@ -153,7 +153,7 @@ def check_same_pixels(cache_dir: Path, coords: list[tuple[Path, int, int]], patc
     """The three methods read the same pixels at the same coordinates (first 5 patches)."""
     import openslide
 
-    from lymphnode.cache import PatchCache
+    from lymphnode.patches.cache import PatchCache
 
     cache = PatchCache(cache_dir / "unlabeled")
     dataset = monai_dataset(coords, patch)

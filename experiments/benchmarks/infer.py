@@ -4,7 +4,7 @@ Three measurements, each on synthetic slides written here (mostly white pyramida
 H&E-like tissue on a grid of square cells; see :func:`write_bench_slide`) and a UNet with random
 weights (speed does not depend on the weights):
 
-``overlap``  Tiles/s of :func:`lymphnode.inference.predict_slide` on the CPU, and its wall time next
+``overlap``  Tiles/s of :func:`lymphnode.inference.predict.predict_slide` on the CPU, and its wall time next
     to the read-only time (the same DataLoader over the same tiles, no model) and the compute-only
     time (the same model, normalisation and stitching, :func:`run_tiles`, on the same tiles already
     in memory), for several (torch threads, DataLoader workers) settings; compute-only runs with
@@ -56,7 +56,7 @@ import numpy as np
 import tifffile
 import torch
 
-from lymphnode.inference import (
+from lymphnode.inference.predict import (
     HeatmapStitcher,
     InferenceSettings,
     TileDataset,
@@ -69,9 +69,9 @@ from lymphnode.inference import (
     tile_loader,
 )
 from lymphnode.models.unet import UNet
-from lymphnode.pyramid import pyramid_shapes
-from lymphnode.slide import open_slide
-from lymphnode.tissue import tissue_mask
+from lymphnode.wsi.pyramid import pyramid_shapes
+from lymphnode.wsi.slide import open_slide
+from lymphnode.wsi.tissue import tissue_mask
 
 CAMELYON_MPP = 0.243  # µm per level-0 px (CAMELYON16, 40x)
 TILE = 256  # TIFF tile side (px), write_pyramid's default
@@ -154,7 +154,7 @@ def write_bench_slide(
     seed: int = 0,
     mpp: float = CAMELYON_MPP,
 ) -> float:
-    """Write a mostly white pyramidal tiled JPEG TIFF (the layout of :func:`lymphnode.pyramid.
+    """Write a mostly white pyramidal tiled JPEG TIFF (the layout of :func:`lymphnode.wsi.pyramid.
     write_pyramid`, OpenSlide generic-tiff) of ``width`` x ``height`` level-0 px with tissue on
     ``cell``-px squares (level 0) covering about ``tissue_fraction`` of it; returns the fraction
     drawn.
@@ -627,7 +627,7 @@ def _slide(
     args: argparse.Namespace, device: torch.device, settings: InferenceSettings, root: Path
 ) -> dict[str, Any]:
     from lymphnode.infer import run_inference
-    from lymphnode.tasks.checkpoint import load_inference_model
+    from lymphnode.models.checkpoint import load_inference_model
 
     figures: dict[str, Any] = {"settings": settings.__dict__, "machine": machine(device)}
     # the same arguments give the same slide: a workdir that holds it is reused (GPU reruns)

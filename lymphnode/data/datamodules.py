@@ -27,7 +27,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
-from lymphnode.cache import PatchCache
+from lymphnode.core.errors import CacheError, ConfigError
 from lymphnode.data.datasets import CacheDataset
 from lymphnode.data.stain import (
     MacenkoNormalizer,
@@ -36,7 +36,7 @@ from lymphnode.data.stain import (
     load_reference_image,
 )
 from lymphnode.data.transforms import build_eval_transform, build_train_transform, normalize_stats
-from lymphnode.errors import CacheError, ConfigError
+from lymphnode.patches.cache import PatchCache
 
 log = logging.getLogger(__name__)
 

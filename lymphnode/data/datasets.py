@@ -1,4 +1,4 @@
-"""A torch ``Dataset`` over a patch cache (:class:`lymphnode.cache.PatchCache`).
+"""A torch ``Dataset`` over a patch cache (:class:`lymphnode.patches.cache.PatchCache`).
 
 Each process that reads (the main process, every DataLoader worker) opens the cache itself on its
 first read: the dataset pickles without open files, and a forked worker does not reuse its parent's
@@ -18,9 +18,9 @@ import albumentations as A
 import numpy as np
 from torch.utils.data import Dataset, get_worker_info
 
-from lymphnode.cache import PatchCache
+from lymphnode.core.errors import CacheError, ConfigError
 from lymphnode.data.transforms import seed_pipeline, to_sample
-from lymphnode.errors import CacheError, ConfigError
+from lymphnode.patches.cache import PatchCache
 
 
 class CacheDataset(Dataset):

@@ -30,7 +30,7 @@ import cv2
 import numpy as np
 
 import lymphnode  # noqa: F401  (sets NO_ALBUMENTATIONS_UPDATE before albumentations is used)
-from lymphnode.errors import ConfigError
+from lymphnode.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -38,7 +38,7 @@ import torch
 from skimage.color import hed_from_rgb, rgb_from_hed
 
 import lymphnode  # noqa: F401  (sets NO_ALBUMENTATIONS_UPDATE before albumentations is used)
-from lymphnode.errors import ConfigError
+from lymphnode.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lymphnode.errors import ConfigError
+from lymphnode.core.errors import ConfigError
 
 NORMS = ("batch", "group", "instance")
 UP_MODES = ("transpose", "bilinear")

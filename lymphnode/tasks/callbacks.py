@@ -16,7 +16,7 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
-from lymphnode.errors import ConfigError, LymphnodeError
+from lymphnode.core.errors import ConfigError, LymphnodeError
 from lymphnode.models.unet import UNet
 
 log = logging.getLogger(__name__)

@@ -26,8 +26,8 @@ from torchmetrics.classification import (
     BinaryRecall,
 )
 
-from lymphnode.errors import ConfigError
-from lymphnode.tasks.checkpoint import LoadReport, load_pretrained_weights
+from lymphnode.core.errors import ConfigError
+from lymphnode.models.checkpoint import LoadReport, load_pretrained_weights
 from lymphnode.tasks.reconstruction import (
     DEFAULT_OPTIMIZER,
     DEFAULT_SCHEDULER,

@@ -28,7 +28,7 @@ from torch import Tensor
 from torchmetrics import MeanMetric
 
 import lymphnode
-from lymphnode.errors import ConfigError
+from lymphnode.core.errors import ConfigError
 from lymphnode.models.unet import UNet, build_unet
 from lymphnode.tasks.callbacks import NonFiniteLossGuard
 

@@ -1,7 +1,7 @@
 """Whole-slide images: open, pick a level, read regions as RGB uint8.
 
 This is the only module that imports :mod:`openslide`; every OpenSlide error is turned into a
-:class:`~lymphnode.errors.SlideError` here, with a message that names the file and the case.
+:class:`~lymphnode.core.errors.SlideError` here, with a message that names the file and the case.
 
 Coordinates follow OpenSlide: ``(x, y)`` is the top-left corner in level-0 pixels, ``(w, h)`` a
 size in pixels of the level being read. :meth:`Slide.read` returns ``(h, w, 3)`` uint8 RGB with
@@ -36,7 +36,7 @@ import openslide
 import tifffile
 from openslide import lowlevel as _lowlevel
 
-from lymphnode.errors import SlideError
+from lymphnode.core.errors import SlideError
 
 log = logging.getLogger(__name__)
 
@@ -267,7 +267,7 @@ def _describe_unsupported(path: Path) -> str:
             if not page.is_tiled:
                 return (
                     "is a stripped (non-tiled) TIFF; OpenSlide needs a tiled pyramidal TIFF "
-                    "(write one with lymphnode.pyramid.write_pyramid or "
+                    "(write one with lymphnode.wsi.pyramid.write_pyramid or "
                     "`vips tiffsave in.tif out.tif --tile --pyramid`)"
                 )
             end = max((o + c for o, c in zip(page.dataoffsets, page.databytecounts)), default=0)

@@ -36,10 +36,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from lymphnode.errors import ConfigError
-from lymphnode.heatmap import Heatmap
-from lymphnode.slide import Slide
-from lymphnode.tissue import TissueMask
+from lymphnode.core.errors import ConfigError
+from lymphnode.inference.heatmap import Heatmap
+from lymphnode.wsi.slide import Slide
+from lymphnode.wsi.tissue import TissueMask
 
 log = logging.getLogger(__name__)
 

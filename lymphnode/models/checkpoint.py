@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lymphnode.errors import CheckpointError, ConfigError
+from lymphnode.core.errors import CheckpointError, ConfigError
 from lymphnode.models.unet import UNet, build_unet
 
 log = logging.getLogger(__name__)

@@ -27,11 +27,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from lymphnode.errors import ConfigError, SamplingError
+from lymphnode.core.errors import ConfigError, SamplingError
 
 if TYPE_CHECKING:
-    from lymphnode.annotations import Annotations
-    from lymphnode.tissue import TissueMask
+    from lymphnode.wsi.annotations import Annotations
+    from lymphnode.wsi.tissue import TissueMask
 
 log = logging.getLogger(__name__)
 

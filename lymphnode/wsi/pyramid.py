@@ -21,7 +21,7 @@ import cv2
 import numpy as np
 import tifffile
 
-from lymphnode.errors import ConfigError
+from lymphnode.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -21,10 +21,10 @@ from typing import TYPE_CHECKING
 import cv2
 import numpy as np
 
-from lymphnode.errors import ConfigError, TissueError
+from lymphnode.core.errors import ConfigError, TissueError
 
 if TYPE_CHECKING:
-    from lymphnode.slide import Slide
+    from lymphnode.wsi.slide import Slide
 
 log = logging.getLogger(__name__)
 
@@ -286,7 +286,7 @@ def tissue_mask(
     """Tissue mask of ``slide`` at about ``downsample`` level-0 px per mask px.
 
     Args:
-        slide: an open :class:`~lymphnode.slide.Slide`.
+        slide: an open :class:`~lymphnode.wsi.slide.Slide`.
         downsample: target mask resolution (level-0 px per mask px); 32 is 1/32 of level 0.
             Lowered for small slides so that the mask's longest side has ``min_mask_side`` px.
         min_object_um2: tissue pieces smaller than this area (µm²) are removed; used when the

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lymphnode.errors import EvaluationError
+from lymphnode.core.errors import EvaluationError
 
 HEATMAP_SUFFIX = ".heatmap.tif"
 _FORMAT = "lymphnode-heatmap/1"
@@ -53,7 +53,7 @@ def heatmap_path(out_dir: str | Path, slide: str) -> Path:
 
 def write_heatmap(path: str | Path, heatmap: Heatmap) -> None:
     """Write ``heatmap`` as a pyramidal 0..255 TIFF with its metadata (atomic: never half-written)."""
-    from lymphnode.pyramid import write_pyramid
+    from lymphnode.wsi.pyramid import write_pyramid
 
     probs = np.asarray(heatmap.probabilities, dtype=np.float32)
     if probs.ndim != 2:
