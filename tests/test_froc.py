@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from lymphnode.evaluation.froc import (
+    FP_RATES,
     Detection,
     SlideFroc,
     detect_lesions,
@@ -80,10 +82,96 @@ def test_score_slide_counts_hits_fps_and_ignores_itc() -> None:
     assert scored.lesion_probs == [0.9]
 
 
-def test_froc_of_a_perfect_detector_is_one() -> None:
+def test_froc_drops_the_lowest_probability_as_the_official_code() -> None:
+    # Every lesion hit, no FP: the official thresholds are {0.8, 0.9} without the lowest (0.8), so
+    # only "≥ 0.9" (sensitivity 1/2 at 0 FPs) and the closing (0, 0) are on the curve.
     slides = [SlideFroc(fp_probs=[], lesion_probs=[0.9, 0.8]), SlideFroc(fp_probs=[])]
     result = froc(slides)
-    assert result.froc == pytest.approx(1.0)
+    assert result.froc == pytest.approx(0.5)
+    assert list(result.fps_per_slide) == [0.0, 0.0]
+    assert list(result.sensitivity) == [0.0, 0.5]
+
+
+def test_a_missed_lesion_makes_zero_the_dropped_threshold() -> None:
+    # Lesion probs 0.9, 0.8, 0 (missed): 0 is the lowest value and the one dropped, 0.8 stays.
+    result = froc([SlideFroc(fp_probs=[], lesion_probs=[0.9, 0.8, 0.0])])
+    assert result.froc == pytest.approx(2 / 3)
+
+
+def test_an_isolated_tumor_cell_lesion_puts_zero_among_the_thresholds() -> None:
+    # As the official TP_probs, an ITC label holds 0.0: with it 0 is dropped instead of 0.8.
+    with_itc = froc([SlideFroc(fp_probs=[], lesion_probs=[0.9, 0.8], n_itc=1)])
+    without = froc([SlideFroc(fp_probs=[], lesion_probs=[0.9, 0.8])])
+    assert with_itc.froc == pytest.approx(1.0)
+    assert without.froc == pytest.approx(0.5)
+    assert with_itc.n_lesions == 2
+
+
+def _random_slides(rng: np.random.Generator) -> list[SlideFroc]:
+    """1–6 slides with 0–8 FPs and 0–4 lesions each (≥ 1 lesion overall), ties, misses and ITCs."""
+    grid = rng.integers(0, 2) == 1  # half the cases draw from a coarse grid: many ties
+    slides = []
+    for _ in range(int(rng.integers(1, 7))):
+
+        def draw(n: int) -> list[float]:
+            values = rng.integers(1, 11, n) / 10 if grid else rng.uniform(0.05, 1.0, n)
+            return [float(v) for v in values]
+
+        lesions = draw(int(rng.integers(0, 5)))
+        if rng.uniform() < 0.5:  # a missed lesion
+            lesions = [0.0 if rng.uniform() < 0.3 else p for p in lesions]
+        n_itc = int(rng.integers(0, 3)) if rng.uniform() < 0.3 else 0
+        slides.append(SlideFroc(draw(int(rng.integers(0, 9))), lesions, n_itc))
+    if not any(s.lesion_probs for s in slides):
+        slides[0].lesion_probs.append(float(rng.uniform(0.05, 1.0)))
+    return slides
+
+
+def test_froc_equals_monai_on_random_cases() -> None:
+    metrics = pytest.importorskip("monai.metrics", reason="MONAI (the dev extra) is the reference")
+    rng = np.random.default_rng(0)
+    every_lesion_hit = 0
+    for _ in range(80):
+        slides = _random_slides(rng)
+        fp = np.asarray([p for s in slides for p in s.fp_probs], dtype=np.float64)
+        # MONAI's (the official) tp_probs: one entry per lesion label, 0.0 for misses and ITCs
+        tp = np.asarray(
+            [p for s in slides for p in [*s.lesion_probs, *([0.0] * s.n_itc)]], dtype=np.float64
+        )
+        n_targets = sum(len(s.lesion_probs) for s in slides)
+        fps, sens = metrics.compute_froc_curve_data(fp, tp, n_targets, len(slides))
+        expected = metrics.compute_froc_score(fps, sens, FP_RATES)
+        result = froc(slides)
+        np.testing.assert_allclose(result.fps_per_slide, fps[::-1], rtol=0, atol=1e-9)
+        np.testing.assert_allclose(result.sensitivity, sens[::-1], rtol=0, atol=1e-9)
+        assert abs(result.froc - float(expected)) <= 1e-9
+        every_lesion_hit += bool(tp.size and tp.min() > 0)
+    assert every_lesion_hit >= 10  # the cases where dropping only probabilities ≤ 0 differed
+
+
+def test_score_slide_equals_monai_hit_and_fp_assignment() -> None:
+    metrics = pytest.importorskip("monai.metrics", reason="MONAI (the dev extra) is the reference")
+    rng = np.random.default_rng(1)
+    level = 5  # MONAI maps level-0 coordinates by 2**level; our downsample is the same 32
+    for _ in range(50):
+        tumor = ndimage.binary_dilation(rng.uniform(size=(40, 50)) > 0.985, iterations=2)
+        labels, n = ndimage.label(tumor)
+        itc = {int(i) for i in range(1, n + 1) if rng.uniform() < 0.25}
+        k = int(rng.integers(0, 30))
+        # float32-exact probabilities: MONAI keeps the lesion hits as float32
+        probs = rng.uniform(0.01, 1.0, k).astype(np.float32).astype(np.float64)
+        ys = rng.uniform(0, 40 * 32, k)
+        xs = rng.uniform(0, 50 * 32, k)
+        dets = [Detection(float(p), float(x), float(y)) for p, x, y in zip(probs, xs, ys)]
+        scored = score_slide(dets, labels, itc, downsample=2.0**level)
+        fp, tp, n_targets = metrics.compute_fp_tp_probs(
+            probs, ys, xs, labels, labels_to_exclude=sorted(itc), resolution_level=level
+        )
+        keep = [i - 1 for i in range(1, n + 1) if i not in itc]
+        assert scored.fp_probs == pytest.approx(list(fp), abs=1e-9)
+        assert scored.lesion_probs == pytest.approx([float(tp[i]) for i in keep], abs=1e-9)
+        assert len(scored.lesion_probs) == n_targets
+        assert scored.n_itc == len(itc)
 
 
 def test_froc_known_value() -> None:

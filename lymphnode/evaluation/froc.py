@@ -10,9 +10,14 @@ Follows the challenge's official evaluation code (Evaluation_FROC.py), on maps a
 - Detections: local maxima of the probability map above a threshold, with greedy non-maximum
   suppression within a radius; each detection is (probability, x, y) in level-0 px.
 - FROC: over all slides, sensitivity (lesions whose best detection ≥ t / all non-ITC lesions) against
-  the average number of false positives per slide (detections ≥ t outside every lesion / slides), for
-  every threshold t; the score is the mean sensitivity at 0.25, 0.5, 1, 2, 4 and 8 FPs per slide,
-  read off the curve by linear interpolation.
+  the average number of false positives per slide (detections ≥ t outside every lesion / slides). As
+  the official ``computeFROC``, the thresholds t are the distinct probabilities of the false
+  positives and of the per-lesion best hits (0 for a missed lesion or an ITC) **without the lowest
+  one**, then the point (0 FPs, sensitivity 0) closes the curve. So when every lesion is hit and
+  no FP is below the weakest hit, that hit's threshold is not on the curve (a "perfect" detector of
+  two lesions scores 0.5, not 1): that is the challenge's definition, kept so that scores compare.
+  The score is the mean sensitivity at 0.25, 0.5, 1, 2, 4 and 8 FPs per slide, read off the curve
+  by linear interpolation (``np.interp`` on the curve from 0 FPs upwards).
 - Slide AUC: ROC AUC of each slide's score (the maximum probability) against tumor/normal.
 """
 
@@ -42,11 +47,14 @@ class SlideFroc:
     """What one slide contributes to the FROC: probabilities of its FPs and of its lesions' best hits.
 
     ``lesion_probs`` has one entry per non-ITC lesion: the highest probability of a detection that
-    hit it, or 0.0 when none did.
+    hit it, or 0.0 when none did. ``n_itc`` counts the slide's isolated-tumor-cell lesions: they are
+    no target, but the official code keeps a 0.0 for each among the probabilities whose distinct
+    values make the thresholds (so an ITC makes 0.0 the lowest value, the one that is dropped).
     """
 
     fp_probs: list[float] = field(default_factory=list)
     lesion_probs: list[float] = field(default_factory=list)
+    n_itc: int = 0
 
 
 @dataclass
@@ -55,8 +63,8 @@ class FrocResult:
 
     froc: float
     sensitivities: dict[float, float]
-    fps_per_slide: np.ndarray  # (T,) descending thresholds → ascending... see `froc_curve`
-    sensitivity: np.ndarray  # (T,)
+    fps_per_slide: np.ndarray  # (T,) FPs per slide, ascending (thresholds from high to low)
+    sensitivity: np.ndarray  # (T,) lesion sensitivity at the same thresholds
     n_lesions: int
     n_slides: int
 
@@ -143,7 +151,7 @@ def score_slide(
         itc: labels of isolated-tumor-cell lesions (ignored: neither hit nor FP).
         downsample: level-0 px per ``labels`` pixel.
     """
-    result = SlideFroc()
+    result = SlideFroc(n_itc=len(itc))
     if labels is None or not labels.any():
         result.fp_probs = [d.probability for d in detections]
         return result
@@ -178,13 +186,16 @@ def froc(slides: Sequence[SlideFroc], fp_rates: Sequence[float] = FP_RATES) -> F
             n_lesions=n_lesions,
             n_slides=n_slides,
         )
-    thresholds = np.unique(np.concatenate([fp, tp]))
-    thresholds = thresholds[thresholds > 0]  # a missed lesion (0.0) is never found
-    fps = np.asarray([(fp >= t).sum() for t in thresholds], dtype=np.float64) / n_slides
-    sens = np.asarray([(tp >= t).sum() for t in thresholds], dtype=np.float64) / n_lesions
-    # The curve runs from the lowest threshold (most FPs) to "no detection at all" (0, 0).
-    fps = np.append(fps, 0.0)
-    sens = np.append(sens, 0.0)
+    # The official computeFROC: sorted(set(FP_probs + TP_probs))[1:], where TP_probs holds one entry
+    # per lesion label, ITCs included (as 0.0).
+    itc_zeros = np.zeros(1 if any(s.n_itc for s in slides) else 0)
+    thresholds = np.unique(np.concatenate([fp, tp, itc_zeros]))[1:]
+    fp_sorted, tp_sorted = np.sort(fp), np.sort(tp)
+    n_fp = fp.size - np.searchsorted(fp_sorted, thresholds, side="left")  # detections ≥ t
+    n_tp = tp.size - np.searchsorted(tp_sorted, thresholds, side="left")
+    # The curve runs from the lowest kept threshold (most FPs) to "no detection at all" (0, 0).
+    fps = np.append(n_fp.astype(np.float64), 0.0) / n_slides
+    sens = np.append(n_tp.astype(np.float64), 0.0) / n_lesions
     # np.interp needs increasing x: thresholds increase, so FPs decrease; reverse.
     x, y = fps[::-1], sens[::-1]
     at = {float(r): float(np.interp(r, x, y)) for r in fp_rates}
