@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from lymphnode.core.errors import EvaluationError
-from lymphnode.evaluate import EvaluationSettings, evaluate
+from lymphnode.evaluation.camelyon16 import EvaluationSettings, evaluate
 from lymphnode.inference.heatmap import Heatmap, heatmap_path, read_heatmap, write_heatmap
 from lymphnode.wsi.annotations import write_asap
 
