@@ -1,11 +1,12 @@
 """``python -m lymphnode.evaluate heatmaps=DIR annotations=DIR [reference=CSV] [out_dir=DIR]``
 
 Scores whole-slide heatmaps (from ``lymphnode.infer``) against ASAP XML lesion outlines with the
-CAMELYON16 protocol (:mod:`lymphnode.evaluation.froc`): FROC and the sensitivity at 0.25–8 FPs per slide, slide
-AUC from each slide's maximum probability, and pixel precision/recall/F1 at map resolution (tumor
-minus exclusion regions, threshold 0.5, summed over slides). Writes ``evaluation.json``,
-``froc.png``, ``roc.png`` and ``detections/<slide>.csv`` (probability, x, y in level-0 px — the
-CAMELYON16 submission format) into ``out_dir``.
+CAMELYON16 protocol: FROC and the sensitivity at 0.25–8 FPs per slide (detections: local maxima ≥
+``detection_threshold``), slide AUC from each slide's maximum probability, and pixel
+precision/recall/F1 at map resolution (tumor minus exclusion regions, pixels ≥ ``threshold``, summed
+over slides). Writes ``evaluation.json``, ``froc.png``, ``roc.png`` and ``detections/<slide>.csv``
+(probability, x, y in level-0 px — the CAMELYON16 submission format) into ``out_dir``. The logic
+lives in :mod:`lymphnode.evaluation.camelyon16`; this module composes the config and maps errors.
 
 Which slides are tumor: a slide with ``<slide>.xml`` in ``annotations`` is a tumor slide; a slide
 without one must be known normal, either from ``reference`` (CAMELYON16's ``reference.csv``: name,
@@ -31,6 +32,7 @@ def main(cfg: DictConfig) -> float | None:
     """Hydra entry point: evaluate, print the headline figures, exit 1 on a lymphnode error."""
     settings = EvaluationSettings(
         threshold=float(cfg.threshold),
+        detection_threshold=float(cfg.detection_threshold),
         nms_radius_um=float(cfg.nms_radius_um),
         margin_um=float(cfg.margin_um),
         itc_um=float(cfg.itc_um),

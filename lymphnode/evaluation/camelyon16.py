@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from lymphnode.core.errors import EvaluationError
+from lymphnode.core.errors import ConfigError, EvaluationError
 from lymphnode.evaluation.froc import FP_RATES, FrocResult, SlideFroc, froc
 from lymphnode.evaluation.lesions import (
     Detection,
@@ -43,7 +43,11 @@ log = logging.getLogger(__name__)
 class EvaluationSettings:
     """Protocol parameters (defaults: CAMELYON16).
 
-    threshold: probability above which a pixel is tumor (pixel metrics) and a maximum is a detection.
+    threshold: probability at or above which a pixel is tumor (pixel metrics only).
+    detection_threshold: local maxima at or above it are lesion detections. The FROC sweeps every
+        detection's probability, so this is only the floor of the curve: kept low (0.1) so that the
+        curve reaches below the pixel threshold and out to the higher FP rates; it must be > 0, as a
+        zero floor would make every pixel of a flat background a detection.
     nms_radius_um: non-maximum-suppression radius in µm.
     margin_um: lesion margin of the evaluation mask (75 µm, applied as the official code).
     itc_um: lesions with a shorter major axis are isolated tumor cells (275 µm).
@@ -51,11 +55,21 @@ class EvaluationSettings:
     """
 
     threshold: float = 0.5
+    detection_threshold: float = 0.1
     nms_radius_um: float = 200.0
     margin_um: float = 75.0
     itc_um: float = 275.0
     mpp: float | None = None
     fp_rates: tuple[float, ...] = FP_RATES
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ConfigError(f"threshold={self.threshold} must be a probability in [0, 1]")
+        if not 0.0 < self.detection_threshold <= 1.0:
+            raise ConfigError(
+                f"detection_threshold={self.detection_threshold} must be in (0, 1] (a probability "
+                "above 0: at 0 every background pixel is a local maximum)"
+            )
 
 
 def _find_heatmaps(heatmaps: str | Path) -> list[Path]:
@@ -115,7 +129,7 @@ def evaluate(
         dets = detect_lesions(
             heatmap.probabilities,
             heatmap.downsample,
-            threshold=settings.threshold,
+            threshold=settings.detection_threshold,
             radius_px=settings.nms_radius_um / pixel_um,
         )
         detections[heatmap.slide] = dets
@@ -165,6 +179,7 @@ def evaluate(
         "n_lesions": result.n_lesions,
         "settings": {
             "threshold": settings.threshold,
+            "detection_threshold": settings.detection_threshold,
             "nms_radius_um": settings.nms_radius_um,
             "margin_um": settings.margin_um,
             "itc_um": settings.itc_um,
