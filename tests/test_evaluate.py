@@ -221,3 +221,57 @@ def test_froc_curve_reaches_below_the_pixel_threshold(case: dict) -> None:
 def test_bad_thresholds_are_refused_by_name(kwargs: dict, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         EvaluationSettings(**kwargs)
+
+
+def test_froc_on_real_camelyon16_outlines_equals_monai(real_fixtures: Path, tmp_path: Path) -> None:
+    """Real lesion outlines (tumor_064: 8 lesions, 3 ITCs; tumor_106: 35 lesions, 28 ITCs;
+    tumor_110: 6 lesions, 1 ITC at downsample 64) with noisy heatmaps, and a normal slide: the
+    FROC of ``evaluate`` equals MONAI's official-code port on the same detections and masks."""
+    metrics = pytest.importorskip("monai.metrics", reason="MONAI (the dev extra) is the reference")
+    from scipy import ndimage
+
+    from lymphnode.evaluation.lesions import detect_lesions, evaluation_mask, isolated_tumor_cells
+    from lymphnode.wsi.annotations import read_asap
+
+    ds, level = 64.0, 6  # MONAI maps level-0 coordinates by 2**level
+    pixel_um = MPP * ds
+    rng = np.random.default_rng(0)
+    heat = tmp_path / "heatmaps"
+    heat.mkdir()
+    masks = {}
+    for name in ("tumor_064", "tumor_106", "tumor_110", "normal_001"):
+        source = "tumor_110" if name == "normal_001" else name  # a slide of the same size
+        ann = read_asap(real_fixtures / "annotations" / f"{source}.xml")
+        x1, y1 = ann.bounds()[2:]  # type: ignore[index]
+        size = (int(x1) + 2000, int(y1) + 2000)
+        tumor = ann.mask(0, 0, *size, downsample=ds)
+        if name == "normal_001":
+            tumor[:] = False
+        noise = ndimage.gaussian_filter(rng.uniform(size=tumor.shape), 4)
+        noise = (noise - noise.min()) / (noise.max() - noise.min())
+        probs = (0.55 * noise**3 + 0.45 * tumor).astype(np.float32)  # few maxima ≥ 0.1 off tumor
+        write_heatmap(heatmap_path(heat, name), Heatmap(name, probs, ds, size, MPP))
+        masks[name] = tumor
+    summary = evaluate(heat, real_fixtures / "annotations", tmp_path / "eval")
+
+    fp_all, tp_all, n_targets = [], [], 0
+    for name, tumor in masks.items():
+        probs = read_heatmap(heatmap_path(heat, name)).probabilities  # as evaluate saw them
+        labels = evaluation_mask(tumor, pixel_um)
+        itc = isolated_tumor_cells(labels, pixel_um)
+        dets = detect_lesions(probs, ds, threshold=0.1, radius_px=200.0 / pixel_um)
+        p = np.asarray([d.probability for d in dets])
+        fp, tp, n = metrics.compute_fp_tp_probs(
+            p, np.asarray([d.y for d in dets]), np.asarray([d.x for d in dets]), labels,
+            labels_to_exclude=sorted(itc), resolution_level=level,
+        )  # fmt: skip
+        fp_all.append(np.asarray(fp, np.float64))
+        tp_all.append(np.asarray(tp, np.float64))
+        n_targets += n
+    fps, sens = metrics.compute_froc_curve_data(
+        np.concatenate(fp_all), np.concatenate(tp_all), n_targets, len(masks)
+    )
+    expected = float(metrics.compute_froc_score(fps, sens))
+    assert summary["n_lesions"] == n_targets == (8 - 3) + (35 - 28) + (6 - 1)
+    assert summary["froc"] == pytest.approx(expected, abs=1e-9)
+    assert 0.0 < summary["froc"] < 1.0

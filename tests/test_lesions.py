@@ -101,3 +101,17 @@ def test_score_slide_equals_monai_hit_and_fp_assignment() -> None:
         assert scored.lesion_probs == pytest.approx([float(tp[i]) for i in keep], abs=1e-9)
         assert len(scored.lesion_probs) == n_targets
         assert scored.n_itc == len(itc)
+
+
+def test_a_plateau_gives_detections_that_cover_it_and_are_radius_apart() -> None:
+    probs = np.zeros((80, 80), np.float32)
+    probs[10:70, 10:70] = 1.0  # every plateau pixel is a local maximum
+    dets = detect_lesions(probs, downsample=1, threshold=0.5, radius_px=5.0)
+    pts = np.array([[d.y - 0.5, d.x - 0.5] for d in dets])  # (row, col) map pixels
+    dist = np.sqrt(((pts[:, None] - pts[None]) ** 2).sum(-1))
+    assert dist[np.triu_indices(len(pts), 1)].min() > 5.0  # none suppressed wrongly kept
+    rows, cols = np.nonzero(probs)
+    plateau = np.stack([rows, cols], 1)
+    nearest = np.sqrt(((plateau[:, None] - pts[None]) ** 2).sum(-1)).min(1)
+    assert nearest.max() <= 5.0  # every suppressed pixel had an accepted one within the radius
+    assert all(d.probability == 1.0 for d in dets)

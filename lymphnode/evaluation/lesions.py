@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
+from scipy.spatial import cKDTree
 
 from lymphnode.evaluation.froc import SlideFroc
 
@@ -86,11 +87,19 @@ def detect_lesions(
         return []
     order = np.argsort(-probs[rows, cols], kind="stable")
     rows, cols = rows[order], cols[order]
+    # Greedy NMS, strongest first: an accepted maximum suppresses every weaker one within
+    # radius_px (distance ≤ radius). A k-d tree, queried only around accepted maxima, keeps time
+    # and memory near O(n log n): a plateau of equal probabilities (tumor at p = 1) makes every
+    # one of its pixels a local maximum.
+    points = np.stack([rows, cols], axis=1).astype(np.float64)  # (N, 2) row, col
+    tree = cKDTree(points)
+    suppressed = np.zeros(rows.size, dtype=bool)
     kept: list[tuple[int, int]] = []
-    r2 = radius_px * radius_px
-    for r, c in zip(rows.tolist(), cols.tolist()):
-        if all((r - kr) ** 2 + (c - kc) ** 2 > r2 for kr, kc in kept):
-            kept.append((r, c))
+    for i in range(rows.size):
+        if suppressed[i]:
+            continue
+        kept.append((int(rows[i]), int(cols[i])))
+        suppressed[tree.query_ball_point(points[i], r=radius_px)] = True
     return [
         Detection(
             probability=float(probs[r, c]),
