@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lymphnode.core.errors import EvaluationError
-from lymphnode.evaluate import EvaluationSettings, evaluate
+from lymphnode.core.errors import ConfigError, EvaluationError
+from lymphnode.evaluation.camelyon16 import EvaluationSettings, evaluate
 from lymphnode.inference.heatmap import Heatmap, heatmap_path, read_heatmap, write_heatmap
 from lymphnode.wsi.annotations import write_asap
 
@@ -159,11 +159,119 @@ def test_cli_writes_evaluation_and_exits_nonzero_on_bad_input(case: dict) -> Non
     assert "nope does not exist" in bad.stdout + bad.stderr
 
 
-def test_settings_threshold_changes_detections(case: dict) -> None:
+def test_detection_threshold_changes_detections_not_pixels(case: dict) -> None:
+    default = evaluate(case["heatmaps"], case["annotations"], case["out"])
+    strict = evaluate(
+        case["heatmaps"],
+        case["annotations"],
+        case["out"],
+        settings=EvaluationSettings(detection_threshold=0.95),  # above every stored peak (0.949)
+    )
+    assert strict["froc"] == pytest.approx(0.0)
+    assert strict["pixel_f1"] == pytest.approx(default["pixel_f1"])
+    assert strict["settings"]["detection_threshold"] == 0.95
+
+
+def test_pixel_threshold_changes_pixels_not_detections(case: dict) -> None:
     summary = evaluate(
         case["heatmaps"],
         case["annotations"],
         case["out"],
-        settings=EvaluationSettings(threshold=0.95),
+        settings=EvaluationSettings(threshold=0.95),  # no pixel reaches it
     )
-    assert summary["froc"] == pytest.approx(0.0)
+    assert summary["froc"] == pytest.approx(2 / 3)
+    assert summary["pixel_recall"] == 0.0
+
+
+def test_froc_curve_reaches_below_the_pixel_threshold(case: dict) -> None:
+    # Lesion B gets weak heat (0.3, peak 0.35): below the pixel threshold 0.5, above the default
+    # detection threshold 0.1. Lesions A .95, B .35, C .85; FPs .7, .6 and .3 (normal_002), 4 slides:
+    # at threshold .35 the curve has 0.5 FPs per slide and sensitivity 3/3.
+    path = heatmap_path(case["heatmaps"], "tumor_001")
+    probs = read_heatmap(path).probabilities.copy()
+    probs[10:50, 70:110] = 0.3
+    probs[30, 90] = 0.35
+    write_heatmap(path, Heatmap("tumor_001", probs, DS, SIZE, MPP))
+    summary = evaluate(case["heatmaps"], case["annotations"], case["out"])
+    sens = summary["sensitivity_at_fp"]
+    assert sens["0.25"] == pytest.approx(2 / 3)
+    assert sens["1"] == pytest.approx(1.0) and sens["8"] == pytest.approx(1.0)
+    slides = {s["slide"]: s for s in summary["slides"]}
+    assert slides["tumor_001"]["lesions_hit"] == 2
+    assert slides["normal_002"]["false_positives"] == 1  # its 0.3 maximum is a detection now
+    # the pixel metrics still use 0.5: lesion B's pixels are false negatives
+    assert summary["pixel_recall"] == pytest.approx(3200 / 4800)
+    old_rule = evaluate(
+        case["heatmaps"],
+        case["annotations"],
+        case["out"],
+        settings=EvaluationSettings(detection_threshold=0.5),
+    )
+    assert old_rule["sensitivity_at_fp"]["8"] == pytest.approx(2 / 3)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"detection_threshold": 0.0}, r"detection_threshold=0.0 must be in \(0, 1\]"),
+        ({"detection_threshold": 1.5}, r"detection_threshold=1.5 must be in \(0, 1\]"),
+        ({"threshold": -0.1}, r"threshold=-0.1 must be a probability in \[0, 1\]"),
+    ],
+)
+def test_bad_thresholds_are_refused_by_name(kwargs: dict, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        EvaluationSettings(**kwargs)
+
+
+def test_froc_on_real_camelyon16_outlines_equals_monai(real_fixtures: Path, tmp_path: Path) -> None:
+    """Real lesion outlines (tumor_064: 8 lesions, 3 ITCs; tumor_106: 35 lesions, 28 ITCs;
+    tumor_110: 6 lesions, 1 ITC at downsample 64) with noisy heatmaps, and a normal slide: the
+    FROC of ``evaluate`` equals MONAI's official-code port on the same detections and masks."""
+    metrics = pytest.importorskip("monai.metrics", reason="MONAI (the dev extra) is the reference")
+    from scipy import ndimage
+
+    from lymphnode.evaluation.lesions import detect_lesions, evaluation_mask, isolated_tumor_cells
+    from lymphnode.wsi.annotations import read_asap
+
+    ds, level = 64.0, 6  # MONAI maps level-0 coordinates by 2**level
+    pixel_um = MPP * ds
+    rng = np.random.default_rng(0)
+    heat = tmp_path / "heatmaps"
+    heat.mkdir()
+    masks = {}
+    for name in ("tumor_064", "tumor_106", "tumor_110", "normal_001"):
+        source = "tumor_110" if name == "normal_001" else name  # a slide of the same size
+        ann = read_asap(real_fixtures / "annotations" / f"{source}.xml")
+        x1, y1 = ann.bounds()[2:]  # type: ignore[index]
+        size = (int(x1) + 2000, int(y1) + 2000)
+        tumor = ann.mask(0, 0, *size, downsample=ds)
+        if name == "normal_001":
+            tumor[:] = False
+        noise = ndimage.gaussian_filter(rng.uniform(size=tumor.shape), 4)
+        noise = (noise - noise.min()) / (noise.max() - noise.min())
+        probs = (0.55 * noise**3 + 0.45 * tumor).astype(np.float32)  # few maxima ≥ 0.1 off tumor
+        write_heatmap(heatmap_path(heat, name), Heatmap(name, probs, ds, size, MPP))
+        masks[name] = tumor
+    summary = evaluate(heat, real_fixtures / "annotations", tmp_path / "eval")
+
+    fp_all, tp_all, n_targets = [], [], 0
+    for name, tumor in masks.items():
+        probs = read_heatmap(heatmap_path(heat, name)).probabilities  # as evaluate saw them
+        labels = evaluation_mask(tumor, pixel_um)
+        itc = isolated_tumor_cells(labels, pixel_um)
+        dets = detect_lesions(probs, ds, threshold=0.1, radius_px=200.0 / pixel_um)
+        p = np.asarray([d.probability for d in dets])
+        fp, tp, n = metrics.compute_fp_tp_probs(
+            p, np.asarray([d.y for d in dets]), np.asarray([d.x for d in dets]), labels,
+            labels_to_exclude=sorted(itc), resolution_level=level,
+        )  # fmt: skip
+        fp_all.append(np.asarray(fp, np.float64))
+        tp_all.append(np.asarray(tp, np.float64))
+        n_targets += n
+    fps, sens = metrics.compute_froc_curve_data(
+        np.concatenate(fp_all), np.concatenate(tp_all), n_targets, len(masks)
+    )
+    expected = float(metrics.compute_froc_score(fps, sens))
+    assert summary["n_lesions"] == n_targets == (8 - 3) + (35 - 28) + (6 - 1)
+    assert summary["froc"] == pytest.approx(expected, abs=1e-9)
+    assert 0.0 < summary["froc"] < 1.0

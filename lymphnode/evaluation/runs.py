@@ -1,0 +1,223 @@
+"""The runs of a sweep, read from their ``results.json`` files (and the folders that lack one).
+
+A fine-tuning run's ``results.json`` (written by ``lymphnode.train``) holds ``status``
+(``completed`` | ``failed`` | ``interrupted``; anything else counts as failed), ``init``
+(``pretrained`` | ``scratch``), ``labeled_size``, ``fold``, ``seed``, the test metrics of the
+selected checkpoint (``metrics``) and of the last one (``metrics_last``), keyed
+``test/seg_{precision,recall,f1}`` as fractions. Newer files also hold, and older ones may lack:
+
+- ``selection``: ``val_f1`` | ``val_loss`` | ``last``, which checkpoint ``metrics`` are from;
+- ``steps``: ``{"selected": int | null, "last": int | null}``, the optimizer step of each checkpoint;
+- ``collapsed``: true when the selected checkpoint predicts no tumour (test recall 0); derived from
+  the metrics when absent;
+- ``metrics["test/baseline_all_tumour_f1"]``: F1 of predicting tumour on every test pixel.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lymphnode.core.errors import LymphnodeError
+
+#: Inits in column order: the paper puts "without pretraining" first.
+INITS: tuple[str, ...] = ("scratch", "pretrained")
+#: The metrics of the paper's Figure 3, in column order.
+METRICS: tuple[str, ...] = ("precision", "recall", "f1")
+#: Checkpoints a report can read: the selected one (``metrics``) or the last (``metrics_last``).
+CHECKPOINTS: tuple[str, ...] = ("best", "last")
+#: The all-tumour baseline's key in a run's metrics.
+BASELINE_KEY = "test/baseline_all_tumour_f1"
+
+
+class ReportError(LymphnodeError):
+    """The sweep folders hold nothing that can be reported."""
+
+
+@dataclass(frozen=True)
+class Run:
+    """One fine-tuning run as read from its folder.
+
+    ``metrics`` holds the test metrics as fractions (0..1) keyed ``precision``, ``recall``, ``f1``;
+    empty when the run failed, was interrupted or never finished. ``selection`` is the checkpoint
+    the metrics are from (None when the file does not say), ``steps_selected`` / ``steps_last`` the
+    optimizer steps of the selected and the last checkpoint, ``collapsed`` whether the reported
+    checkpoint predicted no tumour at all, ``baseline_f1`` the all-tumour baseline's test F1.
+    """
+
+    name: str
+    init: str | None
+    labeled_size: int | None
+    fold: int | None
+    seed: int | None
+    status: str  # "completed" | "failed" | "interrupted" | "missing"
+    metrics: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+    selection: str | None = None
+    steps_selected: int | None = None
+    steps_last: int | None = None
+    collapsed: bool = False
+    baseline_f1: float | None = None
+
+
+def _metric_block(result: dict, checkpoint: str) -> dict:
+    key = "metrics" if checkpoint == "best" else "metrics_last"
+    block = result.get(key)
+    if block is None and checkpoint == "last":
+        raise ReportError("results.json has no 'metrics_last' block (checkpoint='last' asked)")
+    return block or {}
+
+
+def _run_name(path: Path, root: Path) -> str:
+    return str(path.parent.relative_to(root)) if path.is_relative_to(root) else str(path.parent)
+
+
+def _finite_or_none(value: object) -> float | None:
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _read_result(path: Path, root: Path, checkpoint: str) -> Run | None:
+    """One ``results.json`` as a :class:`Run`; None for runs that are not fine-tuning runs."""
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        return Run(
+            name=_run_name(path, root), init=None, labeled_size=None, fold=None, seed=None,
+            status="failed", error=f"unreadable results.json ({exc})",
+        )  # fmt: skip
+    init = result.get("init")
+    if init not in INITS:  # the pretraining run, or something else: not part of the table
+        return None
+    status = result.get("status", "failed")
+    if status not in ("completed", "failed", "interrupted"):
+        status = "failed"  # e.g. "debug" (fast_dev_run): neither averaged nor silently dropped
+    metrics: dict[str, float] = {}
+    error = result.get("error")
+    collapsed = False
+    if status == "completed":
+        block = _metric_block(result, checkpoint)
+        for metric in METRICS:
+            value = _finite_or_none(block.get(f"test/seg_{metric}"))
+            if value is None:
+                status, error = "failed", f"test/seg_{metric} missing or not finite in {path}"
+                metrics = {}
+                break
+            metrics[metric] = value
+        if metrics:
+            recorded = result.get("collapsed")
+            if checkpoint == "best" and isinstance(recorded, bool):
+                collapsed = recorded
+            else:  # older files, or the last checkpoint (the flag is about the selected one)
+                collapsed = metrics["recall"] == 0.0
+    steps = result.get("steps") if isinstance(result.get("steps"), dict) else {}
+    baseline = (result.get("metrics") or {}).get(BASELINE_KEY)
+    if baseline is None:
+        baseline = (result.get("metrics_last") or {}).get(BASELINE_KEY)
+    return Run(
+        name=_run_name(path, root),
+        init=init,
+        labeled_size=_int_or_none(result.get("labeled_size")),
+        fold=_int_or_none(result.get("fold")),
+        seed=_int_or_none(result.get("seed")),
+        status=status,
+        metrics=metrics,
+        error=error,
+        selection="last" if checkpoint == "last" else result.get("selection"),
+        steps_selected=_int_or_none(steps.get("selected")),
+        steps_last=_int_or_none(steps.get("last")),
+        collapsed=collapsed,
+        baseline_f1=_finite_or_none(baseline) if status == "completed" else None,
+    )
+
+
+def _int_or_none(value: object) -> int | None:
+    return None if value is None else int(value)  # type: ignore[call-overload]
+
+
+def _orphan_run(run_dir: Path, root: Path) -> Run:
+    """A Hydra run folder (``.hydra/`` present) that never wrote results.json: a killed run."""
+    overrides: dict[str, str] = {}
+    overrides_file = run_dir / ".hydra" / "overrides.yaml"
+    if overrides_file.is_file():
+        for line in overrides_file.read_text().splitlines():
+            item = line.strip().lstrip("-").strip().strip("'\"")
+            if "=" in item:
+                key, value = item.split("=", 1)
+                overrides[key.lstrip("+~")] = value
+
+    def pick(*keys: str) -> int | None:
+        for key in keys:
+            if key in overrides:
+                try:
+                    return int(overrides[key])
+                except ValueError:
+                    return None
+        return None
+
+    init = overrides.get("init")
+    return Run(
+        name=str(run_dir.relative_to(root)) if run_dir.is_relative_to(root) else str(run_dir),
+        init=init if init in INITS else None,
+        labeled_size=pick("data.labeled_size"),
+        fold=pick("data.fold"),
+        seed=pick("seed"),
+        status="missing",
+        error="no results.json (the run was killed or never finished)",
+    )
+
+
+def collect_runs(dirs: Sequence[str | Path], checkpoint: str = "best") -> list[Run]:
+    """Every fine-tuning run below ``dirs``, completed, failed or left without results.json."""
+    if checkpoint not in CHECKPOINTS:
+        raise ReportError(f"checkpoint={checkpoint!r} is not one of {', '.join(CHECKPOINTS)}")
+    runs: list[Run] = []
+    for d in dirs:
+        root = Path(d)
+        if not root.is_dir():
+            raise ReportError(f"sweep folder {root} does not exist (expected a folder of runs)")
+        results = sorted(root.rglob("results.json"))
+        done_dirs = {p.parent for p in results}
+        for path in results:
+            run = _read_result(path, root, checkpoint)
+            if run is not None:
+                runs.append(run)
+        for hydra_dir in sorted(root.rglob(".hydra")):
+            run_dir = hydra_dir.parent
+            if run_dir not in done_dirs and (hydra_dir / "config.yaml").is_file():
+                runs.append(_orphan_run(run_dir, root))
+    return runs
+
+
+def expected_missing(runs: list[Run]) -> list[Run]:
+    """Grid points (size × fold × init × seed seen anywhere) that no run folder accounts for."""
+    known = [r for r in runs if r.labeled_size is not None and r.fold is not None and r.init]
+    sizes = sorted({r.labeled_size for r in known})  # type: ignore[type-var]
+    folds = sorted({r.fold for r in known})  # type: ignore[type-var]
+    seeds = sorted({r.seed for r in known}, key=lambda s: -1 if s is None else s)
+    inits = [i for i in INITS if any(r.init == i for r in known)]
+    present = {(r.labeled_size, r.fold, r.init, r.seed) for r in known}
+    out = []
+    for size in sizes:
+        for fold in folds:
+            for init in inits:
+                for seed in seeds:
+                    if (size, fold, init, seed) not in present:
+                        out.append(
+                            Run(
+                                name=f"{init}/size{size}/fold{fold}/seed{seed}",
+                                init=init,
+                                labeled_size=size,
+                                fold=fold,
+                                seed=seed,
+                                status="missing",
+                                error="expected by the grid, no run folder found",
+                            )
+                        )
+    return out

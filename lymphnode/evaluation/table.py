@@ -1,0 +1,203 @@
+"""The results table's figures: per (labeled size, init, metric) mean ± sample std over folds, the
+paired pretrained − scratch difference with its t-test, collapse counts, checkpoint steps, and the
+all-tumour baseline — from :class:`~lymphnode.evaluation.runs.Run` records, as fractions (0..1).
+
+Completed runs are averaged (collapsed ones too, but counted in every cell they enter and listed by
+name); failed, interrupted and missing runs never are, and are listed by name.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+from lymphnode.evaluation.runs import INITS, METRICS, ReportError, Run, expected_missing
+
+#: Paired differences whose spread is at most this (in fractions) count as constant: a t-test on
+#: them has no p-value (its statistic divides by their zero standard deviation).
+ZERO_SPREAD = 1e-9
+
+
+@dataclass(frozen=True)
+class Cell:
+    """Mean, sample std and count of one metric over folds (fractions 0..1); ``collapsed`` of the
+    ``n`` runs predicted no tumour (test recall 0)."""
+
+    mean: float
+    std: float
+    n: int
+    collapsed: int = 0
+
+
+@dataclass(frozen=True)
+class Paired:
+    """Pretrained − scratch over the folds both completed: mean/std of the difference, t-test p.
+
+    ``p_value`` is None when a paired t-test has none; ``p_note`` then says why (one pair only, or
+    differences without variance).
+    """
+
+    mean: float
+    std: float
+    n: int
+    p_value: float | None
+    p_note: str | None = None
+
+
+@dataclass(frozen=True)
+class Steps:
+    """Median optimizer step of the selected and of the last checkpoint over a group's runs (None
+    when no run of the group recorded it)."""
+
+    selected: float | None
+    last: float | None
+
+
+@dataclass
+class Report:
+    """Everything the table shows: cells by (size, init, metric), paired differences by (size,
+    metric), steps by (size, init), baseline F1 by size, the checkpoint selections seen (name → run
+    count, None = not recorded; and the recorded ones by (size, init)), and the runs to list: failed, interrupted, missing, collapsed."""
+
+    sizes: list[int]
+    cells: dict[tuple[int, str, str], Cell]
+    paired: dict[tuple[int, str], Paired]
+    failed: list[Run]
+    missing: list[Run]
+    checkpoint: str
+    n_runs: int
+    interrupted: list[Run]
+    collapsed: list[Run]
+    steps: dict[tuple[int, str], Steps]
+    baseline: dict[int, Cell]
+    selections: dict[str | None, int]
+    group_selections: dict[tuple[int, str], tuple[str, ...]]
+
+
+def _cell(values: list[float], collapsed: int = 0) -> Cell:
+    arr = np.asarray(values, dtype=np.float64)
+    std = float(arr.std(ddof=1)) if arr.size > 1 else float("nan")
+    return Cell(mean=float(arr.mean()), std=std, n=int(arr.size), collapsed=collapsed)
+
+
+def paired_difference(scratch: dict[tuple, float], pretrained: dict[tuple, float]) -> Paired | None:
+    """Pretrained − scratch over the keys (fold, seed) both have; None when they share none.
+
+    The p-value is the paired t-test's (scipy ``ttest_rel``), or None with a note when the test is
+    undefined: a single pair, or differences that are all equal (to :data:`ZERO_SPREAD`) — a
+    constant difference, however large, is no evidence about its variance, so no p is invented.
+    """
+    keys = sorted(set(scratch) & set(pretrained), key=str)
+    if not keys:
+        return None
+    diff = np.asarray([pretrained[k] - scratch[k] for k in keys], dtype=np.float64)
+    std = float(diff.std(ddof=1)) if diff.size > 1 else float("nan")
+    p_value: float | None = None
+    note: str | None = None
+    if diff.size < 2:
+        note = "one fold completed by both inits: a paired t-test needs two"
+    elif float(np.ptp(diff)) <= ZERO_SPREAD:
+        note = (
+            f"the {diff.size} paired differences are all equal (zero variance): "
+            "a paired t-test is undefined"
+        )
+    else:
+        from scipy.stats import ttest_rel
+
+        p = float(ttest_rel([pretrained[k] for k in keys], [scratch[k] for k in keys]).pvalue)
+        if np.isfinite(p):
+            p_value = p
+        else:
+            note = "the paired t-test returned no finite p-value"
+    return Paired(mean=float(diff.mean()), std=std, n=int(diff.size), p_value=p_value, p_note=note)
+
+
+def _median(values: list[int]) -> float | None:
+    return float(np.median(values)) if values else None
+
+
+def _unique_missing(missing: list[Run]) -> list[Run]:
+    """One entry per grid point: an orphan run folder and the grid's expectation may name the
+    same one."""
+    seen: set[tuple] = set()
+    out = []
+    for r in missing:
+        key = (r.init, r.labeled_size, r.fold, r.seed) if r.labeled_size is not None else (r.name,)
+        if key not in seen:
+            seen.add(key)
+            out.append(r)
+    return out
+
+
+def summarize(runs: Iterable[Run], checkpoint: str = "best") -> Report:
+    """Group runs into the table: mean ± std over folds per (size, init, metric), paired diffs."""
+    runs = list(runs)
+    completed = [r for r in runs if r.status == "completed" and r.labeled_size is not None]
+    if not completed:
+        names = ", ".join(r.name for r in runs[:5]) or "none"
+        raise ReportError(
+            f"no completed fine-tuning run found (runs seen: {len(runs)}; e.g. {names}); "
+            "expected results.json files with status 'completed' and init pretrained|scratch"
+        )
+    missing = _unique_missing([r for r in runs if r.status == "missing"] + expected_missing(runs))
+    sizes = sorted({r.labeled_size for r in completed if r.labeled_size is not None})
+    cells: dict[tuple[int, str, str], Cell] = {}
+    paired: dict[tuple[int, str], Paired] = {}
+    steps: dict[tuple[int, str], Steps] = {}
+    baseline: dict[int, Cell] = {}
+    for size in sizes:
+        at_size = [r for r in completed if r.labeled_size == size]
+        for init in INITS:
+            group = [r for r in at_size if r.init == init]
+            if group:
+                steps[(size, init)] = Steps(
+                    selected=_median(
+                        [r.steps_selected for r in group if r.steps_selected is not None]
+                    ),
+                    last=_median([r.steps_last for r in group if r.steps_last is not None]),
+                )
+        base = [r.baseline_f1 for r in at_size if r.baseline_f1 is not None]
+        if base:
+            baseline[size] = _cell(base)
+        for metric in METRICS:
+            by_init: dict[str, dict[tuple, float]] = {}
+            for init in INITS:
+                chosen = {(r.fold, r.seed): r for r in at_size if r.init == init}
+                values = {key: r.metrics[metric] for key, r in chosen.items()}
+                by_init[init] = values
+                if values:
+                    cells[(size, init, metric)] = _cell(
+                        list(values.values()), collapsed=sum(r.collapsed for r in chosen.values())
+                    )
+            pair = paired_difference(by_init["scratch"], by_init["pretrained"])
+            if pair is not None:
+                paired[(size, metric)] = pair
+    return Report(
+        sizes=sizes,
+        cells=cells,
+        paired=paired,
+        failed=[r for r in runs if r.status == "failed"],
+        missing=missing,
+        checkpoint=checkpoint,
+        n_runs=len(completed),
+        interrupted=[r for r in runs if r.status == "interrupted"],
+        collapsed=[r for r in completed if r.collapsed],
+        steps=steps,
+        baseline=baseline,
+        selections=dict(Counter(r.selection for r in completed)),
+        group_selections={
+            (size, init): tuple(
+                sorted(
+                    {
+                        r.selection
+                        for r in completed
+                        if r.labeled_size == size and r.init == init and r.selection is not None
+                    }
+                )
+            )
+            for (size, init) in steps
+        },
+    )

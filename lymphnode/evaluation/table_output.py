@@ -1,0 +1,315 @@
+"""The results table's files: ``table.md``, ``table.csv``, ``f1_vs_labels.png`` (and wandb).
+
+Markdown rows are labeled sizes (200 first, as the paper); a cell is ``mean ± std (n=folds)`` in
+percent, with ``, k collapsed`` when k of its runs predicted no tumour. Under the table: which
+checkpoint the metrics are from (``selection``), the median optimizer steps, why a p-value is n/a,
+and the collapsed, failed, interrupted and missing runs by name. CSV rows are (labeled_size, init,
+metric) in fractions; paired differences have init ``pretrained-scratch``, the all-tumour baseline
+init ``all_tumour_baseline``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import tempfile
+from pathlib import Path
+
+from lymphnode.evaluation.runs import INITS, METRICS, Run
+from lymphnode.evaluation.table import Cell, Paired, Report
+
+INIT_TITLES = {"scratch": "Without pretraining", "pretrained": "With pretraining"}
+
+#: The paper's published Figure 3 (percent), for ``--paper``: size -> init -> metric -> value.
+PAPER_TABLE: dict[int, dict[str, dict[str, float]]] = {
+    200: {
+        "scratch": {"precision": 57.71, "recall": 88.76, "f1": 69.94},
+        "pretrained": {"precision": 59.37, "recall": 89.83, "f1": 71.49},
+    },
+    120: {
+        "scratch": {"precision": 54.65, "recall": 81.0, "f1": 65.26},
+        "pretrained": {"precision": 55.35, "recall": 84.79, "f1": 66.981},
+    },
+    80: {
+        "scratch": {"precision": 49.87, "recall": 85.63, "f1": 63.18},
+        "pretrained": {"precision": 56.56, "recall": 87.22, "f1": 68.62},
+    },
+    40: {
+        "scratch": {"precision": 41.12, "recall": 76.8, "f1": 53.58},
+        "pretrained": {"precision": 46.71, "recall": 77.06, "f1": 58.16},
+    },
+}
+
+
+#: CSV columns, in order (the first seven are the original ones).
+CSV_COLUMNS: tuple[str, ...] = (
+    "labeled_size", "init", "metric", "mean", "std", "n", "p_value",
+    "p_note", "collapsed", "selection", "median_selected_step", "median_last_step",
+)  # fmt: skip
+
+
+def _fmt_cell(cell: Cell | None) -> str:
+    if cell is None:
+        return "–"
+    std = "–" if math.isnan(cell.std) else f"{100 * cell.std:.1f}"
+    collapsed = f", {cell.collapsed} collapsed" if cell.collapsed else ""
+    return f"{100 * cell.mean:.1f} ± {std} (n={cell.n}{collapsed})"
+
+
+def _fmt_paired(pair: Paired | None) -> str:
+    if pair is None:
+        return "–"
+    p = "n/a" if pair.p_value is None else f"{pair.p_value:.3f}"
+    return f"{100 * pair.mean:+.1f} (p={p}, n={pair.n})"
+
+
+def _fmt_step(value: float | None) -> str:
+    return "–" if value is None else f"{value:g}"
+
+
+def _selection_line(report: Report) -> str:
+    if report.checkpoint == "last":
+        return "Checkpoint: the last one (metrics_last) of every run."
+    parts = [
+        f"{name if name is not None else 'not recorded'} ({count} run{'s' if count != 1 else ''})"
+        for name, count in sorted(report.selections.items(), key=lambda kv: str(kv[0]))
+    ]
+    return "Checkpoint selection: " + ", ".join(parts) + "."
+
+
+def _steps_lines(report: Report) -> list[str]:
+    if not any(s.selected is not None or s.last is not None for s in report.steps.values()):
+        return []
+    lines = ["Median optimizer step (selected / last checkpoint):"]
+    for size in sorted(report.sizes, reverse=True):
+        groups = [
+            f"{init} {_fmt_step(report.steps[(size, init)].selected)} / "
+            f"{_fmt_step(report.steps[(size, init)].last)}"
+            for init in INITS
+            if (size, init) in report.steps
+        ]
+        lines.append(f"- {size}: " + ", ".join(groups))
+    return lines
+
+
+def _run_list(title: str, runs: list[Run], default: str) -> list[str]:
+    if not runs:
+        return []
+    return ["", f"{title} ({len(runs)}, not averaged):"] + [
+        f"- {r.name}: {r.error or default}" for r in runs
+    ]
+
+
+def to_markdown(report: Report, paper: bool = False) -> str:
+    """The table as Markdown (percent), followed by its notes and the runs not averaged."""
+    header = ["Labeled patches"]
+    for init in INITS:
+        for metric in METRICS:
+            header.append(
+                f"{INIT_TITLES[init]}: {metric.capitalize() if metric != 'f1' else 'F1'} (%)"
+            )
+    header.append("Δ F1 pretrained − scratch (paired t-test)")
+    if report.baseline:
+        header.append("All-tumour baseline F1 (%)")
+    if paper:
+        header += [f"Paper {('scratch' if i == 'scratch' else 'pretrained')} F1 (%)" for i in INITS]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for size in sorted(report.sizes, reverse=True):  # the paper lists 200 first
+        row = [str(size)]
+        for init in INITS:
+            for metric in METRICS:
+                row.append(_fmt_cell(report.cells.get((size, init, metric))))
+        row.append(_fmt_paired(report.paired.get((size, "f1"))))
+        if report.baseline:
+            row.append(_fmt_cell(report.baseline.get(size)))
+        if paper:
+            for init in INITS:
+                value = PAPER_TABLE.get(size, {}).get(init, {}).get("f1")
+                row.append("–" if value is None else f"{value:.2f}")
+        lines.append("| " + " | ".join(row) + " |")
+    lines.append("")
+    lines.append(
+        f"Test-set pixel metrics of the {report.checkpoint} checkpoint, mean ± sample std over folds "
+        f"(n = folds), {report.n_runs} completed runs."
+    )
+    lines.append(_selection_line(report))
+    for size in sorted(report.sizes, reverse=True):
+        pair = report.paired.get((size, "f1"))
+        if pair is not None and pair.p_note:
+            lines.append(f"p = n/a at {size}: {pair.p_note}.")
+    steps = _steps_lines(report)
+    if steps:
+        lines += ["", *steps]
+    if report.collapsed:
+        lines.append("")
+        lines.append(
+            f"Collapsed runs ({len(report.collapsed)}, test recall 0: no tumour predicted; "
+            "averaged, and counted in their cells):"
+        )
+        lines += [f"- {r.name}" for r in report.collapsed]
+    lines += _run_list("Failed runs", report.failed, "no error message")
+    lines += _run_list(
+        "Interrupted runs", report.interrupted, "stopped before the end (max_time / SIGTERM)"
+    )
+    lines += _run_list("Missing runs", report.missing, "no results.json")
+    return "\n".join(lines) + "\n"
+
+
+def _selection_of(report: Report, size: int, init: str) -> str:
+    """The selections of the runs behind a (size, init) cell, ';'-joined ('' when unrecorded)."""
+    return ";".join(report.group_selections.get((size, init), ()))
+
+
+def to_csv(report: Report) -> str:
+    """One row per (size, init, metric) with mean, std, n in fractions; paired rows with
+    init=pretrained-scratch (p_value, or p_note when there is none); baseline rows with
+    init=all_tumour_baseline; per (size, init) the collapsed count, selection and median steps."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    for size in report.sizes:
+        for init in INITS:
+            steps = report.steps.get((size, init))
+            for metric in METRICS:
+                cell = report.cells.get((size, init, metric))
+                if cell is not None:
+                    writer.writerow(
+                        [
+                            size, init, metric, f"{cell.mean:.6f}", f"{cell.std:.6f}", cell.n, "",
+                            "", cell.collapsed, _selection_of(report, size, init),
+                            _fmt_csv_step(steps.selected if steps else None),
+                            _fmt_csv_step(steps.last if steps else None),
+                        ]
+                    )  # fmt: skip
+        for metric in METRICS:
+            pair = report.paired.get((size, metric))
+            if pair is not None:
+                p = "" if pair.p_value is None else f"{pair.p_value:.6g}"
+                writer.writerow(
+                    [
+                        size, "pretrained-scratch", metric, f"{pair.mean:.6f}", f"{pair.std:.6f}",
+                        pair.n, p, pair.p_note or "", "", "", "", "",
+                    ]
+                )  # fmt: skip
+        base = report.baseline.get(size)
+        if base is not None:
+            writer.writerow(
+                [size, "all_tumour_baseline", "f1", f"{base.mean:.6f}", f"{base.std:.6f}", base.n,
+                 "", "", "", "", "", ""]
+            )  # fmt: skip
+    return buf.getvalue()
+
+
+def _fmt_csv_step(value: float | None) -> str:
+    return "" if value is None else f"{value:g}"
+
+
+def plot(report: Report, path: Path, paper: bool = False) -> None:
+    """F1 and recall (percent) vs labeled size for both inits with std error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharex=True)
+    colours = {"scratch": "tab:gray", "pretrained": "tab:red"}
+    for ax, metric in zip(axes, ("f1", "recall")):
+        for init in INITS:
+            sizes = [s for s in report.sizes if (s, init, metric) in report.cells]
+            if not sizes:
+                continue
+            cells = [report.cells[(s, init, metric)] for s in sizes]
+            ax.errorbar(
+                sizes,
+                [100 * c.mean for c in cells],
+                yerr=[0.0 if math.isnan(c.std) else 100 * c.std for c in cells],
+                marker="o",
+                capsize=4,
+                color=colours[init],
+                label=INIT_TITLES[init].lower(),
+            )
+            if paper:
+                ps = sorted(PAPER_TABLE)
+                ax.plot(
+                    ps,
+                    [PAPER_TABLE[s][init][metric] for s in ps],
+                    linestyle="--",
+                    marker="x",
+                    color=colours[init],
+                    alpha=0.6,
+                    label=f"paper, {INIT_TITLES[init].lower()}",
+                )
+        ax.set_xlabel("labeled patches")
+        ax.set_ylabel(f"test pixel {'F1' if metric == 'f1' else metric} (%)")
+        ax.set_xticks(report.sizes)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Pretrained vs scratch: mean ± std over folds")
+    fig.tight_layout()
+    _atomic_save_fig(fig, path)
+    plt.close(fig)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _atomic_save_fig(fig, path: Path) -> None:  # type: ignore[no-untyped-def]
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=120)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_report(report: Report, out_dir: str | Path, paper: bool = False) -> dict[str, Path]:
+    """Write table.md, table.csv and f1_vs_labels.png into ``out_dir``; returns their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"md": out / "table.md", "csv": out / "table.csv", "plot": out / "f1_vs_labels.png"}
+    _atomic_write(paths["md"], to_markdown(report, paper=paper))
+    _atomic_write(paths["csv"], to_csv(report))
+    plot(report, paths["plot"], paper=paper)
+    return paths
+
+
+def log_to_wandb(report: Report, paths: dict[str, Path], project: str = "lymphnode") -> None:
+    """Log the table and plot to a wandb summary run (offline unless WANDB_MODE says otherwise)."""
+    import wandb
+
+    rows = []
+    for size in report.sizes:
+        for init in INITS:
+            for metric in METRICS:
+                cell = report.cells.get((size, init, metric))
+                if cell is not None:
+                    rows.append([size, init, metric, cell.mean, cell.std, cell.n])
+    run = wandb.init(
+        project=project,
+        job_type="report",
+        mode=os.environ.get("WANDB_MODE", "offline"),  # type: ignore[arg-type]
+        dir=str(paths["md"].parent),
+    )
+    try:
+        run.log(
+            {
+                "report/table": wandb.Table(
+                    columns=["labeled_size", "init", "metric", "mean", "std", "n"], data=rows
+                ),
+                "report/f1_vs_labels": wandb.Image(str(paths["plot"])),
+            }
+        )
+    finally:
+        run.finish()
