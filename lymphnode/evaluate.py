@@ -28,7 +28,8 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig
 
-from lymphnode.core.errors import EvaluationError, LymphnodeError
+from lymphnode.core.boundary import config_dir, hydra_boundary
+from lymphnode.core.errors import EvaluationError
 from lymphnode.evaluation.froc import (
     FP_RATES,
     Detection,
@@ -312,9 +313,11 @@ def _write_outputs(out: Path, summary: dict, detections: dict[str, list[Detectio
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="evaluate")
+@hydra_boundary
 def main(cfg: DictConfig) -> float | None:
-    """Hydra entry point: evaluate, print the headline figures, exit 1 on a lymphnode error."""
+    """Hydra entry point: evaluate and print the headline figures, behind the error boundary of
+    :mod:`lymphnode.core.boundary` (bad input: one ``error:`` line, exit 1)."""
     settings = EvaluationSettings(
         threshold=float(cfg.threshold),
         nms_radius_um=float(cfg.nms_radius_um),
@@ -324,13 +327,9 @@ def main(cfg: DictConfig) -> float | None:
         fp_rates=tuple(float(r) for r in cfg.fp_rates),
     )
     out_dir = cfg.out_dir or cfg.heatmaps
-    try:
-        summary = evaluate(
-            cfg.heatmaps, cfg.annotations, out_dir, reference=cfg.reference, settings=settings
-        )
-    except LymphnodeError as exc:
-        log.error("%s", exc)
-        raise SystemExit(1) from exc
+    summary = evaluate(
+        cfg.heatmaps, cfg.annotations, out_dir, reference=cfg.reference, settings=settings
+    )
 
     def fmt(v: float | None) -> str:
         return "n/a" if v is None else f"{v:.3f}"
