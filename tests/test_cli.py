@@ -282,3 +282,99 @@ def test_a_command_runs_like_python_m(tmp_path: Path) -> None:
     assert via_module.returncode == 0, via_module.stderr
     a = (tmp_path / "a" / "slides" / "tumor_001.tif").read_bytes()
     assert a == (tmp_path / "b" / "slides" / "tumor_001.tif").read_bytes()
+
+
+# --- wandb never touches the network unless configured ------------------------------------------
+WANDB_RUN = textwrap.dedent(
+    """
+    import ipaddress, socket, sys
+    contacted = []
+
+    def audit(event, args):
+        host = None
+        if event == "socket.getaddrinfo":
+            host = args[0]
+        elif event == "socket.connect" and isinstance(args[1], tuple):
+            host = args[1][0]
+        if host is None:
+            return
+        host = host.decode() if isinstance(host, bytes) else str(host)
+        try:
+            if ipaddress.ip_address(host).is_loopback:
+                return
+        except ValueError:
+            if host == "localhost":
+                return
+        contacted.append(f"{event} {host}")
+
+    sys.addaudithook(audit)
+    import lymphnode  # noqa: F401
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+    from lymphnode.core.boundary import config_dir
+
+    with initialize_config_dir(config_dir(), version_base="1.3"):
+        cfg = compose("train", overrides=["logger=wandb", f"run_dir={sys.argv[1]}"])
+    logger = instantiate(cfg.logger.wandb)
+    logger.log_metrics({"val/seg_f1": 0.5}, step=0)
+    print("mode", logger.experiment.settings.mode)
+    logger.experiment.finish()
+    print("contacted", contacted)
+    """
+)
+
+
+def test_wandb_stays_offline_and_resolves_no_host_when_not_configured(tmp_path: Path) -> None:
+    import socket
+
+    proxy = socket.socket()  # any HTTP(S) request of wandb's service would arrive here
+    proxy.bind(("127.0.0.1", 0))
+    proxy.listen(8)
+    proxy.setblocking(False)
+    url = f"http://127.0.0.1:{proxy.getsockname()[1]}"
+    env = {k: v for k, v in ENV.items() if not k.startswith("WANDB_")}  # the user set nothing
+    env.update(HOME=str(tmp_path), HTTP_PROXY=url, HTTPS_PROXY=url, http_proxy=url,
+               https_proxy=url, NO_PROXY="localhost,127.0.0.1", no_proxy="localhost,127.0.0.1")  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-c", WANDB_RUN, str(tmp_path / "run")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "mode offline" in result.stdout
+    assert "contacted []" in result.stdout, result.stdout
+    with pytest.raises(BlockingIOError):
+        proxy.accept()  # nobody connected to the proxy
+    proxy.close()
+    assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+
+
+def test_quiet_third_party_drops_the_known_notices_and_nothing_else() -> None:
+    import warnings
+
+    from lymphnode.core.boundary import quiet_third_party
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_third_party()
+        warnings.warn(
+            "`isinstance(treespec, LeafSpec)` is deprecated, use ...", FutureWarning, stacklevel=2
+        )
+        warnings.warn("The number of training batches (3) is smaller than the logging interval "
+                      "Trainer(log_every_n_steps=50).", UserWarning, stacklevel=2)  # fmt: skip
+        warnings.warn(
+            "Precision bf16-mixed is not supported by the model summary.", UserWarning, stacklevel=2
+        )
+        warnings.warn("a warning about this run", UserWarning, stacklevel=2)
+    assert [str(w.message) for w in caught] == ["a warning about this run"]
+
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())  # type: ignore[method-assign]
+    logger = logging.getLogger("pytorch_lightning.utilities.rank_zero")
+    logger.addHandler(handler)
+    try:
+        logger.warning("💡 Tip: For seamless cloud logging and experiment tracking, try ...")
+        logger.warning("GPU available: False, used: False")
+    finally:
+        logger.removeHandler(handler)
+    assert records == ["GPU available: False, used: False"]

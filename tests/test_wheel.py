@@ -29,8 +29,12 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # "experiment"): the one place to change it.
 EXPERIMENT = "+experiment"
 TINY = ("model.base_width=4", "model.depth=2", "data.num_workers=0", "data.batch_size=4",
-        "logger=csv", "task.log_images_every_n_epochs=0", "trainer.enable_model_summary=false",
-        "trainer.num_sanity_val_steps=0")  # fmt: skip
+        "logger=csv", "task.log_images_every_n_epochs=0", "trainer.num_sanity_val_steps=0")  # fmt: skip
+# What every run printed before issue 8 (filtered once in lymphnode.core.boundary); the pretraining
+# below meets each one's condition: bf16 with the model summary on, fewer batches than
+# log_every_n_steps, Lightning's pytree code, no LitLogger.
+NOTICES = ("LeafSpec", "is not supported by the model summary", "smaller than the logging interval",
+           "litlogger")  # fmt: skip
 # Not copied into the build folder: environments, outputs and caches of the checkout.
 NOT_SOURCES = (".git", ".venv", "outputs", "multirun", "build", "dist", "*.egg-info", "wandb",
                "__pycache__", ".pytest_cache", ".mypy_cache", ".ruff_cache", "lightning_logs")  # fmt: skip
@@ -147,13 +151,18 @@ def test_synth_prepare_pretrain_and_a_debug_finetune_run_from_the_wheel(
               "split.test_slides=[tumor_002]")  # fmt: skip
     for cache in ("unlabeled", "labeled", "test"):
         assert (work / "data" / "caches" / cache / "manifest.json").is_file()
-    lymphnode(venv, work, "train", f"{EXPERIMENT}=pretrain", "paths.root=data", "trainer=cpu",
-              "trainer.max_epochs=1", *TINY)  # fmt: skip
+    pretrain = lymphnode(venv, work, "train", f"{EXPERIMENT}=pretrain", "paths.root=data",
+                         "trainer=cpu", "trainer.max_epochs=1", "trainer.precision=bf16-mixed",
+                         "trainer.log_every_n_steps=50", *TINY)  # fmt: skip
     runs = work / "data" / "runs"
     assert (runs / "pretrain" / "checkpoints" / "best.ckpt").is_file()
     finetune = lymphnode(venv, work, "train", f"{EXPERIMENT}=finetune", "paths.root=data",
-                         "trainer=debug", "data.labeled_size=10", "data.folds=2", *TINY)  # fmt: skip
+                         "trainer=debug", "data.labeled_size=10", "data.folds=2",
+                         "trainer.enable_model_summary=false", *TINY)  # fmt: skip
     assert "initialised from pretrained" in finetune.stdout + finetune.stderr
+    for run in (pretrain, finetune):
+        output = run.stdout + run.stderr
+        assert not [n for n in NOTICES if n in output], output[-5000:]
     results = json.loads(
         (runs / "pretrained" / "size10" / "fold0" / "seed0" / "results.json").read_text()
     )

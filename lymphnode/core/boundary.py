@@ -13,7 +13,9 @@ end the same way:
 - inside a Hydra ``--multirun`` sweep the error is re-raised instead, so that Hydra records the
   failed job, runs the sweep's other jobs and exits non-zero at the end (Hydra's own code, 1).
 
-Log records go through tqdm while the command runs, so that INFO lines do not break progress bars.
+Log records go through tqdm while the command runs, so that INFO lines do not break progress bars,
+and the third-party notices that every run printed (:data:`QUIET_WARNINGS`) are filtered once,
+here.
 Modules whose functions run in worker processes (prepare, synth, the patch cache) import this
 module inside their ``main`` only.
 """
@@ -25,6 +27,7 @@ import functools
 import logging
 import sys
 import traceback
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -47,6 +50,21 @@ _OWN_CONSOLE_LOGGERS = (
     "lightning_fabric",
 )
 
+# Notices that every run printed and that say nothing about the run (issue 8), filtered once here
+# for every command: (message regex, category).
+QUIET_WARNINGS = (
+    # torch 2.13 deprecates building a LeafSpec, which Lightning 2.6's own _pytree still does
+    (r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning),
+    # Lightning's model summary cannot size bf16-mixed weights and says it counts 32 bits instead
+    (r"Precision .* is not supported by the model summary", UserWarning),
+    # a few-label set has fewer batches per epoch than log_every_n_steps; epoch metrics are logged
+    (r"The number of training batches \(\d+\) is smaller than the logging interval", UserWarning),
+)
+# Log lines (start of the message) that are advertisements, not information about the run.
+QUIET_LOG_PREFIXES = ("💡 Tip: For seamless cloud logging",)
+_RANK_ZERO_LOGGERS = ("pytorch_lightning.utilities.rank_zero", "lightning.pytorch.utilities.rank_zero",
+                      "lightning_fabric.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")  # fmt: skip
+
 T = TypeVar("T")
 
 __all__ = [
@@ -58,6 +76,7 @@ __all__ = [
     "config_dir",
     "configure_logging",
     "hydra_boundary",
+    "quiet_third_party",
     "user_error_of",
 ]
 
@@ -100,6 +119,25 @@ def configure_logging(level: int = logging.INFO) -> None:
     logging.basicConfig(level=level, format=LOG_FORMAT)
 
 
+class _DropPrefixes(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(QUIET_LOG_PREFIXES)
+
+
+_DROP_PREFIXES = _DropPrefixes()
+
+
+def quiet_third_party() -> None:
+    """Silence :data:`QUIET_WARNINGS` and :data:`QUIET_LOG_PREFIXES` in this process (idempotent;
+    every boundary calls it, so Hydra launcher workers and DDP processes are quiet too)."""
+    for message, category in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
+    for name in _RANK_ZERO_LOGGERS:
+        logger = logging.getLogger(name)
+        if _DROP_PREFIXES not in logger.filters:
+            logger.addFilter(_DROP_PREFIXES)
+
+
 @contextlib.contextmanager
 def _logs_through_tqdm() -> Iterator[None]:
     """Route every console log handler through ``tqdm.write`` while the command runs, so that a log
@@ -130,6 +168,7 @@ def cli_boundary(main: Callable[..., int]) -> Callable[..., int]:
     @functools.wraps(main)
     def wrapper(*args: Any, **kwargs: Any) -> int:
         configure_logging()
+        quiet_third_party()
         try:
             with _logs_through_tqdm():
                 return main(*args, **kwargs)
@@ -167,6 +206,7 @@ def hydra_boundary(task: Callable[[Any], T]) -> Callable[[Any], T]:
 
     @functools.wraps(task)
     def wrapper(cfg: Any) -> T:
+        quiet_third_party()
         try:
             with _logs_through_tqdm():
                 return task(cfg)
