@@ -6,14 +6,17 @@
     lymphnode report outputs/demo/runs     # = python -m lymphnode.report outputs/demo/runs
 
 The arguments after the command go to that command unchanged (Hydra overrides or argparse options),
-and ``lymphnode <command> --help`` is the command's own help. Only the chosen command's module is
-imported, so ``lymphnode --help`` does not load torch. A new CLI module is one line in
+and ``lymphnode <command> --help`` is the command's own help. A Hydra command becomes
+``python -m lymphnode.<command>`` itself (see :func:`run_command`). Only the chosen command's module
+is imported, so ``lymphnode --help`` does not load torch. A new CLI module is one line in
 :data:`COMMANDS`.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
+import subprocess
 import sys
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -82,15 +85,23 @@ def usage() -> str:
 
 
 def run_command(name: str, args: Sequence[str]) -> int:
-    """Run command ``name`` with its arguments ``args``; returns its exit code (a Hydra command
-    that fails exits through ``SystemExit`` itself, as under ``python -m``)."""
+    """Run command ``name`` with its arguments ``args``; returns its exit code.
+
+    A Hydra command replaces this process with ``python -m lymphnode.<name> args`` (on Windows: runs
+    it and waits), so that it is exactly that command: Lightning's DDP launcher starts the other
+    ranks by re-running ``sys.argv`` (with ``-m`` when ``__main__`` is a module), which must name the
+    command's module, not this dispatcher. An argparse command runs in this process.
+    """
     command = COMMANDS[name]
-    module = importlib.import_module(command.module)
     if command.kind == "argparse":
+        module = importlib.import_module(command.module)
         return int(module.main(list(args)))
-    sys.argv = [f"{PROG} {name}", *args]  # Hydra parses sys.argv
-    module.main()
-    return 0
+    argv = [sys.executable, "-m", command.module, *args]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if os.name == "posix":
+        os.execv(sys.executable, argv)  # does not return
+    return subprocess.call(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

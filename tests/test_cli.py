@@ -378,3 +378,24 @@ def test_quiet_third_party_drops_the_known_notices_and_nothing_else() -> None:
     finally:
         logger.removeHandler(handler)
     assert records == ["GPU available: False, used: False"]
+
+
+def test_a_dispatched_hydra_command_is_what_ddp_rank_processes_rerun(tmp_path: Path) -> None:
+    # Lightning's DDP launcher starts ranks 1..N-1 by re-running this process's command line; under
+    # `lymphnode train ...` that must be `python -m lymphnode.train ...`, not the dispatcher.
+    (tmp_path / "sitecustomize.py").write_text(
+        "import atexit\n"
+        "def _show():\n"
+        "    from lightning_fabric.strategies.launchers.subprocess_script import "
+        "_basic_subprocess_cmd\n"
+        "    print('rerun:', _basic_subprocess_cmd()[1:])\n"
+        "atexit.register(_show)\n"
+    )
+    env = {**ENV, "PYTHONPATH": os.pathsep.join([str(tmp_path), ENV.get("PYTHONPATH", "")])}
+    result = subprocess.run(
+        [sys.executable, "-m", "lymphnode", "synth", "--cfg", "job", "n_tumor=3"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "n_tumor: 3" in result.stdout
+    assert "rerun: ['-m', 'lymphnode.synth', '--cfg', 'job', 'n_tumor=3']" in result.stdout
