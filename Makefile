@@ -9,7 +9,7 @@ DEMO := outputs/demo
 export WANDB_MODE ?= offline
 export NO_ALBUMENTATIONS_UPDATE := 1
 
-.PHONY: help install test test-fast lint demo demo-clean bench
+.PHONY: help install test test-fast test-wheel lint demo demo-clean bench
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -28,6 +28,9 @@ test: install  ## run the whole test suite (what CI runs)
 
 test-fast: install  ## the tests without the slow end-to-end ones
 	$(PY) -m pytest -q -m "not slow"
+
+test-wheel: install  ## build the wheel, install it into a new venv, run the chain from outside the repo
+	$(PY) -m pytest -q tests/test_wheel.py
 
 lint: install  ## ruff + mypy
 	$(VENV)/bin/ruff check lymphnode tests experiments

@@ -10,6 +10,10 @@ import os
 
 # albumentations checks PyPI for a newer release on import; never call home.
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+# wandb only goes online when the user says so (WANDB_MODE=online): even an offline run posts
+# telemetry to the W&B server when the process-wide mode is unset (wandb 0.31's OpenTelemetry proxy
+# reads the global settings, not the run's mode).
+os.environ.setdefault("WANDB_MODE", "offline")
 
 from lymphnode.core.errors import LymphnodeError
 

@@ -21,15 +21,17 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from lymphnode.core.errors import LymphnodeError
+from lymphnode.core.boundary import config_dir, hydra_boundary
 from lymphnode.evaluation.camelyon16 import EvaluationSettings, evaluate
 
 log = logging.getLogger(__name__)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="evaluate")
+@hydra_boundary
 def main(cfg: DictConfig) -> float | None:
-    """Hydra entry point: evaluate, print the headline figures, exit 1 on a lymphnode error."""
+    """Hydra entry point: evaluate and print the headline figures, behind the error boundary of
+    :mod:`lymphnode.core.boundary` (bad input: one ``error:`` line, exit 1)."""
     settings = EvaluationSettings(
         threshold=float(cfg.threshold),
         detection_threshold=float(cfg.detection_threshold),
@@ -40,13 +42,9 @@ def main(cfg: DictConfig) -> float | None:
         fp_rates=tuple(float(r) for r in cfg.fp_rates),
     )
     out_dir = cfg.out_dir or cfg.heatmaps
-    try:
-        summary = evaluate(
-            cfg.heatmaps, cfg.annotations, out_dir, reference=cfg.reference, settings=settings
-        )
-    except LymphnodeError as exc:
-        log.error("%s", exc)
-        raise SystemExit(1) from exc
+    summary = evaluate(
+        cfg.heatmaps, cfg.annotations, out_dir, reference=cfg.reference, settings=settings
+    )
 
     def fmt(v: float | None) -> str:
         return "n/a" if v is None else f"{v:.3f}"

@@ -25,6 +25,7 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from lymphnode.core.boundary import config_dir, hydra_boundary
 from lymphnode.core.errors import ConfigError, LymphnodeError
 from lymphnode.inference.heatmap import heatmap_path, write_heatmap
 from lymphnode.inference.predict import (
@@ -175,38 +176,36 @@ def run_inference(
     return status
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="infer")
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="infer")
+@hydra_boundary
 def main(cfg: DictConfig) -> None:
-    """Hydra entry point; exit code 1 when the checkpoint is bad or any slide failed."""
+    """Hydra entry point behind the error boundary of :mod:`lymphnode.core.boundary`; exit code 1
+    when the checkpoint is bad or any slide failed (each named on stderr)."""
     slides_spec = cfg.slides
     if isinstance(slides_spec, ListConfig):
         slides_spec = OmegaConf.to_container(slides_spec)
-    try:
-        settings = InferenceSettings(
-            patch_size=cfg.patch_size,
-            stride=cfg.stride,
-            downsample=float(cfg.downsample),
-            blend=str(cfg.blend),
-            batch_size=int(cfg.batch_size),
-            num_workers=int(cfg.num_workers),
-            tta=bool(cfg.tta),
-            bf16=bool(cfg.bf16),
-            channels_last=bool(cfg.channels_last),
-            device=str(cfg.device),
-            min_tissue_fraction=float(cfg.min_tissue_fraction),
-            # torch threads on the CPU (None: the cores the workers leave free); read with get() so
-            # that a conf/infer.yaml without the key still composes (`+num_threads=N` then sets it)
-            num_threads=None if cfg.get("num_threads") is None else int(cfg.num_threads),
-        )
-        slides = resolve_slides(slides_spec)  # type: ignore[arg-type]
-        status = run_inference(
-            cfg.checkpoint, slides, cfg.out_dir, annotations=cfg.annotations, settings=settings,
-            overwrite=bool(cfg.overwrite), overlay_max_side=int(cfg.overlay_max_side),
-            progress=bool(cfg.progress),
-        )  # fmt: skip
-    except LymphnodeError as exc:
-        log.error("%s", exc)
-        raise SystemExit(1) from exc
+    settings = InferenceSettings(
+        patch_size=cfg.patch_size,
+        stride=cfg.stride,
+        downsample=float(cfg.downsample),
+        blend=str(cfg.blend),
+        batch_size=int(cfg.batch_size),
+        num_workers=int(cfg.num_workers),
+        tta=bool(cfg.tta),
+        bf16=bool(cfg.bf16),
+        channels_last=bool(cfg.channels_last),
+        device=str(cfg.device),
+        min_tissue_fraction=float(cfg.min_tissue_fraction),
+        # torch threads on the CPU (None: the cores the workers leave free); read with get() so
+        # that a conf/infer.yaml without the key still composes (`+num_threads=N` then sets it)
+        num_threads=None if cfg.get("num_threads") is None else int(cfg.num_threads),
+    )
+    slides = resolve_slides(slides_spec)  # type: ignore[arg-type]
+    status = run_inference(
+        cfg.checkpoint, slides, cfg.out_dir, annotations=cfg.annotations, settings=settings,
+        overwrite=bool(cfg.overwrite), overlay_max_side=int(cfg.overlay_max_side),
+        progress=bool(cfg.progress),
+    )  # fmt: skip
     failed = {k: v for k, v in status.items() if v.startswith("failed")}
     done = sum(v == "done" for v in status.values())
     skipped = sum(v == "skipped" for v in status.values())

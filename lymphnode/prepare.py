@@ -638,22 +638,18 @@ def run(cfg: Any) -> dict[str, Path]:
     )
 
 
-def _app(cfg: Any) -> None:
-    try:
-        run(cfg)
-    except LymphnodeError as exc:
-        log.error("prepare failed: %s", exc)
-        sys.exit(1)
-
-
 def main() -> None:
-    """``python -m lymphnode.prepare [key=value ...]``: a LymphnodeError is logged, exit code 1.
+    """``python -m lymphnode.prepare [key=value ...]`` behind the error boundary of
+    :mod:`lymphnode.core.boundary` (bad input: one ``error:`` line, exit 1; a bug: traceback, 2).
 
     Hydra is imported here, not at module level, so that worker processes do not pay for it.
     """
     import hydra
 
-    hydra.main(version_base="1.3", config_path="../conf", config_name="prepare")(_app)()
+    from lymphnode.core.boundary import config_dir, hydra_boundary
+
+    app = hydra_boundary(run)
+    hydra.main(version_base="1.3", config_path=config_dir(), config_name="prepare")(app)()
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from lymphnode.core.errors import LymphnodeError
 from lymphnode.evaluation.runs import collect_runs
 from lymphnode.evaluation.table import summarize
 from lymphnode.evaluation.table_output import log_to_wandb, write_report
@@ -36,7 +35,14 @@ log = logging.getLogger(__name__)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry point; returns the exit code (1 on a lymphnode error, with its message)."""
+    """CLI entry point behind the error boundary of :mod:`lymphnode.core.boundary`; returns the
+    exit code (1 on a lymphnode error, with one ``error:`` line; 2 on a bug, with the traceback)."""
+    from lymphnode.core.boundary import cli_boundary
+
+    return cli_boundary(_main)(argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m lymphnode.report",
         description="The results table (pretrained vs scratch by labeled size) of a sweep.",
@@ -53,17 +59,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--wandb", action="store_true", help="log table and plot to wandb")
     parser.add_argument("--wandb-project", default="lymphnode")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        runs = collect_runs(args.sweep_dirs, checkpoint=args.checkpoint)
-        report = summarize(runs, checkpoint=args.checkpoint)
-        out = Path(args.out) if args.out else Path(args.sweep_dirs[0]) / "report"
-        paths = write_report(report, out, paper=args.paper)
-        if args.wandb:
-            log_to_wandb(report, paths, project=args.wandb_project)
-    except LymphnodeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    runs = collect_runs(args.sweep_dirs, checkpoint=args.checkpoint)
+    report = summarize(runs, checkpoint=args.checkpoint)
+    out = Path(args.out) if args.out else Path(args.sweep_dirs[0]) / "report"
+    paths = write_report(report, out, paper=args.paper)
+    if args.wandb:
+        log_to_wandb(report, paths, project=args.wandb_project)
     sys.stdout.write(paths["md"].read_text())
     print(f"\nwrote {paths['md']}, {paths['csv']} and {paths['plot']}")
     return 0

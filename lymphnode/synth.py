@@ -41,7 +41,6 @@ import math
 import multiprocessing
 import os
 import secrets
-import sys
 import time
 import zlib
 from collections.abc import Callable, Sequence
@@ -54,7 +53,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from lymphnode.core.errors import ConfigError, LymphnodeError
+from lymphnode.core.errors import ConfigError
 from lymphnode.wsi.annotations import Annotations, write_asap
 from lymphnode.wsi.pyramid import write_pyramid
 
@@ -1043,21 +1042,17 @@ def generate_slides(
 def _main(cfg: Any) -> None:
     """The Hydra entry point: ``python -m lymphnode.synth [key=value ...]``."""
     t0 = time.perf_counter()
-    try:
-        manifest = generate_slides(
-            cfg.out_dir,
-            n_tumor=cfg.n_tumor,
-            n_normal=cfg.n_normal,
-            width=cfg.width,
-            height=cfg.height,
-            seed=cfg.seed,
-            mpp=cfg.mpp,
-            workers=cfg.workers,
-            overwrite=cfg.overwrite,
-        )
-    except LymphnodeError as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(1) from err
+    manifest = generate_slides(
+        cfg.out_dir,
+        n_tumor=cfg.n_tumor,
+        n_normal=cfg.n_normal,
+        width=cfg.width,
+        height=cfg.height,
+        seed=cfg.seed,
+        mpp=cfg.mpp,
+        workers=cfg.workers,
+        overwrite=cfg.overwrite,
+    )
     slides = manifest["slides"]
     fractions = [s["tumor_fraction"] for s in slides.values() if s.get("tumor")]
     print(
@@ -1069,9 +1064,15 @@ def _main(cfg: Any) -> None:
 
 
 def main() -> None:
+    """``python -m lymphnode.synth [key=value ...]`` behind the error boundary of
+    :mod:`lymphnode.core.boundary` (bad input: one ``error:`` line, exit 1; a bug: traceback, 2).
+    Hydra is imported here so that the slide workers do not pay for it."""
     import hydra
 
-    hydra.main(version_base=None, config_path="../conf", config_name="synth")(_main)()
+    from lymphnode.core.boundary import config_dir, hydra_boundary
+
+    app = hydra_boundary(_main)
+    hydra.main(version_base=None, config_path=config_dir(), config_name="synth")(app)()
 
 
 __all__ = [

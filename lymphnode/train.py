@@ -19,7 +19,6 @@ import json
 import logging
 import math
 import os
-import sys
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -30,14 +29,14 @@ import hydra
 import pytorch_lightning as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.loggers import Logger, WandbLogger
 from pytorch_lightning.utilities import rank_zero_only
 
-from lymphnode.core.errors import CheckpointError, ConfigError, LymphnodeError
+from lymphnode.core.boundary import config_dir, hydra_boundary
+from lymphnode.core.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -414,20 +413,14 @@ def train(cfg: DictConfig) -> float:
     return value
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
+@hydra_boundary
 def main(cfg: DictConfig) -> float:
-    """The CLI: ``train(cfg)``. A LymphnodeError is logged without a traceback and exits with
-    code 1; in a ``--multirun`` sweep it is re-raised instead, so that Hydra runs the sweep's
-    other jobs first and then exits non-zero (each failed run has its results.json)."""
-    hydra_cfg = HydraConfig.get()
-    try:
-        check_override_order(list(hydra_cfg.overrides.task))
-        return train(cfg)
-    except LymphnodeError as err:
-        log.error("%s: %s", type(err).__name__, err)
-        if hydra_cfg.mode == RunMode.MULTIRUN:
-            raise
-        sys.exit(1)
+    """The CLI: ``train(cfg)`` behind the error boundary of :mod:`lymphnode.core.boundary` (bad
+    input: one line, exit 1; in a ``--multirun`` sweep the failed job is recorded, the others run
+    and the sweep exits non-zero; each failed run has its results.json)."""
+    check_override_order(list(HydraConfig.get().overrides.task))
+    return train(cfg)
 
 
 if __name__ == "__main__":

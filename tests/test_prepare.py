@@ -273,13 +273,13 @@ def test_a_slide_that_vanished_is_a_slide_error(data: Path) -> None:
     (data / "slides" / "zz_gone.tif").symlink_to(data / "no-such-file.tif")
     result = prepare(data)
     failed(result, r"zz_gone\.tif")
-    failed(result, r"prepare failed: .*(does not exist|not found|No such file)")
+    failed(result, r"error: .*(does not exist|not found|No such file)")
 
 
 def test_an_unopenable_slide_is_named_and_finished_slides_are_kept(data: Path) -> None:
     (data / "slides" / "zz_notes.tif").write_text("not a slide\n")
     result = prepare(data)
-    failed(result, r"prepare failed: cannot open slide .*zz_notes\.tif: it is not a slide format")
+    failed(result, r"error: cannot open slide .*zz_notes\.tif: it is not a slide format")
     kept = PatchCache(data / "caches" / "unlabeled")
     assert set(kept.slides) == {"normal_001", "tumor_001", "tumor_002"}  # the earlier slides
     no_temp_left(data / "caches")
@@ -288,7 +288,7 @@ def test_an_unopenable_slide_is_named_and_finished_slides_are_kept(data: Path) -
 def test_a_truncated_slide_is_named(data: Path, synthetic: Path) -> None:
     whole = (synthetic / "slides" / "normal_001.tif").read_bytes()
     (data / "slides" / "zz_cut.tif").write_bytes(whole[: len(whole) // 2])
-    failed(prepare(data), r"prepare failed: .*zz_cut\.tif.*truncated")
+    failed(prepare(data), r"error: .*zz_cut\.tif.*truncated")
     no_temp_left(data / "caches")
 
 
@@ -300,7 +300,7 @@ def test_a_stripped_tiff_is_named(data: Path) -> None:
 def test_malformed_xml_is_named(data: Path) -> None:
     (data / "annotations" / "tumor_001.xml").unlink()
     (data / "annotations" / "tumor_001.xml").write_text("<ASAP_Annotations><Annotations>")
-    failed(prepare(data), r"prepare failed: .*annotations/tumor_001\.xml")
+    failed(prepare(data), r"error: .*annotations/tumor_001\.xml")
 
 
 def test_an_xml_entity_bomb_is_refused(data: Path) -> None:
@@ -344,7 +344,7 @@ def test_a_tumor_quota_no_slide_can_meet_is_a_sampling_error(data: Path) -> None
     result = prepare(data, "sampling.max_tries=300")
     failed(
         result,
-        r"prepare failed: slide .*tumor_00\d\.tif \((labeled|test) cache\): could not sample",
+        r"error: slide .*tumor_00\d\.tif \((labeled|test) cache\): could not sample",
     )
     failed(result, r"found tumor 0/\d+, non-tumor \d+/\d+")
 

@@ -55,7 +55,7 @@ from typing import Any
 import imagecodecs
 import numpy as np
 
-from lymphnode.core.errors import CacheError, ConfigError, LymphnodeError
+from lymphnode.core.errors import CacheError, ConfigError
 
 try:  # POSIX: serialises manifest updates between writer processes (job arrays, process pools)
     import fcntl
@@ -1314,7 +1314,14 @@ def _folder_bytes(path: Path) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m lymphnode.cache import|info ...``; returns the exit status."""
+    """``python -m lymphnode.cache import|info ...`` behind the error boundary of
+    :mod:`lymphnode.core.boundary`; returns the exit status (1: bad input, 2: a bug)."""
+    from lymphnode.core.boundary import cli_boundary
+
+    return cli_boundary(_main)(argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m lymphnode.cache", description="Patch caches: import a folder, inspect."
     )
@@ -1341,24 +1348,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     info.add_argument("cache", type=Path)
     info.add_argument("--verify", action="store_true", help="check every file's SHA-256")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        if args.command == "import":
-            cache = import_patch_folder(
-                args.images,
-                args.out,
-                masks_dir=args.masks,
-                slide_pattern=args.pattern,
-                codec=args.codec,
-                label_from_mask=args.label_from_mask,
-                quality=args.quality,
-                force=args.force,
-            )
-        else:
-            cache = PatchCache(args.cache, verify=args.verify)
-    except LymphnodeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    if args.command == "import":
+        cache = import_patch_folder(
+            args.images,
+            args.out,
+            masks_dir=args.masks,
+            slide_pattern=args.pattern,
+            codec=args.codec,
+            label_from_mask=args.label_from_mask,
+            quality=args.quality,
+            force=args.force,
+        )
+    else:
+        cache = PatchCache(args.cache, verify=args.verify)
     labels = cache.labels
     size = _folder_bytes(cache.path)
     print(

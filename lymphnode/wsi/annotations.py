@@ -35,7 +35,7 @@ import defusedxml
 import defusedxml.ElementTree as SafeET
 import numpy as np
 
-from lymphnode.core.errors import AnnotationError, LymphnodeError, SlideError
+from lymphnode.core.errors import AnnotationError, SlideError
 
 log = logging.getLogger(__name__)
 
@@ -606,7 +606,14 @@ def to_mask(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m lymphnode.annotations to-mask SLIDE XML OUT.tif [--level N]``; returns the exit code."""
+    """``python -m lymphnode.annotations to-mask SLIDE XML OUT.tif [--level N]`` behind the error
+    boundary of :mod:`lymphnode.core.boundary`; returns the exit code (1: bad input, 2: a bug)."""
+    from lymphnode.core.boundary import cli_boundary
+
+    return cli_boundary(_main)(argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m lymphnode.annotations",
         description="Tools for ASAP XML lesion annotations (CAMELYON16/17).",
@@ -625,12 +632,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--level", type=int, default=0, help="slide level whose pixel grid the mask uses (0)"
     )
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         out = to_mask(args.slide, args.xml, args.out, level=args.level)
-    except (LymphnodeError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except OSError as e:  # e.g. the output folder is missing or not writable
+        raise AnnotationError(f"{args.out}: cannot write the mask: {e}") from e
     print(f"wrote {out}")
     return 0
 
