@@ -30,12 +30,9 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from lymphnode.core.errors import ConfigError, LymphnodeError
 from lymphnode.inference.heatmap import heatmap_path, write_heatmap
-from lymphnode.inference.predict import (
-    InferenceSettings,
-    predict_slide,
-    render_overlay,
-    scratch_dir,
-)
+from lymphnode.inference.overlay import render_overlay
+from lymphnode.inference.predict import predict_slide, scratch_dir
+from lymphnode.inference.settings import InferenceSettings
 from lymphnode.wsi.slide import SLIDE_SUFFIXES
 
 log = logging.getLogger(__name__)

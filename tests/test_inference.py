@@ -9,14 +9,10 @@ import pytest
 import torch
 
 from lymphnode.core.errors import ConfigError
-from lymphnode.inference.predict import (
-    HeatmapStitcher,
-    _d4,
-    _d4_inverse,
-    resolve_device,
-    tile_grid,
-    tile_probabilities,
-)
+from lymphnode.inference.grid import tile_grid
+from lymphnode.inference.predict import _d4, _d4_inverse, tile_probabilities
+from lymphnode.inference.settings import resolve_device
+from lymphnode.inference.stitch import HeatmapStitcher
 from lymphnode.wsi.tissue import TissueMask
 
 

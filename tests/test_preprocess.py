@@ -13,13 +13,10 @@ import torch
 
 from lymphnode.core.errors import ConfigError
 from lymphnode.data import FinetuneDataModule
-from lymphnode.inference.predict import (
-    HeatmapStitcher,
-    InferenceSettings,
-    TileDataset,
-    run_tiles,
-    tile_loader,
-)
+from lymphnode.inference.grid import TileDataset, tile_loader
+from lymphnode.inference.predict import run_tiles
+from lymphnode.inference.settings import InferenceSettings
+from lymphnode.inference.stitch import HeatmapStitcher
 from lymphnode.models.checkpoint import load_inference_model, read_preprocess
 from lymphnode.models.preprocess import Preprocess
 from lymphnode.models.stain import ReinhardNormalizer

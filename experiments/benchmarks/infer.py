@@ -56,18 +56,10 @@ import numpy as np
 import tifffile
 import torch
 
-from lymphnode.inference.predict import (
-    HeatmapStitcher,
-    InferenceSettings,
-    TileDataset,
-    available_cpus,
-    model_threads,
-    plan_slide,
-    predict_slide,
-    resolve_device,
-    run_tiles,
-    tile_loader,
-)
+from lymphnode.inference.grid import TileDataset, plan_slide, tile_loader
+from lymphnode.inference.predict import available_cpus, model_threads, predict_slide, run_tiles
+from lymphnode.inference.settings import InferenceSettings, resolve_device
+from lymphnode.inference.stitch import HeatmapStitcher
 from lymphnode.models.preprocess import Preprocess
 from lymphnode.tasks import MultiTaskModule
 from lymphnode.wsi.pyramid import pyramid_shapes
