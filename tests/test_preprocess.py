@@ -163,6 +163,9 @@ def test_normalize_is_the_documented_affine_on_any_layout() -> None:
     assert out.is_contiguous()
     nhwc = contract.normalize(rgb, channels_last=True)
     assert torch.equal(nhwc, out) and nhwc.is_contiguous(memory_format=torch.channels_last)
+    # one numpy patch (the table lookup of DataLoader workers) = the tensor path, bit for bit
+    assert torch.equal(contract.normalize(rgb[1]), out[1])
+    assert torch.equal(contract.normalize(torch.from_numpy(rgb[1])), out[1])
     unit = torch.from_numpy(rgb).permute(0, 3, 1, 2).float() / 255.0
     torch.testing.assert_close(contract.denormalize(out), unit, rtol=0, atol=1e-6)
 
