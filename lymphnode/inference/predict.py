@@ -73,7 +73,8 @@ def tile_probabilities(model: torch.nn.Module, batch: torch.Tensor, *, tta: bool
     total: torch.Tensor | None = None
     with autocast:
         for k in transforms:
-            prob = _d4_inverse(model.probabilities(_d4(batch, k)).float(), k)  # (B, 1, H, W)
+            probs = model.probabilities(_d4(batch, k))  # type: ignore[operator]  # (B, 1, H, W)
+            prob = _d4_inverse(probs.float(), k)
             total = prob if total is None else total + prob
     assert total is not None
     return (total / len(transforms))[:, 0].float()

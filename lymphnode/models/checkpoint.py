@@ -146,7 +146,8 @@ def checkpoint_parts(ckpt: Mapping[str, Any], path: str | Path) -> CheckpointPar
     path = Path(path)
     hparams = ckpt.get("hyper_parameters")
     state = ckpt.get("state_dict")
-    record = ckpt.get("lymphnode") if isinstance(ckpt.get("lymphnode"), Mapping) else {}
+    found = ckpt.get("lymphnode")
+    record: Mapping[str, Any] = found if isinstance(found, Mapping) else {}
     expected = "expected one written by a lymphnode task module (lymphnode.tasks)"
     if not isinstance(hparams, Mapping):
         raise CheckpointError(
