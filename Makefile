@@ -42,8 +42,8 @@ demo: install  ## the whole chain on synthetic slides under outputs/demo (reuses
 	$(PY) -m lymphnode.prepare paths.root=$(DEMO) level=1 patch_size=128 codec=raw \
 		counts.unlabeled=100 counts.labeled=40 counts.test=40
 	@test -f $(DEMO)/runs/pretrain/results.json || \
-		$(PY) -m lymphnode.train +experiment=pretrain +profile=demo
-	$(PY) -m lymphnode.train --multirun +experiment=table +profile=demo
+		$(PY) -m lymphnode.train experiment=pretrain profile=demo
+	$(PY) -m lymphnode.train --multirun experiment=table profile=demo
 	$(PY) -m lymphnode.report $(DEMO)/runs --out $(DEMO)/report --paper
 	$(PY) -m lymphnode.infer checkpoint=$(DEMO)/runs/pretrained/size200/fold0/seed0/checkpoints/best.ckpt \
 		slides=split:$(DEMO)/caches/split.json annotations=$(DEMO)/annotations out_dir=$(DEMO)/wsi

@@ -2,7 +2,7 @@
 
     lymphnode --help                       # the commands, one line each
     lymphnode synth out_dir=outputs/demo   # = python -m lymphnode.synth out_dir=outputs/demo
-    lymphnode train +experiment=pretrain   # = python -m lymphnode.train +experiment=pretrain
+    lymphnode train experiment=pretrain   # = python -m lymphnode.train experiment=pretrain
     lymphnode report outputs/demo/runs     # = python -m lymphnode.report outputs/demo/runs
 
 The arguments after the command go to that command unchanged (Hydra overrides or argparse options),
@@ -45,7 +45,7 @@ COMMANDS: dict[str, Command] = {
     "train": Command(
         "lymphnode.train",
         "hydra",
-        "one run: +experiment=pretrain|finetune|scratch; --multirun for the sweeps",
+        "one run: experiment=pretrain|finetune|scratch; --multirun for the sweeps",
     ),
     "report": Command(
         "lymphnode.report", "argparse", "results table (Markdown + CSV) and F1 plot of a sweep"

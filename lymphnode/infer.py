@@ -1,6 +1,9 @@
 """``python -m lymphnode.infer checkpoint=CKPT slides=[...] out_dir=DIR [annotations=DIR]``
 
-Whole-slide tumor-probability heatmaps from a fine-tuned checkpoint (see :mod:`lymphnode.inference.predict`).
+Whole-slide tumor-probability heatmaps from a fine-tuned checkpoint (see :mod:`lymphnode.inference.predict`):
+tiles are read and normalised by the checkpoint's preprocessing contract (level, patch size, stain
+normalisation, normalisation; :mod:`lymphnode.models.preprocess`), exactly as its test patches were,
+and the task module gives the probabilities.
 Per slide, into ``out_dir``: ``<slide>.heatmap.tif`` (pyramidal, opens in OpenSlide and QuPath;
 input of ``lymphnode.evaluate``) and ``<slide>.overlay.png`` (thumbnail with the heatmap and, when
 ``annotations`` holds ``<slide>.xml``, the lesion outlines). Resumable: slides whose outputs exist are
@@ -28,12 +31,9 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from lymphnode.core.boundary import config_dir, hydra_boundary
 from lymphnode.core.errors import ConfigError, LymphnodeError
 from lymphnode.inference.heatmap import heatmap_path, write_heatmap
-from lymphnode.inference.predict import (
-    InferenceSettings,
-    predict_slide,
-    render_overlay,
-    scratch_dir,
-)
+from lymphnode.inference.overlay import render_overlay
+from lymphnode.inference.predict import predict_slide, scratch_dir
+from lymphnode.inference.settings import InferenceSettings
 from lymphnode.wsi.slide import SLIDE_SUFFIXES
 
 log = logging.getLogger(__name__)
@@ -136,7 +136,11 @@ def run_inference(
 
     settings = settings or InferenceSettings()
     model = load_inference_model(checkpoint)  # CheckpointError before any slide is touched
-    patch_size = settings.patch_size or int(model.patch_size)
+    if settings.patch_size and settings.patch_size != model.patch_size:
+        log.warning(
+            "patch_size=%d differs from the %d px the network was trained on (checkpoint %s)",
+            settings.patch_size, model.patch_size, checkpoint,
+        )  # fmt: skip
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     status: dict[str, str] = {}
@@ -152,8 +156,7 @@ def run_inference(
                 tissue = tissue_mask(slide)
                 with scratch_dir(out, name) as work:
                     heatmap = predict_slide(
-                        model.net, slide, tissue, patch_size=patch_size, level=int(model.level),
-                        mean=tuple(model.mean), std=tuple(model.std), settings=settings,
+                        model.task, model.preprocess, slide, tissue, settings=settings,
                         workdir=work, progress=progress,
                     )  # fmt: skip
                 xml = Path(annotations) / f"{name}.xml" if annotations else None

@@ -1,13 +1,19 @@
-"""One training run from the Hydra config: reconstruction pretraining or multi-task fine-tuning.
+"""One training run from the Hydra config: pretraining on a pretext task or multi-task fine-tuning.
 
-    python -m lymphnode.train +experiment=pretrain
-    python -m lymphnode.train +experiment=finetune data.labeled_size=40 data.fold=0
-    python -m lymphnode.train +experiment=scratch  data.labeled_size=40 data.fold=0
-    ... +profile=demo (after +experiment), trainer=cpu|gpu|ddp|debug, logger=csv|wandb|none,
-    ckpt_path=last (resume), init=pretrained|scratch, seed=N
+    python -m lymphnode.train experiment=pretrain [pretext=reconstruction]
+    python -m lymphnode.train experiment=finetune data.labeled_size=40 data.fold=0
+    python -m lymphnode.train experiment=scratch  data.labeled_size=40 data.fold=0
+    ... profile=demo, model=unet, trainer=cpu|gpu|ddp|debug, logger=csv|wandb|none,
+    ckpt_path=last (resume), init=pretrained|scratch, seed=N, data.subset_seed=N
 
 :func:`train` builds every object from the config's ``_target_`` (conf/, read top to bottom in
-conf/train.yaml), fits, then evaluates both the selected (best) and the last checkpoint and writes
+conf/train.yaml): the DataModule (``data``), the task module (``task``, or the pretext's for
+pretraining) with its network nested as ``net: ${model}``, callbacks, loggers and the Trainer. Nothing
+is injected in code: the pretrained checkpoint reaches the task by interpolation
+(``${pretrained_if:...}``), and the preprocessing contract (level, patch size, normalisation, stain
+state) reaches it from the DataModule through :meth:`lymphnode.tasks.TaskModule.setup`. A new
+network or pretext task is a module plus a YAML in conf/model/ or conf/pretext/. It fits, then
+evaluates both the selected (best) and the last checkpoint and writes
 ``<run_dir>/results.json`` — also when the run fails (``status: failed`` and the error). The run
 directory is deterministic (``<runs_dir>/pretrain``, ``<runs_dir>/<init>/size<N>/fold<K>/seed<S>``),
 so a rerun of a completed run returns its recorded metric without training (``skip_if_done``).
@@ -27,8 +33,6 @@ from typing import Any
 
 import hydra
 import pytorch_lightning as pl
-import torch
-from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
@@ -36,13 +40,25 @@ from pytorch_lightning.loggers import Logger, WandbLogger
 from pytorch_lightning.utilities import rank_zero_only
 
 from lymphnode.core.boundary import config_dir, hydra_boundary
-from lymphnode.core.errors import CheckpointError, ConfigError
+from lymphnode.core.errors import CheckpointError, ConfigError, LymphnodeError
+from lymphnode.models.checkpoint import read_preprocess
+from lymphnode.models.preprocess import Preprocess
 
 log = logging.getLogger(__name__)
 
 STAGES = ("pretrain", "finetune")  # which half of the method a run is
 INITS = ("pretrained", "scratch")  # how a fine-tuning run's weights start
 RESULTS_FILE = "results.json"
+
+
+def pretrained_if(init: Any, path: Any) -> Any:
+    """The ``pretrained_if`` resolver: ``path`` when ``init`` is ``pretrained``, else None (so
+    that ``init=scratch`` fine-tunes the same config from random weights)."""
+    return path if init == "pretrained" else None
+
+
+if not OmegaConf.has_resolver("pretrained_if"):
+    OmegaConf.register_new_resolver("pretrained_if", pretrained_if)
 
 
 # --- configuration checks -----------------------------------------------------------------------
@@ -53,34 +69,12 @@ def check_config(cfg: DictConfig) -> None:
     if cfg.stage == "finetune" and cfg.init not in INITS:
         raise ConfigError(
             f"init={cfg.init!r} is not supported for fine-tuning; expected one of {list(INITS)} "
-            "(+experiment=finetune sets pretrained, +experiment=scratch sets scratch)"
+            "(experiment=finetune sets pretrained, experiment=scratch sets scratch)"
         )
     if cfg.stage == "pretrain" and cfg.init is not None:
         raise ConfigError(
             f"init={cfg.init!r} only applies to fine-tuning; pretraining starts from random "
-            "weights (leave init=null with +experiment=pretrain)"
-        )
-
-
-def check_override_order(overrides: Sequence[str]) -> None:
-    """ConfigError when ``+profile=...`` comes before ``+experiment=...`` on the command line.
-
-    Hydra merges appended configs in command-line order, so the later one wins; the profile (demo
-    scale) must be merged after the experiment or the experiment's values override it.
-    """
-
-    def position(group: str) -> int | None:
-        for i, item in enumerate(overrides):
-            if item.lstrip("+~").split("=", 1)[0] == group:
-                return i
-        return None
-
-    experiment, profile = position("experiment"), position("profile")
-    if experiment is not None and profile is not None and profile < experiment:
-        raise ConfigError(
-            f"{overrides[profile]} comes before {overrides[experiment]} on the command line; "
-            "Hydra merges them in that order, so the experiment would override the profile. "
-            f"Put it after: {overrides[experiment]} {overrides[profile]}"
+            "weights (leave init=null with experiment=pretrain)"
         )
 
 
@@ -101,8 +95,8 @@ def pretrained_checkpoint(cfg: DictConfig) -> Path | None:
     if not path.is_file():
         raise CheckpointError(
             f"pretrained checkpoint {path} not found (init=pretrained). Run "
-            "`python -m lymphnode.train +experiment=pretrain` first with the same paths.root "
-            "(and +profile), or set pretrained_ckpt=<path>, or use init=scratch"
+            "`python -m lymphnode.train experiment=pretrain` first with the same paths.root "
+            "(and profile), or set pretrained_ckpt=<path>, or use init=scratch"
         )
     return path
 
@@ -126,45 +120,36 @@ def build_datamodule(cfg: DictConfig) -> pl.LightningDataModule:
     return instantiate(cfg.data)
 
 
-def data_hparams(datamodule: pl.LightningDataModule) -> dict[str, Any]:
-    """What the task module stores for inference: ``normalize``, ``patch_size`` and ``level``,
-    as the DataModule (and the cache manifest behind it) reports them."""
-    return {
-        "normalize": datamodule.normalize,  # type: ignore[attr-defined]
-        "patch_size": datamodule.patch_size,  # type: ignore[attr-defined]
-        "level": datamodule.level,  # type: ignore[attr-defined]
-    }
-
-
-def warn_if_data_differ(pretrained: Path, data: Mapping[str, Any]) -> None:
-    """Warn when fine-tuning data are normalised differently from, or come from another slide
-    level than, the data the pretrained network learned from (its checkpoint's hparams)."""
-    try:  # memory-mapped: only the small hparams are read; a bad file is load_pretrained's to report
-        ckpt = torch.load(pretrained, map_location="cpu", weights_only=True, mmap=True)
-        saved = ckpt.get("hyper_parameters") or {}
-    except Exception:
-        return
-    for key in ("normalize", "level"):
-        if key in saved and saved[key] != data[key]:
-            log.warning(
-                "fine-tuning data %s=%s differs from the pretraining's %s=%s (%s): the "
-                "pretrained features expect the pretraining's (data.normalize; the caches' level)",
-                key, data[key], key, saved[key], pretrained,
-            )  # fmt: skip
+def warn_if_data_differ(pretrained: Path, preprocess: Preprocess) -> list[str]:
+    """Warn when the fine-tuning data's preprocessing contract differs from the one the pretrained
+    network learned from (its checkpoint's): level, patch size, mpp, normalisation or stain
+    normalisation. Returns the differences (empty: the same)."""
+    try:  # memory-mapped: the weights are not read; a bad file is load_pretrained's to report
+        saved = read_preprocess(pretrained)
+    except LymphnodeError as err:
+        log.warning("cannot compare the data with the pretraining's (%s)", err)
+        return []
+    differences = saved.differences(preprocess)
+    if differences:
+        log.warning(
+            "the fine-tuning data are preprocessed differently from the pretraining's (%s), "
+            "pretraining vs fine-tuning: %s. The pretrained features expect the pretraining's "
+            "(data.normalize, data.stain_norm, data.transforms.crop, the caches' level)",
+            pretrained,
+            "; ".join(differences),
+        )
+    return differences
 
 
 def build_task(
     cfg: DictConfig, datamodule: pl.LightningDataModule, pretrained: Path | None
 ) -> pl.LightningModule:
-    """The LightningModule of ``cfg.task`` with the UNet of ``cfg.model`` and the data's
-    normalisation/patch size/level; fine-tuning modules also get ``pretrained``."""
-    data = data_hparams(datamodule)
-    kwargs: dict[str, Any] = {"model": OmegaConf.to_container(cfg.model, resolve=True), **data}
-    if cfg.stage == "finetune":
-        kwargs["pretrained"] = None if pretrained is None else str(pretrained)
-        if pretrained is not None:
-            warn_if_data_differ(pretrained, data)
-    return instantiate(cfg.task, **kwargs)
+    """The LightningModule of ``cfg.task`` (its network nested as ``net``, the pretrained
+    checkpoint by interpolation); warns when ``pretrained``'s preprocessing differs from the
+    data's. The module takes the data's contract itself when fitting starts (its ``setup``)."""
+    if pretrained is not None:
+        warn_if_data_differ(pretrained, datamodule.preprocess)  # type: ignore[attr-defined]
+    return instantiate(cfg.task)
 
 
 def build_callbacks(cfg: DictConfig) -> list[Callback]:
@@ -193,16 +178,12 @@ def build_loggers(cfg: DictConfig) -> list[Logger]:
     return loggers
 
 
-def build_trainer(
-    cfg: DictConfig, callbacks: list[Callback], loggers: list[Logger]
-) -> tuple[pl.Trainer, bool]:
-    """The Trainer of ``cfg.trainer`` and whether to use channels-last (lymphnode's own key)."""
+def build_trainer(cfg: DictConfig, callbacks: list[Callback], loggers: list[Logger]) -> pl.Trainer:
+    """The Trainer of ``cfg.trainer`` (every key a Trainer argument)."""
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     if not isinstance(trainer_cfg, dict) or "_target_" not in trainer_cfg:
         raise ConfigError(f"trainer={trainer_cfg!r} is invalid; expected a dict with _target_")
-    channels_last = bool(trainer_cfg.pop("channels_last", False))
-    trainer = instantiate(trainer_cfg, callbacks=callbacks, logger=loggers or False)
-    return trainer, channels_last
+    return instantiate(trainer_cfg, callbacks=callbacks, logger=loggers or False)
 
 
 # --- results.json -------------------------------------------------------------------------------
@@ -300,9 +281,7 @@ def _fit_and_evaluate(cfg: DictConfig, run_dir: Path, results: dict[str, Any]) -
     module = build_task(cfg, datamodule, pretrained)
     callbacks = build_callbacks(cfg)
     loggers = build_loggers(cfg)
-    trainer, channels_last = build_trainer(cfg, callbacks, loggers)
-    if channels_last:
-        module = module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    trainer = build_trainer(cfg, callbacks, loggers)
     try:
         for logger in trainer.loggers:  # (fast_dev_run swaps in a dummy: nothing is written)
             logger.log_hyperparams(results["config"])  # the full resolved config
@@ -419,7 +398,6 @@ def main(cfg: DictConfig) -> float:
     """The CLI: ``train(cfg)`` behind the error boundary of :mod:`lymphnode.core.boundary` (bad
     input: one line, exit 1; in a ``--multirun`` sweep the failed job is recorded, the others run
     and the sweep exits non-zero; each failed run has its results.json)."""
-    check_override_order(list(HydraConfig.get().overrides.task))
     return train(cfg)
 
 

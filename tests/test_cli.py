@@ -98,7 +98,7 @@ def test_train_error_raised_inside_instantiate_is_one_line_not_a_hydra_wrapper(
 ) -> None:
     # The DataModule is built by hydra.utils.instantiate, which wraps the CacheError it raises in
     # an InstantiationException; the boundary reports the CacheError itself.
-    result = run("train", "+experiment=scratch", f"paths.root={tmp_path}", "logger=csv",
+    result = run("train", "experiment=scratch", f"paths.root={tmp_path}", "logger=csv",
                  "trainer=cpu", cwd=tmp_path)  # fmt: skip
     assert_one_line_user_error(result, f"patch cache not found: {tmp_path}/caches/labeled")
 

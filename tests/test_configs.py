@@ -1,13 +1,14 @@
 """Every training config composes, resolves and builds its objects (no training here).
 
 Composes conf/train.yaml with each experiment (pretrain, finetune, scratch), with and without
-``+profile=demo``, with each trainer (debug, cpu, gpu, ddp), through Hydra's compose API, and
+``profile=demo``, with each trainer (debug, cpu, gpu, ddp), through Hydra's compose API, and
 instantiates the task modules, callbacks, loggers and CPU trainers that ``lymphnode.train`` would.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -21,12 +22,13 @@ from pytorch_lightning.loggers import CSVLogger, WandbLogger
 
 from lymphnode import train as train_mod
 from lymphnode.core.errors import CheckpointError, ConfigError
+from lymphnode.models.preprocess import Preprocess
 from lymphnode.tasks import MultiTaskModule, NonFiniteLossGuard, ReconstructionModule
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 EXPERIMENTS = ("pretrain", "finetune", "scratch")
 TRAINERS = ("default", "debug", "cpu", "gpu", "ddp")
-DATA = {"normalize": {"mean": [0.5] * 3, "std": [0.25] * 3}, "patch_size": 64, "level": 1}
+PREPROCESS = Preprocess(level=1, patch_size=64, mean=(0.5,) * 3, std=(0.25,) * 3)
 
 
 @pytest.fixture(autouse=True)
@@ -42,20 +44,19 @@ def compose_train(*overrides: str, hydra: bool = False) -> DictConfig:
 
 
 class FakeData:
-    """What build_task reads from a DataModule."""
+    """What build_task reads from a DataModule: its preprocessing contract."""
 
-    normalize = DATA["normalize"]
-    patch_size = DATA["patch_size"]
-    level = DATA["level"]
+    def __init__(self, preprocess: Preprocess = PREPROCESS) -> None:
+        self.preprocess = preprocess
 
 
 @pytest.mark.parametrize("trainer", TRAINERS)
-@pytest.mark.parametrize("profile", [(), ("+profile=demo",)], ids=["full", "demo"])
+@pytest.mark.parametrize("profile", [(), ("profile=demo",)], ids=["full", "demo"])
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_composes_and_resolves(
     experiment: str, profile: tuple[str, ...], trainer: str
 ) -> None:
-    cfg = compose_train(f"+experiment={experiment}", *profile, f"trainer={trainer}")
+    cfg = compose_train(f"experiment={experiment}", *profile, f"trainer={trainer}")
     resolved = OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
     assert isinstance(resolved, dict)
     train_mod.check_config(cfg)
@@ -68,14 +69,19 @@ def test_every_experiment_composes_and_resolves(
     assert cfg.run_dir == expected_dir
     assert cfg.callbacks.model_checkpoint.dirpath == f"{expected_dir}/checkpoints"
     assert train_mod.experiment_name(cfg) == experiment
-    for key in ("_target_", "max_epochs", "precision", "channels_last"):
+    for key in ("_target_", "max_epochs", "precision"):
         assert key in cfg.trainer
+    assert "channels_last" not in cfg.trainer  # every trainer key is a Trainer argument
+    assert cfg.task.channels_last is True
+    assert OmegaConf.to_container(cfg.task.net, resolve=True) == OmegaConf.to_container(
+        cfg.model, resolve=True
+    )
 
 
 def test_experiments_select_their_stage_data_task_and_init() -> None:
-    pretrain = compose_train("+experiment=pretrain")
-    finetune = compose_train("+experiment=finetune")
-    scratch = compose_train("+experiment=scratch")
+    pretrain = compose_train("experiment=pretrain")
+    finetune = compose_train("experiment=finetune")
+    scratch = compose_train("experiment=scratch")
     assert (pretrain.stage, pretrain.init) == ("pretrain", None)
     assert pretrain.data._target_.endswith("PretrainDataModule")
     assert pretrain.task._target_.endswith("ReconstructionModule")
@@ -105,12 +111,16 @@ def test_experiments_select_their_stage_data_task_and_init() -> None:
             )
         )
     differing = sorted(k for k in a if a[k] != b[k])
-    assert differing == ["init", "job_type", "run_dir", "run_name", "tags"]
+    assert differing == ["init", "job_type", "run_dir", "run_name", "tags", "task"]
+    assert a["task"]["pretrained"] == "outputs/runs/pretrain/checkpoints/best.ckpt"
+    assert b["task"]["pretrained"] is None  # the pretrained_if resolver: init=scratch, no weights
+    b["task"]["pretrained"] = a["task"]["pretrained"]
+    assert a["task"] == b["task"]
 
 
 def test_init_override_switches_a_finetune_run_to_scratch() -> None:
     cfg = compose_train(
-        "+experiment=finetune", "init=scratch", "data.labeled_size=80", "data.fold=3"
+        "experiment=finetune", "init=scratch", "data.labeled_size=80", "data.fold=3"
     )
     assert cfg.run_dir == "outputs/runs/scratch/size80/fold3/seed0"
     assert train_mod.experiment_name(cfg) == "scratch"
@@ -119,31 +129,33 @@ def test_init_override_switches_a_finetune_run_to_scratch() -> None:
     assert list(cfg.logger.wandb.tags) == ["scratch", "size80", "fold3", "seed0"]
 
 
-def test_demo_profile_after_the_experiment_wins() -> None:
-    full = compose_train("+experiment=pretrain")
-    demo = compose_train("+experiment=pretrain", "+profile=demo")
+def test_demo_profile_wins_over_the_experiment_in_either_order() -> None:
+    full = compose_train("experiment=pretrain")
+    demo = compose_train("experiment=pretrain", "profile=demo")
+    assert demo == compose_train("profile=demo", "experiment=pretrain")
     assert full.trainer.max_epochs == 20 and full.model.base_width == 64
     assert demo.trainer.max_epochs == demo.demo_max_epochs.pretrain
     assert demo.model.base_width == 8
     assert demo.paths.cache_dir == "outputs/demo/caches"
     assert demo.pretrained_ckpt == "outputs/demo/runs/pretrain/checkpoints/best.ckpt"
-    finetune = compose_train("+experiment=scratch", "+profile=demo")
+    finetune = compose_train("experiment=scratch", "profile=demo")
     assert finetune.trainer.max_epochs == finetune.demo_max_epochs.finetune
 
 
-def test_profile_before_experiment_is_refused() -> None:
-    with pytest.raises(ConfigError, match=r"\+profile=demo comes before \+experiment=pretrain"):
-        train_mod.check_override_order(["+profile=demo", "+experiment=pretrain", "seed=1"])
-    train_mod.check_override_order(["+experiment=pretrain", "+profile=demo"])
-    train_mod.check_override_order(["+profile=demo"])
+def test_pretext_is_a_config_group_of_pretraining() -> None:
+    cfg = compose_train("experiment=pretrain", "pretext=reconstruction")
+    assert cfg == compose_train("experiment=pretrain")  # the default pretext
+    assert cfg.task._target_ == "lymphnode.tasks.ReconstructionModule"
+    assert "pretrained" not in cfg.task and "seg_loss" not in cfg.task  # not merged with multitask
+    assert cfg.model.top_skip is False
 
 
 def test_hydra_run_and_sweep_dirs_are_the_run_dir() -> None:
-    cfg = compose_train("+experiment=scratch", "data.labeled_size=120", "seed=2", hydra=True)
+    cfg = compose_train("experiment=scratch", "data.labeled_size=120", "seed=2", hydra=True)
     assert cfg.hydra.run.dir == cfg.run_dir == "outputs/runs/scratch/size120/fold0/seed2"
     assert f"{cfg.hydra.sweep.dir}/{cfg.hydra.sweep.subdir}" == cfg.run_dir
     assert cfg.hydra.job.chdir is False
-    pretrain = compose_train("+experiment=pretrain", "paths.root=/data/c16", hydra=True)
+    pretrain = compose_train("experiment=pretrain", "paths.root=/data/c16", hydra=True)
     assert pretrain.hydra.run.dir == "/data/c16/runs/pretrain"
 
 
@@ -151,9 +163,9 @@ def test_hydra_run_and_sweep_dirs_are_the_run_dir() -> None:
     ("overrides", "match"),
     [
         (("stage=evaluate",), r"stage='evaluate' is not supported; expected one of \['pretrain'"),
-        (("+experiment=finetune", "init=imagenet"), r"init='imagenet' is not supported"),
-        (("+experiment=finetune", "init=null"), r"init=None is not supported"),
-        (("+experiment=pretrain", "init=scratch"), r"init='scratch' only applies to fine-tuning"),
+        (("experiment=finetune", "init=imagenet"), r"init='imagenet' is not supported"),
+        (("experiment=finetune", "init=null"), r"init=None is not supported"),
+        (("experiment=pretrain", "init=scratch"), r"init='scratch' only applies to fine-tuning"),
     ],
 )
 def test_bad_stage_or_init_is_rejected(overrides: tuple[str, ...], match: str) -> None:
@@ -162,17 +174,17 @@ def test_bad_stage_or_init_is_rejected(overrides: tuple[str, ...], match: str) -
 
 
 def test_missing_pretrained_checkpoint_names_the_path_and_the_fix(tmp_path: Path) -> None:
-    cfg = compose_train("+experiment=finetune", f"paths.root={tmp_path}")
+    cfg = compose_train("experiment=finetune", f"paths.root={tmp_path}")
     with pytest.raises(
-        CheckpointError, match=r"pretrain/checkpoints/best.ckpt not found.*\+experiment=pretrain"
+        CheckpointError, match=r"pretrain/checkpoints/best.ckpt not found.*experiment=pretrain"
     ):
         train_mod.pretrained_checkpoint(cfg)
-    scratch = compose_train("+experiment=scratch", f"paths.root={tmp_path}")
+    scratch = compose_train("experiment=scratch", f"paths.root={tmp_path}")
     assert train_mod.pretrained_checkpoint(scratch) is None
 
 
 def test_resume_checkpoint_last_means_this_runs_last_ckpt(tmp_path: Path) -> None:
-    cfg = compose_train("+experiment=scratch", "ckpt_path=last")
+    cfg = compose_train("experiment=scratch", "ckpt_path=last")
     with pytest.raises(CheckpointError, match=r"ckpt_path='last'.*checkpoints/last.ckpt not found"):
         train_mod.resume_checkpoint(cfg, tmp_path)
     (tmp_path / "checkpoints").mkdir()
@@ -181,50 +193,80 @@ def test_resume_checkpoint_last_means_this_runs_last_ckpt(tmp_path: Path) -> Non
     assert train_mod.resume_checkpoint(compose_train(), tmp_path) is None
 
 
-@pytest.mark.parametrize("profile", [(), ("+profile=demo",)], ids=["full", "demo"])
+@pytest.mark.parametrize("profile", [(), ("profile=demo",)], ids=["full", "demo"])
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_task_module_builds_with_the_model_and_data_settings(
     experiment: str, profile: tuple[str, ...], tmp_path: Path
 ) -> None:
-    cfg = compose_train(f"+experiment={experiment}", *profile, "model.base_width=4")
-    pretrained = tmp_path / "best.ckpt" if experiment == "finetune" else None
+    ckpt = tmp_path / "best.ckpt"
+    cfg = compose_train(
+        f"experiment={experiment}", *profile, "model.base_width=4", f"pretrained_ckpt={ckpt}"
+    )
+    pretrained = ckpt if experiment == "finetune" else None  # what pretrained_checkpoint gives
     module = train_mod.build_task(cfg, FakeData(), pretrained)  # type: ignore[arg-type]
     expected = ReconstructionModule if experiment == "pretrain" else MultiTaskModule
     assert isinstance(module, expected)
-    assert module.hparams["model"]["base_width"] == 4
-    assert module.hparams["model"]["top_skip"] is False
-    assert module.hparams["model"]["depth"] == cfg.model.depth
-    assert module.hparams["normalize"] == DATA["normalize"]
-    assert (module.hparams["patch_size"], module.hparams["level"]) == (64, 1)
+    assert module.hparams["net"]["_target_"] == "lymphnode.models.UNet"
+    assert module.hparams["net"]["base_width"] == 4
+    assert module.hparams["net"]["top_skip"] is False
+    assert module.hparams["net"]["depth"] == cfg.model.depth
+    assert module.hparams["preprocess"] is None  # taken from the DataModule at setup
+    assert module.channels_last is True
     if experiment != "pretrain":
         assert module.hparams["pretrained"] == (None if pretrained is None else str(pretrained))
-    module.trainer = pl.Trainer(max_epochs=3, logger=False, enable_checkpointing=False)
+    module.trainer = pl.Trainer(
+        max_epochs=-1, max_steps=7, logger=False, enable_checkpointing=False
+    )
     optimizer = module.configure_optimizers()
     assert isinstance(optimizer["optimizer"], torch.optim.AdamW)
-    assert optimizer["lr_scheduler"]["scheduler"].T_max == 3  # cosine over trainer.max_epochs
+    assert optimizer["lr_scheduler"]["interval"] == "step"
+    assert (
+        optimizer["lr_scheduler"]["scheduler"].T_max == 6
+    )  # cosine over the steps, min at the last
 
 
-def test_finetune_warns_when_data_differ_from_the_pretraining(
+def _checkpoint_with(path: Path, preprocess: Preprocess) -> Path:
+    torch.save(
+        {
+            "hyper_parameters": {
+                "net": {"_target_": "lymphnode.models.UNet"},
+                "preprocess": preprocess.to_dict(),
+            },
+            "state_dict": {"net.w": torch.zeros(1)},
+            "lymphnode": {"task_target": "lymphnode.tasks.ReconstructionModule"},
+        },
+        path,
+    )
+    return path
+
+
+def test_finetune_warns_with_every_contract_difference_from_the_pretraining(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    ckpt = tmp_path / "best.ckpt"
-    torch.save({"hyper_parameters": {"normalize": DATA["normalize"], "level": 0}}, ckpt)
-    cfg = compose_train("+experiment=finetune", "model.base_width=4")
+    ckpt = _checkpoint_with(tmp_path / "best.ckpt", replace(PREPROCESS, level=0))
+    reinhard = {"method": "reinhard", "options": {}, "mean": [60.0, 20.0, -10.0], "std": [9.0] * 3}
+    data = FakeData(replace(PREPROCESS, stain=reinhard))
+    cfg = compose_train("experiment=finetune", "model.base_width=4")
     with caplog.at_level("WARNING", logger="lymphnode.train"):
-        train_mod.build_task(cfg, FakeData(), ckpt)  # type: ignore[arg-type]
-    assert "fine-tuning data level=1 differs from the pretraining's level=0" in caplog.text
-    assert "data normalize=" not in caplog.text  # equal: no warning
+        train_mod.build_task(cfg, data, ckpt)  # type: ignore[arg-type]
+    assert "level: 0 vs 1" in caplog.text
+    assert "stain: none vs reinhard" in caplog.text  # passed silently before the contract
+    assert "normalize:" not in caplog.text and "patch_size:" not in caplog.text  # equal
+    caplog.clear()
+    same = _checkpoint_with(tmp_path / "same.ckpt", PREPROCESS)
+    assert train_mod.warn_if_data_differ(same, PREPROCESS) == []
+    assert "preprocessed differently" not in caplog.text
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_datamodule_config_instantiates(experiment: str, tmp_path: Path) -> None:
-    cfg = compose_train(f"+experiment={experiment}", "+profile=demo", f"paths.root={tmp_path}")
+    cfg = compose_train(f"experiment={experiment}", "profile=demo", f"paths.root={tmp_path}")
     datamodule = train_mod.build_datamodule(cfg)  # construction reads nothing yet
     assert isinstance(datamodule, pl.LightningDataModule)
 
 
 def test_callbacks_checkpoint_into_the_run_dir() -> None:
-    cfg = compose_train("+experiment=pretrain")
+    cfg = compose_train("experiment=pretrain")
     callbacks = train_mod.build_callbacks(cfg)
     checkpoint = next(c for c in callbacks if isinstance(c, ModelCheckpoint))
     assert Path(checkpoint.dirpath) == Path("outputs/runs/pretrain/checkpoints").resolve()
@@ -234,7 +276,7 @@ def test_callbacks_checkpoint_into_the_run_dir() -> None:
         True,
     )
     assert any(isinstance(c, NonFiniteLossGuard) for c in callbacks)
-    depth = compose_train("+experiment=pretrain", "callbacks=depth_norms", "~callbacks.lr_monitor")
+    depth = compose_train("experiment=pretrain", "callbacks=depth_norms", "~callbacks.lr_monitor")
     names = [type(c).__name__ for c in train_mod.build_callbacks(depth)]
     assert "DepthNormLogger" in names and "LearningRateMonitor" not in names
 
@@ -247,7 +289,7 @@ def test_callback_without_target_is_rejected() -> None:
 
 def test_loggers_default_csv_and_offline_wandb(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("WANDB_MODE", raising=False)
-    cfg = compose_train("+experiment=finetune", "data.labeled_size=80", "data.fold=2")
+    cfg = compose_train("experiment=finetune", "data.labeled_size=80", "data.fold=2")
     assert cfg.logger.wandb.mode == "offline"  # without WANDB_MODE: never online by accident
     assert (cfg.logger.wandb.group, cfg.logger.wandb.job_type) == ("labeled-80", "pretrained")
     loggers = train_mod.build_loggers(cfg)
@@ -264,17 +306,17 @@ def test_loggers_default_csv_and_offline_wandb(monkeypatch: pytest.MonkeyPatch) 
 
 
 @pytest.mark.parametrize("trainer", ["default", "cpu", "debug"])
-def test_cpu_trainers_instantiate_without_the_channels_last_key(trainer: str) -> None:
-    cfg = compose_train("+experiment=scratch", f"trainer={trainer}", "trainer.accelerator=cpu")
-    built, channels_last = train_mod.build_trainer(cfg, [], [])
+def test_cpu_trainers_instantiate(trainer: str) -> None:
+    cfg = compose_train("experiment=scratch", f"trainer={trainer}", "trainer.accelerator=cpu")
+    built = train_mod.build_trainer(cfg, [], [])
     assert isinstance(built, pl.Trainer)
-    assert channels_last is bool(cfg.trainer.channels_last)
     assert built.fast_dev_run == (trainer == "debug")
 
 
 def test_gpu_and_ddp_trainers_use_bf16_channels_last_and_sync_batchnorm() -> None:
-    gpu = compose_train("trainer=gpu").trainer
-    assert (gpu.accelerator, gpu.precision, gpu.channels_last) == ("gpu", "bf16-mixed", True)
+    gpu = compose_train("trainer=gpu")
+    assert (gpu.trainer.accelerator, gpu.trainer.precision) == ("gpu", "bf16-mixed")
+    assert gpu.task.channels_last is True
     ddp = compose_train("trainer=ddp", "trainer.devices=4", "trainer.num_nodes=2").trainer
     assert (ddp.strategy, ddp.sync_batchnorm, ddp.precision) == ("ddp", True, "bf16-mixed")
     assert (ddp.devices, ddp.num_nodes) == (4, 2)

@@ -15,10 +15,12 @@ from lymphnode.core.errors import CacheError, ConfigError
 from lymphnode.data.datamodules import (
     FinetuneDataModule,
     PretrainDataModule,
+    slide_folds,
     stratified_folds,
     stratified_subset,
 )
 from lymphnode.data.datasets import CacheDataset
+from lymphnode.models.preprocess import Preprocess
 from lymphnode.patches.cache import CacheWriter
 
 P = 16  # patch side (px)
@@ -356,10 +358,13 @@ def test_pretrain_split_is_seeded_disjoint_and_complete(caches: dict[str, Path])
     assert not np.array_equal(other[1], val)
 
 
-def test_metadata_for_the_task_module(caches: dict[str, Path]) -> None:
+def test_preprocess_contract_from_the_manifest_and_the_config(caches: dict[str, Path]) -> None:
     dm = finetune(caches, normalize={"mean": [0.7, 0.5, 0.6], "std": [0.2, 0.2, 0.2]})
     assert dm.normalize == {"mean": [0.7, 0.5, 0.6], "std": [0.2, 0.2, 0.2]}
     assert dm.patch_size == P and dm.level == 0
+    assert dm.preprocess == Preprocess(level=0, patch_size=P, mean=(0.7, 0.5, 0.6),
+                                       std=(0.2, 0.2, 0.2), stain=None)  # fmt: skip
+    assert PretrainDataModule(caches["unlabeled"]).preprocess.mean == (0.5, 0.5, 0.5)
     assert PretrainDataModule(caches["unlabeled"]).normalize == {
         "mean": [0.5, 0.5, 0.5],
         "std": [0.5, 0.5, 0.5],
@@ -379,9 +384,9 @@ def test_stain_normalisation_is_fitted_on_seeded_training_patches(caches: dict[s
     assert not torch.equal(val, next(iter(plain.val_dataloader()))["image"])
     test = next(iter(a.test_dataloader()))["image"]
     assert torch.isfinite(test).all()
-    state = a.stain_state
+    state = a.preprocess.stain  # the fitted state travels in the contract (and the checkpoints)
     assert state["method"] == "reinhard" and np.allclose(state["mean"], a.stain_normalizer.mean)
-    assert plain.stain_state is None
+    assert plain.preprocess.stain is None
 
 
 def test_stain_reference_from_an_image_file(caches: dict[str, Path], tmp_path: Path) -> None:
@@ -412,3 +417,76 @@ def test_unknown_labels_are_taken_from_masks(tmp_path: Path) -> None:
     dm = FinetuneDataModule(path, path, labeled_size=10, folds=5)
     subset = dm.subset_indices()
     assert sum(i % 2 for i in subset) == 5  # stratified by the mask-derived classes
+
+
+# ------------------------------------------------------------------------ seeds, folds, crops
+def test_seed_alone_keeps_the_subset_and_subset_seed_alone_changes_it(
+    caches: dict[str, Path],
+) -> None:
+    base = finetune(caches, seed=0, subset_seed=0)
+    assert np.array_equal(
+        finetune(caches, seed=0).subset_indices(), base.subset_indices()
+    )  # default
+    other_init = finetune(caches, seed=7, subset_seed=0)
+    assert np.array_equal(other_init.subset_indices(), base.subset_indices())
+    for a, b in zip(other_init.fold_indices(), base.fold_indices()):
+        assert np.array_equal(a, b)
+    other_subset = finetune(caches, seed=0, subset_seed=7)
+    assert not np.array_equal(other_subset.subset_indices(), base.subset_indices())
+    assert other_subset.seed == base.seed == 0  # shuffling/augmentation seed unchanged
+    with pytest.raises(ConfigError, match=r"subset_seed=-1 is invalid: expected an integer >= 0"):
+        finetune(caches, subset_seed=-1)
+
+
+def test_slide_folds_keep_every_slide_in_one_fold(caches: dict[str, Path]) -> None:
+    from lymphnode.patches.cache import PatchCache
+
+    slides = np.asarray(PatchCache(caches["labeled"]).index["slide"])
+    dm = finetune(caches, fold_by="slide", folds=3, labeled_size=42, fold=1)
+    folds = dm.fold_indices()
+    assert np.array_equal(np.sort(np.concatenate(folds)), dm.subset_indices())
+    assert len(dm.subset_indices()) == 42  # not a multiple of folds: allowed by slide
+    owners = [set(slides[f].tolist()) for f in folds]
+    for i in range(3):
+        for j in range(i + 1, 3):
+            assert not owners[i] & owners[j]  # no slide in two folds
+    train, val = set(slides[dm.train_indices()]), set(slides[dm.val_indices()])
+    assert val and train and not train & val  # validation slides unseen in training
+    patch = finetune(caches, folds=3, labeled_size=42, fold=1)
+    assert np.array_equal(patch.subset_indices(), dm.subset_indices())  # the same subset
+    assert any(len(set(slides[f].tolist())) > 1 for f in patch.fold_indices())  # patch folds mix
+
+
+def test_slide_folds_need_as_many_slides_as_folds(caches: dict[str, Path]) -> None:
+    with pytest.raises(ConfigError, match=r"fold_by=slide needs at least folds=5 slides.* 3 slide"):
+        finetune(caches, fold_by="slide", folds=5).fold_indices()
+    with pytest.raises(ConfigError, match=r"fold_by='site' is invalid: expected one of"):
+        finetune(caches, fold_by="site")
+
+
+def test_slide_folds_directly_balance_patches() -> None:
+    slides = np.array(["a"] * 6 + ["b"] * 3 + ["c"] * 2 + ["d"] * 1)
+    per_class = [np.arange(0, 12, 2), np.arange(1, 12, 2)]
+    folds = slide_folds(per_class, slides, 2, seed=0)
+    assert sorted(len(f) for f in folds) == [6, 6]  # a | b+c+d
+    assert {tuple(sorted(set(slides[f]))) for f in folds} == {("a",), ("b", "c", "d")}
+
+
+def test_crop_trains_on_random_crops_and_evaluates_on_centre_crops(
+    caches: dict[str, Path],
+) -> None:
+    dm = finetune(caches, transforms={**NO_AUGMENT, "crop": 8})
+    assert dm.patch_size == 8 and dm.cache_patch_size == P and dm.preprocess.patch_size == 8
+    dm.setup()
+    train = next(iter(dm.train_dataloader()))
+    val = next(iter(dm.val_dataloader()))
+    assert train["image"].shape[-2:] == (8, 8) and train["mask"].shape[-2:] == (8, 8)
+    full = finetune(caches, transforms=NO_AUGMENT)
+    full.setup()
+    whole = next(iter(full.val_dataloader()))
+    assert torch.equal(val["image"], whole["image"][..., 4:12, 4:12])  # the centre crop
+    assert torch.equal(val["mask"], whole["mask"][..., 4:12, 4:12])
+    with pytest.raises(
+        ConfigError, match=r"transforms.crop=32 is larger than the patches of .*16 px"
+    ):
+        _ = finetune(caches, transforms={"crop": 32}).preprocess

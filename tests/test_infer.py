@@ -14,7 +14,8 @@ import torch
 
 from lymphnode.infer import resolve_slides
 from lymphnode.inference.heatmap import read_heatmap
-from lymphnode.models.unet import UNet
+from lymphnode.models.preprocess import Preprocess
+from lymphnode.tasks import MultiTaskModule
 from lymphnode.wsi.pyramid import write_pyramid
 
 MPP = 0.243
@@ -39,24 +40,15 @@ def _slide(path: Path, tissue: bool) -> Path:
 
 
 def _checkpoint(path: Path, seg_bias: float, patch_size: int = 64) -> Path:
-    """A lymphnode checkpoint of a tiny UNet whose seg logit is ~seg_bias everywhere."""
-    model = {
-        "in_channels": 3,
-        "base_width": 4,
-        "depth": 2,
-        "norm": "batch",
-        "up": "transpose",
-        "top_skip": True,
-    }
-    net = UNet(**model)
+    """A lymphnode checkpoint of a tiny UNet whose seg logit is ~seg_bias everywhere, as a
+    MultiTaskModule writes it (its own on_save_checkpoint)."""
+    net = {"_target_": "lymphnode.models.UNet", "base_width": 4, "depth": 2, "top_skip": True}
+    module = MultiTaskModule(net=net, preprocess=Preprocess(level=0, patch_size=patch_size))
     with torch.no_grad():
-        net.seg_head.weight.zero_()
-        net.seg_head.bias.fill_(seg_bias)
-    ckpt = {
-        "hyper_parameters": {"model": model, "normalize": {"mean": [0.5] * 3, "std": [0.5] * 3},
-                             "patch_size": patch_size, "level": 0},
-        "state_dict": {f"net.{k}": v for k, v in net.state_dict().items()},
-    }  # fmt: skip
+        module.net.seg_head.weight.zero_()
+        module.net.seg_head.bias.fill_(seg_bias)
+    ckpt = {"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict()}
+    module.on_save_checkpoint(ckpt)
     torch.save(ckpt, path)
     return path
 

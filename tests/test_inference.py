@@ -9,14 +9,10 @@ import pytest
 import torch
 
 from lymphnode.core.errors import ConfigError
-from lymphnode.inference.predict import (
-    HeatmapStitcher,
-    _d4,
-    _d4_inverse,
-    predict_tiles,
-    resolve_device,
-    tile_grid,
-)
+from lymphnode.inference.grid import tile_grid
+from lymphnode.inference.predict import _d4, _d4_inverse, tile_probabilities
+from lymphnode.inference.settings import resolve_device
+from lymphnode.inference.stitch import HeatmapStitcher
 from lymphnode.wsi.tissue import TissueMask
 
 
@@ -89,12 +85,15 @@ class _LeftHalf(torch.nn.Module):
         seg[..., : w // 2] = 10.0
         return UNetOutput(recon=x, seg=seg)
 
+    def probabilities(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self(x).seg)
+
 
 def test_tta_averages_predictions_in_the_input_frame() -> None:
     x = torch.zeros(1, 3, 4, 4)
-    plain = predict_tiles(_LeftHalf(), x, tta=False, bf16=False, device=torch.device("cpu"))
+    plain = tile_probabilities(_LeftHalf(), x, tta=False, bf16=False, device=torch.device("cpu"))
     assert plain[0, 0, 0] > 0.99 and plain[0, 0, 3] < 0.01
-    tta = predict_tiles(_LeftHalf(), x, tta=True, bf16=False, device=torch.device("cpu"))
+    tta = tile_probabilities(_LeftHalf(), x, tta=True, bf16=False, device=torch.device("cpu"))
     # averaged over the 8 frames, every pixel is tumor in exactly half of them
     assert torch.allclose(tta, torch.full_like(tta, 0.5), atol=1e-3)
 

@@ -1,4 +1,4 @@
-"""Tests of lymphnode.data.stain: Macenko and Reinhard stain normalisation."""
+"""Tests of lymphnode.models.stain: Macenko and Reinhard stain normalisation."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 
 from lymphnode.core.errors import ConfigError
-from lymphnode.data.stain import (
+from lymphnode.data.transforms import PreprocessStep
+from lymphnode.models.preprocess import Preprocess
+from lymphnode.models.stain import (
     MacenkoNormalizer,
     ReinhardNormalizer,
     build_stain_normalizer,
@@ -122,7 +124,8 @@ def test_macenko_returns_flat_patches_unchanged() -> None:
 @pytest.mark.parametrize("cls", NORMALIZERS)
 def test_non_square_shape_is_preserved_inside_albumentations(cls: type) -> None:
     image = np.ascontiguousarray(REFERENCE[:80, :50])
-    pipeline = A.Compose([cls().fit(SHIFTED)])
+    contract = Preprocess(level=0, patch_size=50, stain=cls().fit(SHIFTED).state())
+    pipeline = A.Compose([PreprocessStep(contract, "stain")])
     mask = np.zeros((80, 50), np.uint8)
     out = pipeline(image=image, mask=mask)
     assert out["image"].shape == (80, 50, 3) and out["image"].dtype == np.uint8

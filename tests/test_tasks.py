@@ -15,15 +15,18 @@ from pytorch_lightning.loggers import CSVLogger
 from torch.utils.data import DataLoader, Dataset
 
 from lymphnode.core.errors import CheckpointError, ConfigError, LymphnodeError
+from lymphnode.models.checkpoint import (
+    is_lymphnode_checkpoint,
+    load_inference_model,
+    load_pretrained_weights,
+)
+from lymphnode.models.preprocess import Preprocess
 from lymphnode.tasks import (
     DepthNormLogger,
     MultiTaskModule,
     NonFiniteLossError,
     NonFiniteLossGuard,
     ReconstructionModule,
-    is_lymphnode_checkpoint,
-    load_inference_model,
-    load_pretrained_weights,
 )
 from lymphnode.tasks.multitask import per_patch_dice
 
@@ -68,12 +71,25 @@ def trainer(tmp_path: Path, **kwargs) -> pl.Trainer:
     return pl.Trainer(**{**defaults, **kwargs})
 
 
+def contract(
+    normalize: dict | None = None, patch_size: int = SIZE, level: int = 0
+) -> dict[str, object]:
+    """A preprocessing contract as checkpoints store it (``Preprocess.to_dict``)."""
+    normalize = {"mean": [0.5] * 3, "std": [0.5] * 3} if normalize is None else normalize
+    return {"level": level, "patch_size": patch_size, "normalize": normalize}
+
+
+def _with_contract(kwargs: dict) -> dict:
+    parts = {k: kwargs.pop(k) for k in ("normalize", "patch_size", "level") if k in kwargs}
+    return {"net": TINY, "preprocess": contract(**parts), **kwargs}
+
+
 def recon_module(**kwargs) -> ReconstructionModule:
-    return ReconstructionModule(**{"model": TINY, "patch_size": SIZE, **kwargs})
+    return ReconstructionModule(**_with_contract(kwargs))
 
 
 def multitask_module(**kwargs) -> MultiTaskModule:
-    return MultiTaskModule(**{"model": TINY, "patch_size": SIZE, **kwargs})
+    return MultiTaskModule(**_with_contract(kwargs))
 
 
 @pytest.fixture
@@ -118,7 +134,7 @@ def test_reconstruction_pretraining_removes_the_top_skip_and_freezes_the_seg_hea
     module = recon_module()
     assert module.net.top_skip is False
     assert not any(p.requires_grad for p in module.net.seg_head.parameters())
-    assert recon_module(model={**TINY, "top_skip": True}).net.top_skip is True
+    assert recon_module(net={**TINY, "top_skip": True}).net.top_skip is True
 
 
 def test_multitask_fit_and_test_log_segmentation_metrics_and_overlays(tmp_path):
@@ -198,37 +214,59 @@ def test_fit_with_csv_logger_writes_metrics_and_png(tmp_path):
 # --- optimisation ---------------------------------------------------------------------------
 
 
-def test_default_optimizer_is_adamw_with_cosine_over_max_epochs(tmp_path):
+def test_default_optimizer_is_adamw_with_cosine_over_the_runs_optimizer_steps(tmp_path):
     t = trainer(
-        tmp_path, fast_dev_run=False, max_epochs=3, limit_train_batches=1, limit_val_batches=0
+        tmp_path, fast_dev_run=False, max_epochs=3, limit_train_batches=2, limit_val_batches=0
     )
     t.fit(multitask_module(), loader())
     assert isinstance(t.optimizers[0], torch.optim.AdamW)
     config = t.lr_scheduler_configs[0]
     assert isinstance(config.scheduler, torch.optim.lr_scheduler.CosineAnnealingLR)
-    assert config.scheduler.T_max == 3
-    assert config.interval == "epoch"
+    assert config.scheduler.T_max == 3 * 2 - 1  # max_epochs x steps per epoch, minus one
+    assert config.interval == "step"
+
+
+class _LearningRates(pl.Callback):
+    """The learning rate each optimizer step trains with."""
+
+    def __init__(self) -> None:
+        self.rates: list[float] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.rates.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+@pytest.mark.parametrize("max_steps", [5, 11])
+def test_max_steps_shortens_the_cosine_to_end_at_its_minimum_on_the_last_step(tmp_path, max_steps):
+    rates = _LearningRates()
+    t = trainer(tmp_path, fast_dev_run=False, max_epochs=100, max_steps=max_steps,
+                limit_val_batches=0, callbacks=[rates])  # fmt: skip
+    t.fit(multitask_module(log_images_every_n_epochs=0), loader(n=8))  # 2 steps per epoch
+    assert t.global_step == max_steps and len(rates.rates) == max_steps
+    assert rates.rates[0] == pytest.approx(1e-3)  # the configured lr on the first step
+    assert rates.rates[-1] == pytest.approx(0.0, abs=1e-12)  # the cosine minimum (eta_min 0)
+    assert all(a > b for a, b in zip(rates.rates, rates.rates[1:]))  # decreasing every step
 
 
 def test_optimizer_and_scheduler_partials_from_hydra_are_used_and_saved(tmp_path):
     cfg = OmegaConf.create(
         {
             "_target_": "lymphnode.tasks.MultiTaskModule",
-            "model": TINY,
-            "patch_size": SIZE,
+            "net": TINY,
+            "preprocess": contract({"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}),
             "optimizer": {"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.1},
             "scheduler": {
                 "_target_": "torch.optim.lr_scheduler.CosineAnnealingLR",
                 "_partial_": True,
                 "T_max": 7,
             },
-            "normalize": {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]},
         }
     )
     module = instantiate(cfg)
     assert module.hparams["optimizer"] == {"_target_": "torch.optim.sgd.SGD", "lr": 0.1}
-    assert module.hparams["model"]["base_width"] == 4
-    assert isinstance(module.hparams["model"], dict)  # plain data, not DictConfig
+    assert module.hparams["net"]["base_width"] == 4
+    assert module.hparams["net"]["_target_"] == "lymphnode.models.UNet"  # the default network
+    assert isinstance(module.hparams["net"], dict)  # plain data, not DictConfig
     t = trainer(
         tmp_path, fast_dev_run=False, max_epochs=1, limit_train_batches=1, limit_val_batches=0
     )
@@ -252,10 +290,13 @@ def test_no_scheduler_gives_a_plain_optimizer(tmp_path):
 def test_checkpoint_is_self_describing_and_loads_weights_only(pretrain_ckpt):
     ckpt = torch.load(pretrain_ckpt, map_location="cpu", weights_only=True)
     hparams = ckpt["hyper_parameters"]
-    assert {"model", "normalize", "patch_size", "level", "optimizer", "scheduler"} <= set(hparams)
-    assert hparams["model"]["top_skip"] is False
-    assert hparams["normalize"] == {"mean": [0.5, 0.6, 0.7], "std": [0.2, 0.25, 0.3]}
+    assert {"net", "preprocess", "optimizer", "scheduler"} <= set(hparams)
+    assert hparams["net"]["top_skip"] is False
+    assert hparams["preprocess"]["normalize"] == {"mean": [0.5, 0.6, 0.7], "std": [0.2, 0.25, 0.3]}
+    assert (hparams["preprocess"]["patch_size"], hparams["preprocess"]["level"]) == (SIZE, 0)
     assert ckpt["lymphnode"]["task"] == "reconstruction"
+    assert ckpt["lymphnode"]["task_target"] == "lymphnode.tasks.reconstruction.ReconstructionModule"
+    assert ckpt["lymphnode"]["net_attribute"] == "net"
     assert is_lymphnode_checkpoint(pretrain_ckpt)
     module = ReconstructionModule.load_from_checkpoint(pretrain_ckpt)
     for name, value in _ckpt_net_state(pretrain_ckpt).items():
@@ -284,7 +325,7 @@ def test_checkpoint_stays_weights_only_loadable_with_path_and_omegaconf_datamodu
 
 
 def test_pretrained_weights_transfer_into_the_finetune_model(pretrain_ckpt):
-    module = multitask_module(model={**TINY, "top_skip": False}, pretrained=str(pretrain_ckpt))
+    module = multitask_module(net={**TINY, "top_skip": False}, pretrained=str(pretrain_ckpt))
     report = module.load_pretrained()
     ckpt_state = _ckpt_net_state(pretrain_ckpt)
     assert report is not None and report.reinitialized == [] and report.missing == []
@@ -308,7 +349,7 @@ def test_fit_loads_pretrained_weights_and_reinitialises_the_top_decoder_on_top_s
     with caplog.at_level(logging.WARNING, logger="lymphnode.models.checkpoint"):
         trainer(tmp_path, callbacks=[capture]).fit(module, loader(), loader())
     assert "top_skip=False but the model has top_skip=True" in caplog.text
-    assert "'decoder.0'" in caplog.text and "re-initialised" in caplog.text
+    assert "'decoder.0.'" in caplog.text and "re-initialised" in caplog.text
     ckpt_state = _ckpt_net_state(pretrain_ckpt)
     for name, value in capture.state.items():
         if name.startswith("decoder.0."):
@@ -322,7 +363,7 @@ def test_fit_loads_pretrained_weights_and_reinitialises_the_top_decoder_on_top_s
 
 
 def test_pretrained_is_not_reloaded_when_weights_come_from_a_checkpoint(pretrain_ckpt, tmp_path):
-    module = multitask_module(model={**TINY, "top_skip": False}, pretrained=str(pretrain_ckpt))
+    module = multitask_module(net={**TINY, "top_skip": False}, pretrained=str(pretrain_ckpt))
     t = trainer(
         tmp_path, fast_dev_run=False, max_epochs=1, limit_train_batches=2, limit_val_batches=0
     )
@@ -377,8 +418,9 @@ def test_missing_keys_are_listed_and_non_strict_loading_reports_them(pretrain_ck
 def test_load_inference_model_rebuilds_the_trained_net(pretrain_ckpt):
     model = load_inference_model(pretrain_ckpt)
     assert not model.net.training
+    assert isinstance(model.task, ReconstructionModule)
     assert model.net.config["top_skip"] is False
-    assert model.mean == (0.5, 0.6, 0.7) and model.std == (0.2, 0.25, 0.3)
+    assert model.preprocess.mean == (0.5, 0.6, 0.7) and model.preprocess.std == (0.2, 0.25, 0.3)
     assert (model.patch_size, model.level) == (SIZE, 0)
     rgb = torch.full((SIZE, SIZE, 3), 128, dtype=torch.uint8).numpy()
     x = model.prepare(rgb)
@@ -387,6 +429,45 @@ def test_load_inference_model_rebuilds_the_trained_net(pretrain_ckpt):
     torch.testing.assert_close(x[0, :, 0, 0], expected)
     module = ReconstructionModule.load_from_checkpoint(pretrain_ckpt).eval()
     torch.testing.assert_close(model.net(x).recon, module.net(x).recon)
+    assert module.preprocess == model.preprocess  # restored with the module too
+    with pytest.raises(
+        ConfigError, match=r"ReconstructionModule .* predicts no tumour probabilities"
+    ):
+        model.probabilities(x)  # infer refuses a pretraining checkpoint
+
+
+def _as_format_1(ckpt: dict) -> dict:
+    """A checkpoint as lymphnode wrote it before the preprocessing contract: UNet arguments
+    under `model`, normalize/patch_size/level hyperparameters, the task by name only."""
+    hparams = dict(ckpt["hyper_parameters"])
+    net = {k: v for k, v in hparams.pop("net").items() if k != "_target_"}
+    preprocess = hparams.pop("preprocess")
+    hparams.pop("channels_last")
+    hparams.update(model=net, normalize=preprocess["normalize"],
+                   patch_size=preprocess["patch_size"], level=preprocess["level"])  # fmt: skip
+    old = {k: v for k, v in ckpt.items() if k != "lymphnode"}
+    old["hyper_parameters"] = hparams
+    old["lymphnode"] = {"format": 1, "task": ckpt["lymphnode"]["task"], "version": "0.1.0"}
+    return old
+
+
+def test_a_checkpoint_from_before_the_contract_loads_with_no_stain_and_says_so(tmp_path, caplog):
+    pl.seed_everything(0)
+    module = multitask_module(normalize={"mean": [0.4, 0.5, 0.6], "std": [0.2, 0.2, 0.2]})
+    t = trainer(tmp_path)
+    t.fit(module, loader(), loader())
+    t.save_checkpoint(tmp_path / "new.ckpt")
+    old = _as_format_1(torch.load(tmp_path / "new.ckpt", map_location="cpu", weights_only=True))
+    torch.save(old, tmp_path / "old.ckpt")
+    with caplog.at_level(logging.WARNING, logger="lymphnode.models.checkpoint"):
+        model = load_inference_model(tmp_path / "old.ckpt")
+    assert "written before the preprocessing contract" in caplog.text
+    assert "NO stain normalisation" in caplog.text
+    assert model.preprocess == Preprocess(0, SIZE, (0.4, 0.5, 0.6), (0.2, 0.2, 0.2), stain=None)
+    assert isinstance(model.task, MultiTaskModule)
+    x = model.prepare(torch.full((SIZE, SIZE, 3), 90, dtype=torch.uint8).numpy())
+    new = load_inference_model(tmp_path / "new.ckpt")
+    torch.testing.assert_close(model.probabilities(x), new.probabilities(x))
 
 
 def test_load_inference_model_rejects_a_missing_file(tmp_path):
@@ -409,8 +490,7 @@ def test_load_inference_model_rejects_a_torch_file_without_lymphnode_keys(tmp_pa
     torch.save({"state_dict": {"layer.weight": torch.zeros(2)}, "epoch": 3}, path)
     with pytest.raises(
         CheckpointError,
-        match=r"other\.ckpt is not a lymphnode checkpoint: no 'hyper_parameters'; "
-        r"state_dict has no 'net\.\*' weights",
+        match=r"other\.ckpt is not a lymphnode checkpoint: no 'hyper_parameters'",
     ):
         load_inference_model(path)
     torch.save([1, 2, 3], tmp_path / "list.ckpt")
@@ -461,13 +541,22 @@ def test_callbacks_reject_a_bad_interval(cls):
     ("kwargs", "match"),
     [
         ({"loss": "huber"}, r"loss='huber'.*\['mse', 'l1'\]"),
-        ({"normalize": {"mean": [0.5], "std": [0.2]}}, r"normalize.mean=\[0.5\].*3 numbers"),
+        (
+            {"normalize": {"mean": [0.5], "std": [0.2]}},
+            r"normalize.mean=\[0.5\] is invalid: expected 3 finite numbers",
+        ),
         ({"normalize": {"mean": [0, 0, 0]}}, r"normalize=.*'std'"),
         ({"normalize": {"mean": [0, 0, 0], "std": [1, 0, 1]}}, r"normalize.std=.*> 0"),
         ({"optimizer": "adam"}, r"optimizer='adam' is invalid"),
-        ({"patch_size": 2}, r"patch_size=2 is invalid; expected an integer >= 4"),
+        ({"patch_size": 2}, r"patch_size=2 px is smaller than the network's minimum input 4 px"),
         ({"level": -1}, r"level=-1 is invalid"),
-        ({"model": {"norm": "layer"}}, r"norm='layer'"),
+        ({"net": {"norm": "layer"}}, r"norm='layer'"),
+        (
+            {"net": {"_target_": "torch.optim.SGD"}},
+            r"model._target_='torch.optim.SGD' is .*nn.Module",
+        ),
+        ({"net": {"_target_": "no.such.Net"}}, r"model._target_='no.such.Net' cannot be imported"),
+        ({"net": {"_target_": "lymphnode.models.UNet", "width": 3}}, r"does not take .*'width'"),
     ],
 )
 def test_reconstruction_rejects_bad_arguments(kwargs, match):

@@ -115,7 +115,7 @@ def _root(tmp_path: Path, caches: Path) -> tuple[str, str]:
 def pretrained_root(tmp_path_factory: pytest.TempPathFactory, caches: Path) -> Path:
     """A root whose runs/pretrain holds a completed pretraining run (CSV logger only)."""
     root = tmp_path_factory.mktemp("root")
-    ok(run_cli("+experiment=pretrain", *_root(root, caches), *TINY, "logger=csv"))
+    ok(run_cli("experiment=pretrain", *_root(root, caches), *TINY, "logger=csv"))
     return root
 
 
@@ -140,17 +140,20 @@ def test_pretrain_writes_results_checkpoints_and_csv_log(pretrained_root: Path) 
     metrics_csv = (run_dir / "csv" / "metrics.csv").read_text()
     assert "val/recon_mse" in metrics_csv.splitlines()[0]
     ckpt = torch.load(run_dir / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False)
-    assert (
-        ckpt["hyper_parameters"]["patch_size"] == PATCH and ckpt["hyper_parameters"]["level"] == 1
-    )
-    assert ckpt["hyper_parameters"]["model"]["top_skip"] is False
+    preprocess = ckpt["hyper_parameters"]["preprocess"]  # the contract, from the DataModule
+    assert (preprocess["patch_size"], preprocess["level"]) == (PATCH, 1)
+    assert preprocess["normalize"] == {"mean": [0.5] * 3, "std": [0.5] * 3}  # today's default
+    assert preprocess["stain"] is None
+    assert ckpt["hyper_parameters"]["net"]["_target_"] == "lymphnode.models.UNet"
+    assert ckpt["hyper_parameters"]["net"]["top_skip"] is False
+    assert ckpt["lymphnode"]["task_target"] == "lymphnode.tasks.reconstruction.ReconstructionModule"
 
 
 # --- fine-tuning ---------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_finetune_starts_from_the_pretrain_checkpoint(pretrained_root: Path, caches: Path) -> None:
     result = ok(
-        run_cli("+experiment=finetune", *_root(pretrained_root, caches), *TINY, *FINETUNE,
+        run_cli("experiment=finetune", *_root(pretrained_root, caches), *TINY, *FINETUNE,
                 "data.fold=1", "logger=csv")
     )  # fmt: skip
     run_dir = pretrained_root / "runs" / "pretrained" / "size10" / "fold1" / "seed0"
@@ -175,7 +178,7 @@ def test_finetune_starts_from_the_pretrain_checkpoint(pretrained_root: Path, cac
 
 @pytest.mark.slow
 def test_scratch_run_and_same_seed_gives_same_metrics(pretrained_root: Path, caches: Path) -> None:
-    args = ("+experiment=scratch", *_root(pretrained_root, caches), *TINY, *FINETUNE,
+    args = ("experiment=scratch", *_root(pretrained_root, caches), *TINY, *FINETUNE,
             "data.fold=2", "logger=csv")  # fmt: skip
     ok(run_cli(*args))
     run_dir = pretrained_root / "runs" / "scratch" / "size10" / "fold2" / "seed0"
@@ -197,7 +200,7 @@ def test_rerun_of_a_completed_run_is_skipped(pretrained_root: Path, caches: Path
     run_dir = pretrained_root / "runs" / "pretrain"
     before = (run_dir / "results.json").stat().st_mtime_ns
     result = ok(
-        run_cli("+experiment=pretrain", *_root(pretrained_root, caches), *TINY, "logger=csv")
+        run_cli("experiment=pretrain", *_root(pretrained_root, caches), *TINY, "logger=csv")
     )
     assert "is completed; skipping" in result.stdout + result.stderr
     assert (run_dir / "results.json").stat().st_mtime_ns == before
@@ -206,7 +209,7 @@ def test_rerun_of_a_completed_run_is_skipped(pretrained_root: Path, caches: Path
 
 @pytest.mark.slow
 def test_resume_from_the_last_checkpoint(tmp_path: Path, caches: Path) -> None:
-    args = ("+experiment=scratch", *_root(tmp_path, caches), *TINY, *FINETUNE, "logger=csv")
+    args = ("experiment=scratch", *_root(tmp_path, caches), *TINY, *FINETUNE, "logger=csv")
     ok(run_cli(*args, "trainer.max_epochs=1"))
     run_dir = tmp_path / "runs" / "scratch" / "size10" / "fold0" / "seed0"
     last = run_dir / "checkpoints" / "last.ckpt"
@@ -226,7 +229,7 @@ def test_sweep_runs_get_their_own_dirs_wandb_runs_and_csv_logs(
 ) -> None:
     # 4 jobs: size 10 x folds 3, 4 complete; size 995 (> the 24-patch labeled cache) fails, which
     # must neither stop the sweep's other jobs nor go unnoticed (exit code 1).
-    args = ("--multirun", "+experiment=scratch", *_root(tmp_path, caches), *TINY, "data.folds=5",
+    args = ("--multirun", "experiment=scratch", *_root(tmp_path, caches), *TINY, "data.folds=5",
             "data.labeled_size=995,10", "data.fold=3,4", "trainer.max_epochs=1")  # fmt: skip
     result = run_cli(*args)  # the default loggers: CSV + wandb (offline)
     assert result.returncode == 1
@@ -250,7 +253,7 @@ def test_debug_trainer_smoke_run_is_recorded_as_debug_and_not_skipped(
     tmp_path: Path, caches: Path
 ) -> None:
     tiny = [a for a in TINY if a != "trainer=cpu"]
-    args = ("+experiment=scratch", *_root(tmp_path, caches), *tiny, *FINETUNE, "trainer=debug")
+    args = ("experiment=scratch", *_root(tmp_path, caches), *tiny, *FINETUNE, "trainer=debug")
     ok(run_cli(*args))  # fast_dev_run: one batch of train, val and test
     run_dir = tmp_path / "runs" / "scratch" / "size10" / "fold0" / "seed0"
     results = results_of(run_dir)
@@ -264,20 +267,20 @@ def test_debug_trainer_smoke_run_is_recorded_as_debug_and_not_skipped(
 # --- failures ------------------------------------------------------------------------------------
 def test_missing_pretrain_checkpoint_exits_non_zero_naming_it(tmp_path: Path, caches: Path) -> None:
     result = run_cli(
-        "+experiment=finetune", *_root(tmp_path, caches), *TINY, *FINETUNE, "logger=csv"
+        "experiment=finetune", *_root(tmp_path, caches), *TINY, *FINETUNE, "logger=csv"
     )
     assert result.returncode == 1
     output = result.stdout + result.stderr
     expected = tmp_path / "runs" / "pretrain" / "checkpoints" / "best.ckpt"
     assert f"pretrained checkpoint {expected} not found" in output
-    assert "+experiment=pretrain" in output and "Traceback" not in output
+    assert "experiment=pretrain" in output and "Traceback" not in output
     results = results_of(tmp_path / "runs" / "pretrained" / "size10" / "fold0" / "seed0")
     assert results["status"] == "failed" and "CheckpointError" in results["error"]
 
 
 @pytest.mark.slow
 def test_nan_loss_stops_the_run_naming_the_step(tmp_path: Path, caches: Path) -> None:
-    result = run_cli("+experiment=scratch", *_root(tmp_path, caches), *TINY, *FINETUNE,
+    result = run_cli("experiment=scratch", *_root(tmp_path, caches), *TINY, *FINETUNE,
                      "logger=csv", "task.recon_weight=nan")  # fmt: skip
     assert result.returncode == 1
     assert "training loss is nan at global step 0" in result.stdout + result.stderr
@@ -285,15 +288,17 @@ def test_nan_loss_stops_the_run_naming_the_step(tmp_path: Path, caches: Path) ->
     assert results["status"] == "failed" and "NonFiniteLossError" in results["error"]
 
 
-def test_profile_before_experiment_exits_with_the_right_order(tmp_path: Path) -> None:
-    result = run_cli("+profile=demo", "+experiment=pretrain", f"paths.root={tmp_path}")
-    assert result.returncode == 1
-    assert "Put it after: +experiment=pretrain +profile=demo" in result.stdout + result.stderr
-    assert not (tmp_path / "runs" / "pretrain" / "results.json").exists()
+def test_profile_and_experiment_slots_compose_in_either_order_on_the_cli() -> None:
+    a = ok(run_cli("profile=demo", "experiment=pretrain", "--cfg", "job", "--resolve"))
+    b = ok(run_cli("experiment=pretrain", "profile=demo", "--cfg", "job", "--resolve"))
+    assert a.stdout == b.stdout
+    assert (
+        "base_width: 8" in a.stdout and "_target_: lymphnode.tasks.ReconstructionModule" in a.stdout
+    )
 
 
 def test_bad_init_exits_non_zero_naming_the_value(tmp_path: Path) -> None:
-    result = run_cli("+experiment=finetune", "init=imagenet", f"paths.root={tmp_path}")
+    result = run_cli("experiment=finetune", "init=imagenet", f"paths.root={tmp_path}")
     assert result.returncode == 1
     assert "init='imagenet' is not supported" in result.stdout + result.stderr
 

@@ -10,16 +10,21 @@ from skimage.color import rgb2hed
 
 from lymphnode.core.errors import ConfigError
 from lymphnode.data.transforms import (
-    DEFAULT_NORMALIZE,
     HEDJitter,
+    PreprocessStep,
     build_eval_transform,
     build_train_transform,
     hed_perturb,
-    normalize_stats,
     to_sample,
 )
+from lymphnode.models.preprocess import DEFAULT_MEAN, DEFAULT_STD, Preprocess, normalize_stats
 
 P = 16
+PRE = Preprocess(level=0, patch_size=P)  # the default contract: 0.5 / 0.5, no stain
+
+
+def pre(mean=DEFAULT_MEAN, std=DEFAULT_STD) -> Preprocess:
+    return Preprocess(level=0, patch_size=P, mean=tuple(mean), std=tuple(std))
 
 
 def _asymmetric() -> tuple[np.ndarray, np.ndarray]:
@@ -44,14 +49,14 @@ def _he_like(seed: int = 0, size: int = 64) -> np.ndarray:
 
 
 def _denormalize(tensor: torch.Tensor) -> np.ndarray:
-    mean = torch.tensor(DEFAULT_NORMALIZE["mean"])[:, None, None]
-    std = torch.tensor(DEFAULT_NORMALIZE["std"])[:, None, None]
+    mean = torch.tensor(DEFAULT_MEAN)[:, None, None]
+    std = torch.tensor(DEFAULT_STD)[:, None, None]
     return ((tensor * std + mean) * 255).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
 
 
 def test_d4_moves_mask_with_image_and_reaches_all_eight_outcomes() -> None:
     image, mask = _asymmetric()
-    pipeline = build_train_transform(d4=True, color_jitter=None, seed=3)
+    pipeline = build_train_transform(PRE, d4=True, color_jitter=None, seed=3)
     outcomes = set()
     for _ in range(200):
         out_image, out_mask = to_sample(pipeline, image, mask)
@@ -69,7 +74,7 @@ def test_d4_outcomes_are_the_dihedral_group_of_the_square() -> None:
         rotated = np.rot90(mask, k)
         group.add(np.ascontiguousarray(rotated).tobytes())
         group.add(np.ascontiguousarray(rotated.T).tobytes())
-    pipeline = build_train_transform(d4=True, color_jitter=None, seed=0)
+    pipeline = build_train_transform(PRE, d4=True, color_jitter=None, seed=0)
     seen = {
         to_sample(pipeline, *_asymmetric())[1][0].numpy().astype(np.uint8).tobytes()
         for _ in range(100)
@@ -79,7 +84,7 @@ def test_d4_outcomes_are_the_dihedral_group_of_the_square() -> None:
 
 def test_eval_transform_is_deterministic_identity_plus_normalisation() -> None:
     image, mask = _asymmetric()
-    pipeline = build_eval_transform(normalize={"mean": [0.1, 0.2, 0.3], "std": [0.5, 0.25, 1.0]})
+    pipeline = build_eval_transform(pre([0.1, 0.2, 0.3], [0.5, 0.25, 1.0]))
     first, first_mask = to_sample(pipeline, image, mask)
     again, _ = to_sample(pipeline, image, mask)
     expected = (
@@ -95,11 +100,11 @@ def test_sample_shapes_and_types() -> None:
     image = _he_like(size=P)
     mask = np.zeros((P, P), np.uint8)
     mask[:4] = 1
-    tensor, out_mask = to_sample(build_train_transform(hed=True, seed=0), image, mask)
+    tensor, out_mask = to_sample(build_train_transform(PRE, hed=True, seed=0), image, mask)
     assert tensor.shape == (3, P, P) and tensor.dtype == torch.float32
     assert out_mask.shape == (1, P, P) and out_mask.dtype == torch.float32
     assert set(out_mask.unique().tolist()) == {0.0, 1.0}
-    unlabeled, none = to_sample(build_train_transform(seed=0), image, None)
+    unlabeled, none = to_sample(build_train_transform(PRE, seed=0), image, None)
     assert unlabeled.shape == (3, P, P) and none is None
 
 
@@ -113,8 +118,8 @@ def test_no_transform_gives_unnormalised_unit_range() -> None:
 def test_color_jitter_changes_the_image_but_not_the_mask() -> None:
     image = _he_like(seed=1, size=P)
     _, mask = _asymmetric()
-    pipeline = build_train_transform(d4=False, color_jitter=True, seed=0)
-    eval_image, _ = to_sample(build_eval_transform(), image, mask)
+    pipeline = build_train_transform(PRE, d4=False, color_jitter=True, seed=0)
+    eval_image, _ = to_sample(build_eval_transform(PRE), image, mask)
     changed = 0
     for _ in range(10):
         out, out_mask = to_sample(pipeline, image, mask)
@@ -124,7 +129,7 @@ def test_color_jitter_changes_the_image_but_not_the_mask() -> None:
 
 
 def test_color_jitter_uses_liu_defaults_with_brightness_as_factor_range() -> None:
-    pipeline = build_train_transform(seed=0)
+    pipeline = build_train_transform(PRE, seed=0)
     jitter = next(t for t in pipeline.transforms if isinstance(t, A.ColorJitter))
     assert jitter.brightness == pytest.approx((1 - 64 / 255, 1 + 64 / 255))
     assert jitter.contrast == pytest.approx((0.25, 1.75))
@@ -132,9 +137,9 @@ def test_color_jitter_uses_liu_defaults_with_brightness_as_factor_range() -> Non
     assert jitter.hue == pytest.approx((-0.04, 0.04))
     # brightness alone: a white pixel moves by at most 64 grey levels
     only = build_train_transform(
+        pre([0, 0, 0], [1 / 255] * 3),
         d4=False,
         color_jitter={"contrast": 0, "saturation": 0, "hue": 0},
-        normalize={"mean": [0, 0, 0], "std": [1 / 255] * 3},
         seed=1,
     )
     white = np.full((4, 4, 3), 255, np.uint8)
@@ -146,7 +151,7 @@ def test_same_seed_same_augmentations_different_seed_different() -> None:
     image = _he_like(seed=2, size=P)
 
     def run(seed: int) -> list[torch.Tensor]:
-        pipeline = build_train_transform(hed=True, seed=seed)
+        pipeline = build_train_transform(PRE, hed=True, seed=seed)
         return [to_sample(pipeline, image, None)[0] for _ in range(5)]
 
     assert all(torch.equal(a, b) for a, b in zip(run(7), run(7)))
@@ -201,7 +206,7 @@ def test_hed_jitter_keeps_uint8_shape_and_mask() -> None:
 )
 def test_bad_augmentation_options_raise(kwargs: dict, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
-        build_train_transform(**kwargs)
+        build_train_transform(PRE, **kwargs)
 
 
 @pytest.mark.parametrize(
@@ -215,7 +220,10 @@ def test_bad_augmentation_options_raise(kwargs: dict, match: str) -> None:
 )
 def test_bad_normalisation_raises(normalize: dict, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
-        build_eval_transform(normalize=normalize)
+        normalize_stats(normalize)
+    if set(normalize) == {"mean", "std"}:
+        with pytest.raises(ConfigError, match=match):
+            Preprocess(level=0, patch_size=P, mean=normalize["mean"], std=normalize["std"])
 
 
 def test_normalize_stats_default_and_plain_lists() -> None:
@@ -230,8 +238,58 @@ def test_normalised_tensor_matches_albumentations_normalize_and_is_contiguous() 
     reference = A.Compose(
         [A.Normalize(mean=stats["mean"], std=stats["std"], max_pixel_value=255.0), A.ToTensorV2()]
     )(image=image)["image"]
-    ours, _ = to_sample(build_eval_transform(normalize=stats), image, None)
+    ours, _ = to_sample(build_eval_transform(pre(**stats)), image, None)
     torch.testing.assert_close(ours, reference, rtol=0, atol=1e-5)
     assert ours.is_contiguous()
-    view, _ = to_sample(build_eval_transform(normalize=stats), image[::-1], None)
+    view, _ = to_sample(build_eval_transform(pre(**stats)), image[::-1], None)
     torch.testing.assert_close(view, reference.flip(1), rtol=0, atol=1e-5)
+
+
+def test_random_crop_trains_on_crops_and_eval_uses_the_centre_crop() -> None:
+    image = np.zeros((P, P, 3), np.uint8)
+    image[..., 0] = np.arange(P, dtype=np.uint8)[None, :] * 10  # red = column x 10
+    image[..., 1] = np.arange(P, dtype=np.uint8)[:, None] * 10  # green = row x 10
+    mask = (image[..., 0] > 70).astype(np.uint8)
+    train = build_train_transform(PRE, d4=False, color_jitter=None, crop=8, seed=0)
+    corners = set()
+    for _ in range(50):
+        out, out_mask = to_sample(train, image, mask)
+        assert out.shape == (3, 8, 8) and out_mask.shape == (1, 8, 8)
+        restored = _denormalize(out)
+        np.testing.assert_array_equal((restored[..., 0] > 70).astype(np.uint8), out_mask[0].numpy())
+        corners.add((int(restored[0, 0, 1]) // 10, int(restored[0, 0, 0]) // 10))
+    assert len(corners) > 5  # random positions
+    centre, centre_mask = to_sample(build_eval_transform(PRE, crop=8), image, mask)
+    assert centre.shape == (3, 8, 8)
+    np.testing.assert_array_equal(_denormalize(centre), image[4:12, 4:12])
+    np.testing.assert_array_equal(centre_mask[0].numpy(), mask[4:12, 4:12])
+
+
+@pytest.mark.parametrize("crop", [0, -3, 2.5, True, "big"])
+def test_bad_crop_raises(crop: object) -> None:
+    with pytest.raises(
+        ConfigError, match=r"transforms.crop=.* is invalid: expected null or an integer"
+    ):
+        build_train_transform(PRE, crop=crop)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"transforms.crop="):
+        build_eval_transform(PRE, crop=crop)  # type: ignore[arg-type]
+
+
+def test_eval_pipeline_is_the_contracts_apply() -> None:
+    stain = {
+        "method": "reinhard",
+        "options": {},
+        "mean": [55.0, 25.0, -15.0],
+        "std": [12.0, 6.0, 5.0],
+    }
+    contract = Preprocess(
+        level=0, patch_size=64, mean=(0.6, 0.5, 0.7), std=(0.2, 0.3, 0.25), stain=stain
+    )
+    image = _he_like(seed=3)
+    ours, _ = to_sample(build_eval_transform(contract), image, None)
+    assert torch.equal(ours, contract.apply(image))
+    assert not torch.equal(
+        ours, pre((0.6, 0.5, 0.7), (0.2, 0.3, 0.25)).apply(image)
+    )  # stain counts
+    with pytest.raises(ConfigError, match=r"step='both' is invalid"):
+        PreprocessStep(contract, "both")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lymphnode.core.errors import ConfigError
-from lymphnode.models import UNet, UNetOutput, build_unet, unet_depth_groups
+from lymphnode.models import UNet, UNetOutput, build_unet
 
 
 def _double_conv_params(cin: int, cout: int) -> int:
@@ -132,7 +132,7 @@ def test_without_top_skip_no_gradient_flows_from_output_to_input_except_through_
 
 def test_depth_groups_cover_every_parameter_once():
     net = UNet(base_width=4, depth=3)
-    groups = unet_depth_groups(net)
+    groups = net.depth_groups()
     assert list(groups) == ["enc0", "enc1", "enc2", "enc3", "dec0", "dec1", "dec2", "heads"]
     names = [n for names in groups.values() for n in names]
     assert sorted(names) == sorted(n for n, _ in net.named_parameters())

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.slow
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # Spelling of the experiment choice on the command line (a defaults slot would make it
 # "experiment"): the one place to change it.
-EXPERIMENT = "+experiment"
+EXPERIMENT = "experiment"
 TINY = ("model.base_width=4", "model.depth=2", "data.num_workers=0", "data.batch_size=4",
         "logger=csv", "task.log_images_every_n_epochs=0", "trainer.num_sanity_val_steps=0")  # fmt: skip
 # What every run printed before issue 8 (filtered once in lymphnode.core.boundary); the pretraining

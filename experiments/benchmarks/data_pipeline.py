@@ -38,8 +38,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import lymphnode  # noqa: F401  (NO_ALBUMENTATIONS_UPDATE)
 from lymphnode.data.datasets import CacheDataset
-from lymphnode.data.stain import MacenkoNormalizer, ReinhardNormalizer
 from lymphnode.data.transforms import HEDJitter, build_eval_transform, build_train_transform
+from lymphnode.models.preprocess import Preprocess
+from lymphnode.models.stain import MacenkoNormalizer, ReinhardNormalizer
 from lymphnode.models.unet import UNet
 from lymphnode.patches.cache import CacheWriter, PatchCache
 
@@ -129,19 +130,17 @@ def loader_rate(cache_path: Path, transform: Any, repeats: int, batch: int) -> f
 
 
 def pipelines(reference: list[np.ndarray]) -> dict[str, Callable[[], Any]]:
-    macenko = MacenkoNormalizer().fit(reference)
-    reinhard = ReinhardNormalizer().fit(reference)
+    size = reference[0].shape[0]
+    plain = Preprocess(level=0, patch_size=size)
+    macenko = Preprocess(0, size, stain=MacenkoNormalizer().fit(reference).state())
+    reinhard = Preprocess(0, size, stain=ReinhardNormalizer().fit(reference).state())
     return {
-        "eval (normalise only)": lambda: build_eval_transform(),
-        "train: D4 + colour jitter": lambda: build_train_transform(seed=0),
-        "train: D4 + colour jitter + HED": lambda: build_train_transform(hed=True, seed=0),
-        "train: Macenko + D4 + colour jitter": lambda: build_train_transform(
-            stain_normalizer=macenko, seed=0
-        ),
-        "train: Reinhard + D4 + colour jitter": lambda: build_train_transform(
-            stain_normalizer=reinhard, seed=0
-        ),
-        "eval: Macenko (val/test)": lambda: build_eval_transform(stain_normalizer=macenko),
+        "eval (normalise only)": lambda: build_eval_transform(plain),
+        "train: D4 + colour jitter": lambda: build_train_transform(plain, seed=0),
+        "train: D4 + colour jitter + HED": lambda: build_train_transform(plain, hed=True, seed=0),
+        "train: Macenko + D4 + colour jitter": lambda: build_train_transform(macenko, seed=0),
+        "train: Reinhard + D4 + colour jitter": lambda: build_train_transform(reinhard, seed=0),
+        "eval: Macenko (val/test)": lambda: build_eval_transform(macenko),
     }
 
 

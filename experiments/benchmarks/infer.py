@@ -56,19 +56,12 @@ import numpy as np
 import tifffile
 import torch
 
-from lymphnode.inference.predict import (
-    HeatmapStitcher,
-    InferenceSettings,
-    TileDataset,
-    available_cpus,
-    model_threads,
-    plan_slide,
-    predict_slide,
-    resolve_device,
-    run_tiles,
-    tile_loader,
-)
-from lymphnode.models.unet import UNet
+from lymphnode.inference.grid import TileDataset, plan_slide, tile_loader
+from lymphnode.inference.predict import available_cpus, model_threads, predict_slide, run_tiles
+from lymphnode.inference.settings import InferenceSettings, resolve_device
+from lymphnode.inference.stitch import HeatmapStitcher
+from lymphnode.models.preprocess import Preprocess
+from lymphnode.tasks import MultiTaskModule
 from lymphnode.wsi.pyramid import pyramid_shapes
 from lymphnode.wsi.slide import open_slide
 from lymphnode.wsi.tissue import tissue_mask
@@ -78,6 +71,14 @@ TILE = 256  # TIFF tile side (px), write_pyramid's default
 JPEG_QUALITY = 90  # write_pyramid's default
 TEXTURE_VARIANTS = 8  # distinct tissue tiles (decode cost does not depend on repeats)
 MEAN = STD = (0.5, 0.5, 0.5)  # normalisation of the benchmark checkpoints (cost is the same)
+
+
+def bench_model(width: int, depth: int, patch_size: int) -> tuple[MultiTaskModule, Preprocess]:
+    """A randomly initialised fine-tuning task module (what infer runs) and its contract."""
+    preprocess = Preprocess(level=0, patch_size=patch_size, mean=MEAN, std=STD)
+    net = {"_target_": "lymphnode.models.UNet", "base_width": width, "depth": depth,
+           "top_skip": True}  # fmt: skip
+    return MultiTaskModule(net=net, preprocess=preprocess).eval(), preprocess
 
 
 # --------------------------------------------------------------------------- synthetic slides
@@ -215,27 +216,12 @@ def write_bench_slide(
 
 
 def write_checkpoint(path: Path, width: int, depth: int, patch_size: int) -> dict[str, Any]:
-    """A lymphnode checkpoint (as the LightningModules save it) of a randomly initialised UNet."""
-    model = {
-        "in_channels": 3,
-        "base_width": width,
-        "depth": depth,
-        "norm": "batch",
-        "up": "transpose",
-        "top_skip": True,
-    }
-    net = UNet(**model)
-    ckpt = {
-        "hyper_parameters": {
-            "model": model,
-            "normalize": {"mean": list(MEAN), "std": list(STD)},
-            "patch_size": patch_size,
-            "level": 0,
-        },
-        "state_dict": {f"net.{k}": v for k, v in net.state_dict().items()},
-    }
+    """A lymphnode checkpoint (as the task modules save it) of a randomly initialised UNet."""
+    module, _ = bench_model(width, depth, patch_size)
+    ckpt = {"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict()}
+    module.on_save_checkpoint(ckpt)
     torch.save(ckpt, path)
-    return model
+    return module.net.config
 
 
 # --------------------------------------------------------------------------- reporting
@@ -303,7 +289,7 @@ def cmd_overlap(args: argparse.Namespace) -> dict[str, Any]:
         )
         slide = open_slide(path)
         tissue = tissue_mask(slide)
-        net = UNet(base_width=args.width, depth=args.depth).eval()
+        net, preprocess = bench_model(args.width, args.depth, args.patch_size)
         base = InferenceSettings(
             patch_size=args.patch_size,
             batch_size=args.batch_size,
@@ -313,7 +299,7 @@ def cmd_overlap(args: argparse.Namespace) -> dict[str, Any]:
         )
         plan = plan_slide(slide, tissue, patch_size=args.patch_size, level=0, settings=base)
         n = len(plan.corners)
-        dataset = TileDataset(slide, plan.corners, args.patch_size, 0, MEAN, STD, normalize=False)
+        dataset = TileDataset(slide, plan.corners, preprocess, args.patch_size)
         batches = list(tile_loader(dataset, base))  # compute-only input, read once
         configs = _parse_configs(args.configs)
         runs: dict[tuple[int | None, int], dict[str, list[float]]] = {
@@ -337,18 +323,15 @@ def cmd_overlap(args: argparse.Namespace) -> dict[str, Any]:
                     Path(tmp) / "c",
                 )
                 t0 = time.perf_counter()
-                run_tiles(net, batches, stitcher, mean=MEAN, std=STD, settings=settings)
+                run_tiles(net, batches, stitcher, preprocess=preprocess, settings=settings)
                 _sync(device)
                 rec["compute"].append(time.perf_counter() - t0)
                 t0 = time.perf_counter()
                 predict_slide(
                     net,
+                    preprocess,
                     slide,
                     tissue,
-                    patch_size=args.patch_size,
-                    level=0,
-                    mean=MEAN,
-                    std=STD,
                     settings=settings,
                     workdir=Path(tmp) / "w",
                     progress=False,
@@ -661,7 +644,8 @@ def _slide(
             f"# {n} tiles, tissue mask + grid {figures['tissue_and_grid_s']:.1f} s", file=sys.stderr
         )
         k = min(n, args.component_tiles)
-        net = load_inference_model(ckpt).net
+        loaded = load_inference_model(ckpt)
+        net, preprocess = loaded.task, loaded.preprocess
         # compute-only (first: warms CUDA and cuDNN's autotuning up for the e2e run)
         batches = _random_batches(4, args.batch_size, args.patch_size, device)
         xy = torch.from_numpy(plan.corners[: args.batch_size].copy())
@@ -679,16 +663,18 @@ def _slide(
             )
             t0 = time.perf_counter()
             run_tiles(
-                net, stream[:2] if warm else stream, stitcher, mean=MEAN, std=STD, settings=settings
+                net,
+                stream[:2] if warm else stream,
+                stitcher,
+                preprocess=preprocess,
+                settings=settings,
             )
             _sync(device)
             seconds = time.perf_counter() - t0
         figures["compute_tiles_per_s"] = n_batches * args.batch_size / seconds
         shutil.rmtree(root / "c", ignore_errors=True)
         # read-only over the first k tiles, the loader predict_slide uses
-        dataset = TileDataset(
-            slide, plan.corners[:k], args.patch_size, 0, MEAN, STD, normalize=False
-        )
+        dataset = TileDataset(slide, plan.corners[:k], preprocess, args.patch_size)
         t0 = time.perf_counter()
         for _ in tile_loader(dataset, settings):
             pass

@@ -1,34 +1,33 @@
-"""Data for training: torch Datasets over patch caches, albumentations pipelines, stain
-normalisation and the LightningDataModules (pretraining and few-label fine-tuning)."""
+"""Data for training: torch Datasets over patch caches, albumentations pipelines (around the
+preprocessing contract of :mod:`lymphnode.models.preprocess`) and the LightningDataModules
+(pretraining and few-label fine-tuning)."""
 
 from __future__ import annotations
 
 from lymphnode.data.datamodules import (
     FinetuneDataModule,
     PretrainDataModule,
+    slide_folds,
     stratified_folds,
     stratified_subset,
 )
 from lymphnode.data.datasets import CacheDataset
-from lymphnode.data.stain import MacenkoNormalizer, ReinhardNormalizer, build_stain_normalizer
 from lymphnode.data.transforms import (
     HEDJitter,
+    PreprocessStep,
     build_eval_transform,
     build_train_transform,
-    normalize_stats,
 )
 
 __all__ = [
     "CacheDataset",
     "FinetuneDataModule",
     "HEDJitter",
-    "MacenkoNormalizer",
+    "PreprocessStep",
     "PretrainDataModule",
-    "ReinhardNormalizer",
     "build_eval_transform",
-    "build_stain_normalizer",
     "build_train_transform",
-    "normalize_stats",
+    "slide_folds",
     "stratified_folds",
     "stratified_subset",
 ]

@@ -3,10 +3,16 @@
 - :class:`PretrainDataModule`: the unlabeled cache, split into train/validation by a seeded
   permutation of its patches (``val_fraction``).
 - :class:`FinetuneDataModule`: a deterministic, class-stratified subset of ``labeled_size``
-  patches of the labeled cache, split into ``folds`` class-stratified folds; trains on all folds but
-  ``fold``, validates on ``fold``, tests on the whole test cache (held-out slides).
+  patches of the labeled cache, split into ``folds`` class-stratified folds (or, with
+  ``fold_by=slide``, folds of whole slides); trains on all folds but ``fold``, validates on
+  ``fold``, tests on the whole test cache (held-out slides).
 
-The fine-tuning subset depends only on (the labeled cache's labels, ``labeled_size``, ``seed``):
+Both build the preprocessing contract (:attr:`preprocess`, a :class:`lymphnode.models.Preprocess`)
+from the training cache's manifest and the data config; the task modules save it in their
+checkpoints.
+
+The fine-tuning subset depends only on (the labeled cache's labels, ``labeled_size``,
+``subset_seed``, which defaults to ``seed``):
 never on ``fold``, the init (pretrained or scratch) or anything else, so the pretrained-vs-scratch
 comparison is paired. Subsets are nested: for one seed, the 40-patch subset is contained in the
 80-patch subset, and so on (see :func:`stratified_subset`).
@@ -29,20 +35,22 @@ from torch.utils.data import DataLoader
 
 from lymphnode.core.errors import CacheError, ConfigError
 from lymphnode.data.datasets import CacheDataset
-from lymphnode.data.stain import (
+from lymphnode.data.transforms import build_eval_transform, build_train_transform
+from lymphnode.models.preprocess import Preprocess, normalize_stats
+from lymphnode.models.stain import (
     MacenkoNormalizer,
     ReinhardNormalizer,
     build_stain_normalizer,
     load_reference_image,
 )
-from lymphnode.data.transforms import build_eval_transform, build_train_transform, normalize_stats
 from lymphnode.patches.cache import PatchCache
 
 log = logging.getLogger(__name__)
 
 CLASSES = (0, 1)  # 0 non-tumor, 1 tumor (the cache's label convention)
 CLASS_NAMES = {0: "non-tumor", 1: "tumor"}
-_TRANSFORM_KEYS = ("d4", "color_jitter", "hed")
+_TRANSFORM_KEYS = ("d4", "color_jitter", "hed", "crop")
+FOLD_BY = ("patch", "slide")
 _STAIN_KEYS = ("method", "reference", "reference_cache", "n_patches", "seed", "options")
 _STAIN_DEFAULTS: dict[str, Any] = {
     "reference": None,  # an RGB image file; None: n_patches of the training cache
@@ -105,6 +113,58 @@ def stratified_folds(per_class: Sequence[np.ndarray], folds: int) -> list[np.nda
     return [np.sort(ordered[k::folds]) for k in range(folds)]
 
 
+def slide_folds(
+    per_class: Sequence[np.ndarray], slides: np.ndarray, folds: int, seed: int
+) -> list[np.ndarray]:
+    """Deal a subset into ``folds`` folds of whole slides: no slide has patches in two folds.
+
+    The subset's slides are shuffled (seeded by ``seed``), then taken largest first (stable) and
+    each is given to the fold with the fewest patches so far (ties: the lower fold), so folds get
+    about equal numbers of patches.
+
+    Args:
+        per_class: the subset, one array of cache positions per class (:func:`stratified_subset`).
+        slides: (N,) slide id of every patch of the cache.
+        folds: number of folds.
+        seed: seed of the shuffle that breaks ties between equally large slides.
+
+    Raises:
+        ConfigError: the subset's patches come from fewer than ``folds`` slides.
+    """
+    subset = np.sort(np.concatenate(per_class)) if per_class else np.empty(0, np.int64)
+    names, inverse = np.unique(slides[subset], return_inverse=True)
+    if len(names) < folds:
+        raise ConfigError(
+            f"fold_by=slide needs at least folds={folds} slides, but the labeled subset's "
+            f"{len(subset)} patches come from {len(names)} slide(s) {names.tolist()}: expected "
+            "fewer folds, a larger labeled_size, or fold_by=patch"
+        )
+    counts = np.bincount(inverse, minlength=len(names))
+    order = np.random.default_rng([seed, folds]).permutation(len(names))
+    order = order[np.argsort(-counts[order], kind="stable")]
+    sizes = np.zeros(folds, np.int64)
+    fold_of = np.empty(len(names), np.int64)
+    for k in order:
+        target = int(np.argmin(sizes))
+        fold_of[k] = target
+        sizes[target] += counts[k]
+    return [np.sort(subset[fold_of[inverse] == f]) for f in range(folds)]
+
+
+def _warn_single_class_folds(folds: Sequence[np.ndarray], labels: np.ndarray, path: Path) -> None:
+    for k, fold in enumerate(folds):
+        present = sorted({int(v) for v in labels[fold]})
+        if present != list(CLASSES):
+            log.warning(
+                "fold_by=slide: fold %d of %s holds only %s patches (%d): its validation "
+                "precision/recall are then undefined or trivial",
+                k,
+                path,
+                "/".join(CLASS_NAMES[c] for c in present),
+                len(fold),
+            )
+
+
 # ---------------------------------------------------------------------------------- helpers
 def _cache_level(cache: PatchCache) -> int:
     levels = np.unique(cache.index["level"])
@@ -114,6 +174,14 @@ def _cache_level(cache: PatchCache) -> int:
             "(rebuild it with a single data.level / mpp)"
         )
     return int(levels[0])
+
+
+def _cache_mpp(cache: PatchCache) -> float | None:
+    """Microns per level-0 px the cache was built for, when its config recorded a number."""
+    mpp = cache.config.get("mpp")
+    if isinstance(mpp, int | float) and not isinstance(mpp, bool) and mpp > 0:
+        return float(mpp)
+    return None
 
 
 def _class_labels(cache: PatchCache) -> np.ndarray:
@@ -208,14 +276,16 @@ class _CacheDataModule(pl.LightningDataModule):
         self.transform_options = _transform_options(transforms)
         self._normalize = normalize_stats(_plain(normalize))
         self.stain_options = _stain_options(stain_norm)
-        build_train_transform(**self.transform_options)  # validates the options now
+        build_train_transform(Preprocess(0, 1), **self.transform_options)  # validates them now
         self._stain: MacenkoNormalizer | ReinhardNormalizer | None = None
         self._meta: tuple[int, int] | None = None
+        self._mpp: float | None = None
+        self._preprocess: Preprocess | None = None
         self.train_dataset: CacheDataset | None = None
         self.val_dataset: CacheDataset | None = None
         self.test_dataset: CacheDataset | None = None
 
-    # -- what the task module saves ------------------------------------------------------------
+    # -- the preprocessing contract (what the task module saves in its checkpoints) ----------
     @property
     def normalize(self) -> dict[str, list[float]]:
         """``{"mean": [r, g, b], "std": [r, g, b]}`` in 0..1 units: ``(img / 255 - mean) / std``."""
@@ -225,17 +295,49 @@ class _CacheDataModule(pl.LightningDataModule):
         if self._meta is None:
             cache = PatchCache(self.train_cache)
             self._meta = (cache.patch_size, _cache_level(cache))
+            crop = self.transform_options.get("crop")
+            if crop is not None and crop > cache.patch_size:
+                raise ConfigError(
+                    f"transforms.crop={crop} is larger than the patches of {self.train_cache} "
+                    f"({cache.patch_size} px): expected at most {cache.patch_size}"
+                )
+            self._mpp = _cache_mpp(cache)
         return self._meta
 
     @property
-    def patch_size(self) -> int:
-        """Patch side in pixels of :attr:`level`, from the training cache's manifest."""
+    def cache_patch_size(self) -> int:
+        """Side in px of the training cache's patches (its manifest)."""
         return self._metadata()[0]
+
+    @property
+    def patch_size(self) -> int:
+        """Side in px of :attr:`level` of what the network trains on: ``transforms.crop`` when
+        set, else the cache's patch size."""
+        return self.transform_options.get("crop") or self.cache_patch_size
 
     @property
     def level(self) -> int:
         """The slide level the training cache's patches were read at."""
         return self._metadata()[1]
+
+    @property
+    def preprocess(self) -> Preprocess:
+        """The preprocessing contract of this data (fits the stain normaliser on first use).
+
+        The hook of the task modules: :meth:`lymphnode.tasks.UNetTask.setup` takes it from
+        ``trainer.datamodule`` and saves it in every checkpoint, and ``infer`` applies it.
+        """
+        if self._preprocess is None:
+            normalizer = self.stain_normalizer
+            self._preprocess = Preprocess(
+                level=self.level,
+                patch_size=self.patch_size,
+                mean=tuple(self._normalize["mean"]),
+                std=tuple(self._normalize["std"]),
+                stain=None if normalizer is None else normalizer.state(),
+                mpp=self._mpp,
+            )
+        return self._preprocess
 
     # -- transforms ----------------------------------------------------------------------------
     @property
@@ -246,14 +348,6 @@ class _CacheDataModule(pl.LightningDataModule):
         if self._stain is None:
             self._stain = self._fit_stain(self.stain_options)
         return self._stain
-
-    @property
-    def stain_state(self) -> dict[str, Any] | None:
-        """The fitted stain reference as plain JSON types (None without stain_norm): save it with
-        the model and rebuild it with ``lymphnode.data.stain.stain_normalizer_from_state`` so
-        that inference normalises as training did."""
-        normalizer = self.stain_normalizer
-        return None if normalizer is None else normalizer.state()
 
     def _fit_stain(self, options: Mapping[str, Any]) -> MacenkoNormalizer | ReinhardNormalizer:
         normalizer = build_stain_normalizer(options["method"], **(options["options"] or {}))
@@ -273,18 +367,12 @@ class _CacheDataModule(pl.LightningDataModule):
 
     def train_transform(self) -> Any:
         """The training pipeline (augmentations from ``transforms``), seeded by ``seed``."""
-        return build_train_transform(
-            **self.transform_options,
-            normalize=self._normalize,
-            stain_normalizer=self.stain_normalizer,
-            seed=self.seed,
-        )
+        return build_train_transform(self.preprocess, **self.transform_options, seed=self.seed)
 
     def eval_transform(self) -> Any:
-        """The validation/test pipeline: stain normalisation (if any) + normalisation."""
-        return build_eval_transform(
-            normalize=self._normalize, stain_normalizer=self.stain_normalizer
-        )
+        """The validation/test pipeline: [centre crop to ``transforms.crop``] +
+        :meth:`Preprocess.apply` (stain normalisation, normalisation)."""
+        return build_eval_transform(self.preprocess, crop=self.transform_options.get("crop"))
 
     # -- loaders -------------------------------------------------------------------------------
     def _loader(self, dataset: CacheDataset | None, *, train: bool, name: str) -> DataLoader:
@@ -337,7 +425,10 @@ class PretrainDataModule(_CacheDataModule):
         pin_memory: None -> True when CUDA is available.
         persistent_workers: keep workers between epochs (only used when num_workers > 0).
         drop_last: drop an incomplete last training batch (when at least one full batch exists).
-        transforms: ``{d4, color_jitter, hed}`` for :func:`build_train_transform`.
+        transforms: ``{d4, color_jitter, hed, crop}`` for :func:`build_train_transform`; with
+            ``crop`` (px) training uses random crops of that side, validation and test the centre
+            crop (the input size the network trains on and ``infer`` tiles with: the contract's
+            ``patch_size``).
         normalize: ``{"mean", "std"}`` in 0..1 units (None: 0.5/0.5).
         stain_norm: null, or ``{method: macenko|reinhard, reference: image path|null,
             reference_cache: path|null, n_patches: 32, seed: 0, options: {}}``.
@@ -420,7 +511,13 @@ class FinetuneDataModule(_CacheDataModule):
         labeled_size: patches in the subset (train + validation).
         fold: the validation fold, 0..folds-1.
         folds: number of folds (>= 2).
-        seed: seed of the subset, the shuffling, the workers and the augmentations.
+        seed: seed of the shuffling, the workers and the augmentations.
+        subset_seed: seed of the labeled subset and its folds (None: ``seed``, as before it had
+            its own key), so that a seed sweep can separate subset variance from init variance.
+        fold_by: ``"patch"`` (the paper: class-stratified folds of patches) or ``"slide"``
+            (each fold holds whole slides, so a validation fold's patches come from slides that
+            none of its training patches come from; folds are then of unequal size and need at
+            least ``folds`` slides in the subset).
         other arguments: as :class:`PretrainDataModule`.
 
     Raises:
@@ -438,6 +535,8 @@ class FinetuneDataModule(_CacheDataModule):
         fold: int = 0,
         folds: int = 5,
         seed: int = 0,
+        subset_seed: int | None = None,
+        fold_by: str = "patch",
         batch_size: int = 8,
         num_workers: int = 0,
         pin_memory: bool | None = None,
@@ -473,7 +572,13 @@ class FinetuneDataModule(_CacheDataModule):
                 f"for folds={self.folds}"
             )
         self.fold = int(fold)
-        if self.labeled_size % self.folds:
+        self.subset_seed = (
+            self.seed if subset_seed is None else _check_int("subset_seed", subset_seed, 0)
+        )
+        if fold_by not in FOLD_BY:
+            raise ConfigError(f"fold_by={fold_by!r} is invalid: expected one of {list(FOLD_BY)}")
+        self.fold_by = fold_by
+        if self.fold_by == "patch" and self.labeled_size % self.folds:
             lower = self.labeled_size // self.folds * self.folds
             raise ConfigError(
                 f"labeled_size={self.labeled_size} is not a multiple of folds={self.folds}: "
@@ -497,7 +602,12 @@ class FinetuneDataModule(_CacheDataModule):
                     f"{self.labeled_dir} ({len(cache)} patches): expected 1..{len(cache)}"
                 )
             labels = _class_labels(cache)
-            per_class = stratified_subset(labels, self.labeled_size, self.seed)
+            per_class = stratified_subset(labels, self.labeled_size, self.subset_seed)
+            if self.fold_by == "slide":
+                slides = np.asarray(cache.index["slide"])
+                self._folds = slide_folds(per_class, slides, self.folds, self.subset_seed)
+                _warn_single_class_folds(self._folds, labels, self.labeled_dir)
+                return self._folds
             for c, chosen in zip(CLASSES, per_class):
                 if len(chosen) < self.folds:
                     available = int(np.sum(labels == c))
@@ -530,11 +640,11 @@ class FinetuneDataModule(_CacheDataModule):
                 f"test cache {self.test_dir} has no masks: expected a cache built from annotated "
                 "slides"
             )
-        if test.patch_size != self.patch_size or _cache_level(test) != self.level:
+        if test.patch_size != self.cache_patch_size or _cache_level(test) != self.level:
             raise CacheError(
                 f"test cache {self.test_dir} has patch_size={test.patch_size}, "
                 f"level={_cache_level(test)}; the labeled cache {self.labeled_dir} has "
-                f"patch_size={self.patch_size}, level={self.level}: expected the same"
+                f"patch_size={self.cache_patch_size}, level={self.level}: expected the same"
             )
 
     def setup(self, stage: str | None = None) -> None:
@@ -545,12 +655,13 @@ class FinetuneDataModule(_CacheDataModule):
             self.train_dataset = CacheDataset(self.labeled_dir, train, self.train_transform(), True)
             self.val_dataset = CacheDataset(self.labeled_dir, val, self.eval_transform(), True)
             log.info(
-                "fine-tuning data: labeled_size=%d seed=%d fold %d/%d -> %d train / %d validation "
-                "patches of %s",
+                "fine-tuning data: labeled_size=%d subset_seed=%d fold %d/%d by %s -> %d train / %d "
+                "validation patches of %s",
                 self.labeled_size,
-                self.seed,
+                self.subset_seed,
                 self.fold,
                 self.folds,
+                self.fold_by,
                 len(train),
                 len(val),
                 self.labeled_dir,
@@ -565,8 +676,10 @@ class FinetuneDataModule(_CacheDataModule):
 
 
 __all__ = [
+    "FOLD_BY",
     "FinetuneDataModule",
     "PretrainDataModule",
+    "slide_folds",
     "stratified_folds",
     "stratified_subset",
 ]

@@ -2,13 +2,13 @@
 
 Training: the 8 dihedral transforms of the square (``A.D4``, image and mask together) + colour jitter
 with the defaults of Liu et al. 2017 ("Detecting cancer metastases on gigapixel pathology images")
-+ optional HED stain augmentation (Tellez et al. 2018). Validation and test: no augmentation. Both
-end with the normalisation ``(img / 255 - mean) / std`` into a tensor (:class:`ToNormalizedTensor`),
-so a pipeline maps ``image (H, W, 3) uint8 RGB, mask (H, W) uint8 {0, 1}`` to ``image (3, H, W)
-float32 tensor, mask (H, W) uint8 array`` (:func:`to_sample` makes the mask a (1, H, W) float32
-tensor).
-
-A stain normaliser (:mod:`lymphnode.data.stain`) goes first in every split's pipeline when selected.
++ optional HED stain augmentation (Tellez et al. 2018), optionally on a random crop
+(``crop``). Validation and test: no augmentation (a centre crop with ``crop``). Every pipeline
+runs the preprocessing contract (:class:`lymphnode.models.Preprocess`): its stain normalisation
+before the augmentations and its normalisation ``(img / 255 - mean) / std`` into a tensor at the
+end (validation/test: :meth:`Preprocess.apply`, exactly what ``infer`` feeds the network), so a
+pipeline maps ``image (H, W, 3) uint8 RGB, mask (H, W) uint8 {0, 1}`` to ``image (3, H, W) float32
+tensor, mask (H, W) uint8 array`` (:func:`to_sample` makes the mask a (1, H, W) float32 tensor).
 
 Colour jitter units (Liu et al. used TensorFlow's ``random_brightness/contrast/saturation/hue``):
 
@@ -39,6 +39,8 @@ from skimage.color import hed_from_rgb, rgb_from_hed
 
 import lymphnode  # noqa: F401  (sets NO_ALBUMENTATIONS_UPDATE before albumentations is used)
 from lymphnode.core.errors import ConfigError
+from lymphnode.models.preprocess import Preprocess
+from lymphnode.models.stain import OD_LUT
 
 log = logging.getLogger(__name__)
 
@@ -53,16 +55,6 @@ DEFAULT_COLOR_JITTER: dict[str, float] = {
 }
 # Tellez et al. 2018 used 0.05 ("HED-light"); 0.03 is a milder default (see HEDJitter for units).
 DEFAULT_HED: dict[str, float] = {"sigma": 0.03, "bias": 0.03, "p": 1.0}
-# The network is trained from scratch on H&E, so there is no ImageNet statistic to match: mapping
-# 0..255 to -1..1 keeps the reconstruction target symmetric and independent of the stain.
-DEFAULT_NORMALIZE: dict[str, tuple[float, float, float]] = {
-    "mean": (0.5, 0.5, 0.5),
-    "std": (0.5, 0.5, 0.5),
-}
-
-# Optical density of each uint8 value, -ln(I / 255), with 0 treated as 1 (finite, exactly invertible
-# for 1..255).
-_OD_LUT = (-np.log(np.maximum(np.arange(256, dtype=np.float64), 1.0) / 255.0)).astype(np.float32)
 
 
 def hed_perturb(
@@ -92,7 +84,7 @@ def hed_perturb(
     matrix = hed_from_rgb @ np.diag(alpha_arr) @ rgb_from_hed
     offset = beta_arr @ rgb_from_hed
     affine = np.concatenate([-matrix.T, np.log(255.0) - offset[:, None]], axis=1)
-    log_rgb = cv2.transform(cv2.LUT(image, _OD_LUT), affine.astype(np.float32))
+    log_rgb = cv2.transform(cv2.LUT(image, OD_LUT), affine.astype(np.float32))
     return cv2.convertScaleAbs(np.exp(log_rgb, out=log_rgb))
 
 
@@ -185,117 +177,87 @@ def _color_jitter(options: dict[str, float]) -> A.ColorJitter:
     )
 
 
-def normalize_stats(
-    normalize: Mapping[str, Sequence[float]] | None,
-) -> dict[str, list[float]]:
-    """Validate ``{"mean": [r, g, b], "std": [r, g, b]}`` in 0..1 units; None -> the default.
-
-    Returns plain lists (what the task modules save in their hyperparameters).
-    """
-    if normalize is None:
-        normalize = DEFAULT_NORMALIZE
-    if not isinstance(normalize, Mapping) or set(normalize) != {"mean", "std"}:
-        raise ConfigError(
-            f"normalize={normalize!r} is invalid: expected a mapping with exactly the keys "
-            "'mean' and 'std' (3 numbers each, 0..1 units)"
-        )
-    stats: dict[str, list[float]] = {}
-    for key in ("mean", "std"):
-        values = normalize[key]
-        try:
-            numbers = [float(v) for v in values]
-        except (TypeError, ValueError):
-            numbers = []
-        if len(numbers) != 3 or not all(math.isfinite(v) for v in numbers):
-            raise ConfigError(
-                f"normalize.{key}={values!r} is invalid: expected 3 finite numbers (R, G, B)"
-            )
-        stats[key] = numbers
-    if any(not 0.0 <= m <= 1.0 for m in stats["mean"]):
-        raise ConfigError(
-            f"normalize.mean={stats['mean']} is invalid: expected values in 0..1 (intensity / 255), "
-            "not 0..255"
-        )
-    if any(s <= 0.0 for s in stats["std"]):
-        raise ConfigError(f"normalize.std={stats['std']} is invalid: expected values > 0")
-    return stats
-
-
-class ToNormalizedTensor(A.ImageOnlyTransform):
-    """The last step: ``(img / 255 - mean) / std`` as a contiguous (3, H, W) float32 tensor.
-
-    Equivalent to ``A.Normalize(max_pixel_value=255) + A.ToTensorV2()`` for the image, but it
-    splits the uint8 channels first and maps each through a 256-entry float LUT into a channel-first
-    buffer: 0.3 ms instead of 0.9 ms per 304² patch, and the collated batch is a plain memcpy
-    instead of a strided copy (another 0.4 ms). Masks are left to :func:`to_sample`.
+class PreprocessStep(A.ImageOnlyTransform):
+    """One step of the preprocessing contract (:class:`lymphnode.models.Preprocess`) inside an
+    albumentations pipeline, so that augmentations run between its two steps.
 
     Args:
-        mean, std: 3 numbers each in 0..1 units (see :func:`normalize_stats`).
+        preprocess: the contract.
+        step: ``"stain"`` (:meth:`Preprocess.stain_normalize`, uint8 -> uint8), ``"normalize"``
+            (:meth:`Preprocess.normalize`, uint8 (H, W, 3) -> float32 tensor (3, H, W)) or
+            ``"apply"`` (both: what validation, test and ``infer`` feed the network).
     """
 
-    def __init__(
-        self, mean: Sequence[float] = (0.5, 0.5, 0.5), std: Sequence[float] = (0.5, 0.5, 0.5)
-    ) -> None:
-        super().__init__(p=1.0)
-        stats = normalize_stats({"mean": mean, "std": std})
-        self.mean = tuple(stats["mean"])
-        self.std = tuple(stats["std"])
-        values = np.arange(256, dtype=np.float64) / 255.0
-        self._luts = [((values - m) / s).astype(np.float32) for m, s in zip(self.mean, self.std)]
+    STEPS = ("stain", "normalize", "apply")
 
-    def apply(self, img: np.ndarray, **params: Any) -> torch.Tensor:
-        """(H, W, 3) uint8 -> (3, H, W) float32 tensor."""
+    def __init__(self, preprocess: Preprocess, step: str) -> None:
+        super().__init__(p=1.0)
+        if step not in self.STEPS:
+            raise ConfigError(f"PreprocessStep step={step!r} is invalid: expected {self.STEPS}")
+        self.preprocess = preprocess
+        self.step = step
+
+    def apply(self, img: np.ndarray, **params: Any) -> Any:
+        """Run the step on one (H, W, 3) uint8 RGB image."""
         if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
             raise ConfigError(
                 f"image has shape {img.shape} and dtype {img.dtype}: expected (H, W, 3) uint8 RGB"
             )
-        out = np.empty((3, *img.shape[:2]), np.float32)
-        for channel, (plane, lut) in enumerate(
-            zip(cv2.split(np.ascontiguousarray(img)), self._luts)
-        ):
-            cv2.LUT(plane, lut, dst=out[channel])
-        return torch.from_numpy(out)
+        if self.step == "stain":
+            return self.preprocess.stain_normalize(img)
+        if self.step == "normalize":
+            return self.preprocess.normalize(np.ascontiguousarray(img))
+        return self.preprocess.apply(img)
 
     def get_transform_init_args_names(self) -> tuple[str, ...]:
         """Arguments that albumentations serialises (``A.to_dict``)."""
-        return ("mean", "std")
+        return ("step",)
 
 
-def _tail(normalize: Mapping[str, Sequence[float]] | None) -> list[A.BasicTransform]:
-    stats = normalize_stats(normalize)
-    return [ToNormalizedTensor(mean=stats["mean"], std=stats["std"])]
+def _check_crop(crop: Any) -> int | None:
+    if crop is None:
+        return None
+    if isinstance(crop, bool) or not isinstance(crop, int) or crop < 1:
+        raise ConfigError(
+            f"transforms.crop={crop!r} is invalid: expected null or an integer >= 1 (px)"
+        )
+    return crop
 
 
 def build_train_transform(
+    preprocess: Preprocess,
     *,
     d4: bool = True,
     color_jitter: Mapping[str, float] | bool | None = True,
     hed: Mapping[str, float] | bool | None = None,
-    normalize: Mapping[str, Sequence[float]] | None = None,
-    stain_normalizer: A.ImageOnlyTransform | None = None,
+    crop: int | None = None,
     seed: int | None = None,
 ) -> A.Compose:
-    """The training pipeline: [stain norm] -> D4 -> [colour jitter] -> [HED] -> normalise -> tensor.
+    """The training pipeline: [random crop] -> stain norm -> D4 -> [colour jitter] -> [HED] ->
+    normalise -> tensor (the contract's two steps around the augmentations).
 
     Args:
+        preprocess: the preprocessing contract (stain state, normalisation).
         d4: apply one of the 8 dihedral transforms (uniformly; identity included) to image and mask.
         color_jitter: True/{} for Liu et al.'s defaults (:data:`DEFAULT_COLOR_JITTER`), a mapping
             overriding some of ``brightness, contrast, saturation, hue, p`` (units in the module
             docstring), or None/False for none.
         hed: None/False (default) for none, True/{} for :data:`DEFAULT_HED`, or a mapping overriding
             ``sigma, bias, p`` (:class:`HEDJitter`).
-        normalize: ``{"mean": [r, g, b], "std": [r, g, b]}`` in 0..1 units; None ->
-            :data:`DEFAULT_NORMALIZE`.
-        stain_normalizer: a fitted :mod:`lymphnode.data.stain` transform applied first, or None.
+        crop: side in px of a random crop (image and mask together) taken first, or None for the
+            whole patch; it must not exceed the cached patch side.
         seed: seed of the pipeline's random generator (None: fresh entropy). DataLoader workers
             reseed their copy (see :class:`lymphnode.data.datasets.CacheDataset`).
 
     Returns:
         ``A.Compose``; call it as ``pipeline(image=img, mask=mask)``.
     """
+    crop = _check_crop(crop)
     steps: list[A.BasicTransform] = []
-    if stain_normalizer is not None:
-        steps.append(stain_normalizer)
+    if crop is not None:
+        steps.append(A.RandomCrop(crop, crop, p=1.0))
+    if preprocess.stain is not None:
+        steps.append(PreprocessStep(preprocess, "stain"))
     if d4:
         steps.append(A.D4(p=1.0))
     jitter = _merge_options("color_jitter", color_jitter, DEFAULT_COLOR_JITTER)
@@ -304,7 +266,7 @@ def build_train_transform(
     hed_options = _merge_options("hed", hed, DEFAULT_HED)
     if hed_options is not None:
         steps.append(HEDJitter(**hed_options))
-    pipeline = A.Compose([*steps, *_tail(normalize)])
+    pipeline = A.Compose([*steps, PreprocessStep(preprocess, "normalize")])
     seed_pipeline(pipeline, seed)
     return pipeline
 
@@ -319,14 +281,15 @@ def seed_pipeline(pipeline: A.Compose, seed: int | None) -> None:
     pipeline.set_random_state(np.random.default_rng(seed), random.Random(seed))
 
 
-def build_eval_transform(
-    *,
-    normalize: Mapping[str, Sequence[float]] | None = None,
-    stain_normalizer: A.ImageOnlyTransform | None = None,
-) -> A.Compose:
-    """The validation/test pipeline: [stain norm] -> normalise -> tensor; deterministic."""
-    steps: list[A.BasicTransform] = [] if stain_normalizer is None else [stain_normalizer]
-    return A.Compose([*steps, *_tail(normalize)], seed=0)
+def build_eval_transform(preprocess: Preprocess, *, crop: int | None = None) -> A.Compose:
+    """The validation/test pipeline: [centre crop] -> :meth:`Preprocess.apply`; deterministic.
+
+    With ``crop`` (the training crop) the network is evaluated on the centre ``crop`` x ``crop``
+    px of each patch: the input size it was trained on and that ``infer`` tiles with.
+    """
+    crop = _check_crop(crop)
+    steps: list[A.BasicTransform] = [] if crop is None else [A.CenterCrop(crop, crop, p=1.0)]
+    return A.Compose([*steps, PreprocessStep(preprocess, "apply")], seed=0)
 
 
 def to_sample(
@@ -353,13 +316,11 @@ def to_sample(
 __all__ = [
     "DEFAULT_COLOR_JITTER",
     "DEFAULT_HED",
-    "DEFAULT_NORMALIZE",
     "HEDJitter",
-    "ToNormalizedTensor",
+    "PreprocessStep",
     "build_eval_transform",
     "build_train_transform",
     "hed_perturb",
-    "normalize_stats",
     "seed_pipeline",
     "to_sample",
 ]

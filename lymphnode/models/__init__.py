@@ -1,7 +1,9 @@
-"""Plain ``nn.Module`` networks (no Lightning or Hydra here)."""
+"""Networks (plain ``nn.Module``, built by ``_target_`` from conf/model/), the preprocessing
+contract and checkpoint reading (no Lightning or Hydra-composed training here)."""
 
 from __future__ import annotations
 
-from lymphnode.models.unet import UNet, UNetOutput, build_unet, unet_depth_groups
+from lymphnode.models.preprocess import Preprocess, normalize_stats
+from lymphnode.models.unet import UNet, UNetOutput, build_unet
 
-__all__ = ["UNet", "UNetOutput", "build_unet", "unet_depth_groups"]
+__all__ = ["Preprocess", "UNet", "UNetOutput", "build_unet", "normalize_stats"]

@@ -1,11 +1,23 @@
 """Reading lymphnode checkpoints: pretrain -> fine-tune weight transfer and models for inference.
 
-A lymphnode checkpoint is a Lightning checkpoint written by :class:`ReconstructionModule` or
-:class:`MultiTaskModule`: ``state_dict`` holds the UNet under ``net.*`` and ``hyper_parameters``
-holds at least ``model`` (the UNet's constructor arguments), ``normalize`` ({"mean", "std"}, 0..1
-units, applied as ``(rgb / 255 - mean) / std``), ``patch_size`` (px at ``level``) and ``level``.
+A lymphnode checkpoint is a Lightning checkpoint written by a :class:`lymphnode.tasks.TaskModule`:
+
+- ``hyper_parameters["net"]``: the network's config (``_target_`` + arguments, any registered
+  network, :mod:`lymphnode.models.registry`);
+- ``hyper_parameters["preprocess"]``: the preprocessing contract (:meth:`Preprocess.to_dict`);
+- ``checkpoint["lymphnode"]``: ``task_target`` (the task module's class), ``net_attribute`` (the
+  network's attribute, so its weights are ``state_dict["<net_attribute>.*"]``), ``format``,
+  ``version``.
+
+Checkpoints written before the preprocessing contract (format 1: ``hyper_parameters["model"]``
+holding UNet arguments and ``normalize``/``patch_size``/``level``, weights under ``net.``) still load:
+their network is the UNet, their task comes from ``checkpoint["lymphnode"]["task"]`` and their
+contract from those three values with *no* stain normalisation (such checkpoints never recorded
+one), with a warning that says so.
+
 Checkpoints are read with ``torch.load(weights_only=True)``: they hold only tensors and plain
-containers, so a file from elsewhere cannot run code on load.
+containers, so a file from elsewhere cannot run code on load; the network and task classes they
+name must be importable ``nn.Module`` classes.
 """
 
 from __future__ import annotations
@@ -19,25 +31,43 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from lymphnode.core.errors import CheckpointError, ConfigError
-from lymphnode.models.unet import UNet, build_unet
+from lymphnode.models.preprocess import Preprocess
+from lymphnode.models.registry import TARGET, build_network, network_class
 
 log = logging.getLogger(__name__)
 
-NET_PREFIX = "net."  # the LightningModules hold the UNet as `self.net`
-REQUIRED_HPARAMS = ("model", "normalize", "patch_size", "level")
-TOP_DECODER_PREFIX = "decoder.0."  # the block the top skip feeds
+LEGACY_NET = "lymphnode.models.UNet"  # format-1 checkpoints: hyper_parameters["model"] is UNet args
+LEGACY_TASKS = {  # format-1 checkpoints name their task, not its class
+    "reconstruction": "lymphnode.tasks.ReconstructionModule",
+    "multitask": "lymphnode.tasks.MultiTaskModule",
+}
+LEGACY_PREPROCESS_KEYS = ("normalize", "patch_size", "level")
+
+
+@dataclass
+class CheckpointParts:
+    """What a lymphnode checkpoint holds, read without building anything."""
+
+    path: Path
+    hparams: dict[str, Any]
+    net_config: dict[str, Any]  # _target_ + arguments
+    net_state: dict[str, Tensor]  # the network's weights, names without the attribute prefix
+    preprocess: Preprocess
+    task_target: str | None  # import path of the task module class (None: unknown)
+    net_attribute: str
+    legacy: bool  # written before the preprocessing contract
 
 
 @dataclass
 class LoadReport:
-    """What :func:`load_pretrained_weights` did, by parameter/buffer name (without ``net.``)."""
+    """What :func:`load_pretrained_weights` did, by parameter/buffer name (without the prefix)."""
 
     path: Path
     loaded: list[str] = field(default_factory=list)
-    reinitialized: list[str] = field(default_factory=list)  # top decoder block on top_skip change
+    reinitialized: list[str] = field(default_factory=list)  # e.g. UNet decoder.0 on top_skip change
     skipped: list[str] = field(default_factory=list)  # shape mismatches (strict_shapes=False only)
     missing: list[str] = field(default_factory=list)  # in the model, not in the checkpoint
     unexpected: list[str] = field(default_factory=list)  # in the checkpoint, not in the model
@@ -53,34 +83,46 @@ class LoadReport:
 
 @dataclass
 class InferenceModel:
-    """A trained UNet (eval mode) with what is needed to feed it patches like in training."""
+    """A trained task module (eval mode) with the contract its inputs must follow."""
 
-    net: UNet
-    mean: tuple[float, ...]  # per channel, 0..1 units
-    std: tuple[float, ...]  # per channel, 0..1 units
-    patch_size: int  # px at `level`
-    level: int  # slide pyramid level the patches were read at
+    task: nn.Module  # a lymphnode.tasks.TaskModule: .probabilities(x), .net
+    preprocess: Preprocess
     hparams: dict[str, Any]
 
+    @property
+    def net(self) -> nn.Module:
+        """The network inside the task."""
+        return self.task.net  # type: ignore[return-value]
+
+    @property
+    def patch_size(self) -> int:
+        """Tile side in px at :attr:`level` the network was trained on."""
+        return self.preprocess.patch_size
+
+    @property
+    def level(self) -> int:
+        """Slide pyramid level the network's patches were read at."""
+        return self.preprocess.level
+
+    def probabilities(self, x: Tensor) -> Tensor:
+        """Tumour probabilities (B, 1, H, W) for normalised images (B, C, H, W)."""
+        return self.task.probabilities(x)  # type: ignore[operator]
+
     def prepare(self, rgb: np.ndarray | Tensor) -> Tensor:
-        """uint8 RGB (H, W, 3) or (B, H, W, 3) -> normalised float (B, 3, H, W) on the net's
-        device: ``(rgb / 255 - mean) / std``."""
-        x = torch.as_tensor(rgb)
+        """uint8 RGB (H, W, 3) or (B, H, W, 3) -> the (B, 3, H, W) float input on the task's
+        device, stain-normalised and normalised by the contract."""
+        x = rgb.cpu().numpy() if isinstance(rgb, Tensor) else np.asarray(rgb)
         if x.ndim == 3:
-            x = x.unsqueeze(0)
-        if x.ndim != 4 or x.shape[-1] != len(self.mean):
-            raise ConfigError(
-                f"prepare() takes (H, W, {len(self.mean)}) or (B, H, W, {len(self.mean)}) RGB; "
-                f"got shape {tuple(x.shape)}"
-            )
-        device = next(self.net.parameters()).device
-        x = x.to(device).permute(0, 3, 1, 2).float() / 255.0  # (B, 3, H, W) 0..1
-        mean = torch.tensor(self.mean, device=device).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, device=device).view(1, -1, 1, 1)
-        return (x - mean) / std
+            x = x[None]
+        if x.ndim != 4:
+            raise ConfigError(f"prepare() takes (H, W, 3) or (B, H, W, 3) RGB; got {x.shape}")
+        stained = np.stack([self.preprocess.stain_normalize(im) for im in x])
+        device = next(self.task.parameters()).device
+        return self.preprocess.normalize(stained, device)
 
 
-def _read_checkpoint(path: str | Path) -> dict[str, Any]:
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The checkpoint dict (``weights_only=True``, on the CPU); CheckpointError when unreadable."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist (or is not a file)")
@@ -99,74 +141,137 @@ def _read_checkpoint(path: str | Path) -> dict[str, Any]:
     return dict(ckpt)
 
 
-def _lymphnode_parts(
-    ckpt: Mapping[str, Any], path: Path
-) -> tuple[dict[str, Any], dict[str, Tensor]]:
-    """(hyper_parameters, UNet state dict without ``net.``) or CheckpointError naming what lacks."""
+def checkpoint_parts(ckpt: Mapping[str, Any], path: str | Path) -> CheckpointParts:
+    """The parts of a lymphnode checkpoint dict, or CheckpointError naming what lacks."""
+    path = Path(path)
     hparams = ckpt.get("hyper_parameters")
     state = ckpt.get("state_dict")
-    problems = []
+    found = ckpt.get("lymphnode")
+    record: Mapping[str, Any] = found if isinstance(found, Mapping) else {}
+    expected = "expected one written by a lymphnode task module (lymphnode.tasks)"
     if not isinstance(hparams, Mapping):
-        problems.append("no 'hyper_parameters'")
-    else:
-        absent = [k for k in REQUIRED_HPARAMS if k not in hparams]
-        if absent:
-            problems.append(f"hyper_parameters lack {absent}")
-        elif not isinstance(hparams["model"], Mapping):
-            problems.append("hyper_parameters['model'] is not a dict of UNet arguments")
-    net_state = {}
-    if not isinstance(state, Mapping):
-        problems.append("no 'state_dict'")
-    else:
-        net_state = {k[len(NET_PREFIX) :]: v for k, v in state.items() if k.startswith(NET_PREFIX)}
-        if not net_state:
-            problems.append(f"state_dict has no '{NET_PREFIX}*' weights")
-    if problems:
         raise CheckpointError(
-            f"checkpoint {path} is not a lymphnode checkpoint: {'; '.join(problems)} "
-            f"(expected one written by ReconstructionModule or MultiTaskModule)"
+            f"checkpoint {path} is not a lymphnode checkpoint: no 'hyper_parameters' ({expected})"
         )
-    return dict(hparams), net_state  # type: ignore[arg-type]
+    if not isinstance(state, Mapping):
+        raise CheckpointError(
+            f"checkpoint {path} is not a lymphnode checkpoint: no 'state_dict' ({expected})"
+        )
+    hparams = dict(hparams)
+    legacy = "net" not in hparams
+    if legacy:
+        absent = [k for k in ("model", *LEGACY_PREPROCESS_KEYS) if k not in hparams]
+        if absent:
+            raise CheckpointError(
+                f"checkpoint {path} is not a lymphnode checkpoint: hyper_parameters lack "
+                f"{absent} and have no 'net' ({expected})"
+            )
+        if not isinstance(hparams["model"], Mapping):
+            raise CheckpointError(
+                f"checkpoint {path}: hyper_parameters['model'] is not a dict of UNet arguments"
+            )
+        net_config = {TARGET: LEGACY_NET, **hparams["model"]}
+        task_target = LEGACY_TASKS.get(str(record.get("task")))
+    else:
+        if not isinstance(hparams["net"], Mapping) or TARGET not in hparams["net"]:
+            raise CheckpointError(
+                f"checkpoint {path}: hyper_parameters['net']={hparams['net']!r} is not a network "
+                "config with _target_"
+            )
+        net_config = dict(hparams["net"])
+        task_target = record.get("task_target")
+    net_attribute = str(record.get("net_attribute", "net"))
+    prefix = f"{net_attribute}."
+    net_state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    if not net_state:
+        raise CheckpointError(
+            f"checkpoint {path} is not a lymphnode checkpoint: state_dict has no '{prefix}*' "
+            f"weights ({expected})"
+        )
+    return CheckpointParts(
+        path=path,
+        hparams=hparams,
+        net_config=net_config,
+        net_state=net_state,
+        preprocess=_preprocess_of(hparams, path, legacy),
+        task_target=task_target,
+        net_attribute=net_attribute,
+        legacy=legacy,
+    )
+
+
+def _preprocess_of(hparams: Mapping[str, Any], path: Path, legacy: bool) -> Preprocess:
+    try:
+        if not legacy:
+            if hparams.get("preprocess") is None:
+                raise CheckpointError(
+                    f"checkpoint {path} records no preprocessing contract (hyper_parameters"
+                    "['preprocess'] is null): it was saved before the task module was fitted "
+                    "with a DataModule; expected a checkpoint written during or after fitting"
+                )
+            return Preprocess.from_dict(hparams["preprocess"])
+        preprocess = Preprocess(
+            level=hparams["level"],
+            patch_size=hparams["patch_size"],
+            mean=tuple((hparams["normalize"] or {}).get("mean", (0.0, 0.0, 0.0))),
+            std=tuple((hparams["normalize"] or {}).get("std", (1.0, 1.0, 1.0))),
+        )
+    except ConfigError as exc:
+        raise CheckpointError(
+            f"checkpoint {path} has an invalid preprocessing contract: {exc}"
+        ) from exc
+    log.warning(
+        "checkpoint %s was written before the preprocessing contract: using its normalize, "
+        "patch_size=%d and level=%d and NO stain normalisation (it records none; if it was "
+        "trained with data.stain_norm, its inputs will differ from training)",
+        path,
+        preprocess.patch_size,
+        preprocess.level,
+    )
+    return preprocess
+
+
+def read_parts(path: str | Path) -> CheckpointParts:
+    """:func:`checkpoint_parts` of the file at ``path``."""
+    return checkpoint_parts(read_checkpoint(path), path)
 
 
 def is_lymphnode_checkpoint(path: str | Path) -> bool:
     """Whether ``path`` is a readable lymphnode checkpoint (never raises)."""
     try:
-        _lymphnode_parts(_read_checkpoint(path), Path(path))
+        read_parts(path)
     except CheckpointError:
         return False
     return True
 
 
 def load_pretrained_weights(
-    net: UNet, ckpt_path: str | Path, *, strict_shapes: bool = True
+    net: nn.Module, ckpt_path: str | Path, *, strict_shapes: bool = True
 ) -> LoadReport:
-    """Copy a lymphnode checkpoint's UNet weights into ``net`` by name, in place.
+    """Copy a lymphnode checkpoint's network weights into ``net`` by name, in place.
 
-    If the checkpoint's ``top_skip`` differs from ``net.top_skip``, the top decoder block
-    (``decoder.0``, whose input is the top skip) cannot be reused: it is re-initialised instead of
-    loaded and a warning says so. Every other tensor must exist on both sides with equal shapes;
-    otherwise CheckpointError lists each mismatched name with its checkpoint and model shapes.
-    With ``strict_shapes=False`` the mismatches are skipped (left as initialised) and logged.
+    When ``net`` has ``prepare_transfer(source_config)`` (the UNet: a different ``top_skip``
+    re-initialises the top decoder block, with a warning), the prefixes it returns are not
+    loaded. Every other tensor must exist on both sides with equal shapes; otherwise
+    CheckpointError lists each mismatched name with its checkpoint and model shapes. With
+    ``strict_shapes=False`` the mismatches are skipped (left as initialised) and logged.
     """
-    path = Path(ckpt_path)
-    hparams, ckpt_state = _lymphnode_parts(_read_checkpoint(path), path)
+    parts = read_parts(ckpt_path)
+    path, ckpt_state = parts.path, parts.net_state
     report = LoadReport(path=path)
     model_state = net.state_dict()
+    source_args = {k: v for k, v in parts.net_config.items() if k != TARGET}
+    prepare = getattr(net, "prepare_transfer", None)
+    prefixes: list[str] = list(prepare(source_args)) if callable(prepare) else []
 
-    ckpt_top_skip = hparams["model"].get("top_skip", True)
-    reinit: set[str] = set()
-    top_skip_changed = bool(ckpt_top_skip) != net.top_skip
-    if top_skip_changed:
-        report.reinitialized = [k for k in model_state if k.startswith(TOP_DECODER_PREFIX)]
-        reinit = set(report.reinitialized) | {
-            k for k in ckpt_state if k.startswith(TOP_DECODER_PREFIX)
-        }
+    def excluded(name: str) -> bool:
+        return any(name.startswith(p) for p in prefixes)
 
+    report.reinitialized = [k for k in model_state if excluded(k)]
     to_load: dict[str, Tensor] = {}
     mismatched: list[str] = []
     for name, value in ckpt_state.items():
-        if name in reinit:
+        if excluded(name):
             continue
         if name not in model_state:
             report.unexpected.append(name)
@@ -177,7 +282,7 @@ def load_pretrained_weights(
             report.skipped.append(name)
         else:
             to_load[name] = value
-    report.missing = [k for k in model_state if k not in ckpt_state and k not in reinit]
+    report.missing = [k for k in model_state if k not in ckpt_state and not excluded(k)]
 
     problems = (
         mismatched
@@ -186,8 +291,9 @@ def load_pretrained_weights(
     )
     if problems and strict_shapes:
         raise CheckpointError(
-            f"checkpoint {path} (model {hparams['model']}) does not fit the model "
-            f"{net.config}; {len(problems)} mismatched keys:\n  " + "\n  ".join(problems)
+            f"checkpoint {path} (model {parts.net_config}) does not fit the model "
+            f"{type(net).__name__} {getattr(net, 'config', '')}; {len(problems)} mismatched "
+            "keys:\n  " + "\n  ".join(problems)
         )
     if problems:
         log.warning(
@@ -196,14 +302,18 @@ def load_pretrained_weights(
             len(problems),
             "\n  ".join(problems),
         )
-    if top_skip_changed:
-        net.reset_top_decoder()
+    if prefixes:
+        mine = getattr(net, "config", {}) if isinstance(getattr(net, "config", None), dict) else {}
+        changed = [
+            f"{k}={source_args.get(k)} but the model has {k}={mine[k]}"
+            for k in mine
+            if k in source_args and source_args[k] != mine[k]
+        ]
         log.warning(
-            "checkpoint %s was trained with top_skip=%s but the model has top_skip=%s: the top "
-            "decoder block 'decoder.0' (%d tensors) is re-initialised, not loaded",
+            "checkpoint %s was trained with %s: %s (%d tensors) re-initialised, not loaded",
             path,
-            ckpt_top_skip,
-            net.top_skip,
+            "; ".join(changed) or source_args,
+            ", ".join(repr(p) for p in prefixes),
             len(report.reinitialized),
         )
     with torch.no_grad():
@@ -214,47 +324,92 @@ def load_pretrained_weights(
     return report
 
 
+def _task_class(target: str | None, path: Path) -> type[nn.Module]:
+    if target is None:
+        raise CheckpointError(
+            f"checkpoint {path} does not name its task module (checkpoint['lymphnode']"
+            "['task_target']): expected a checkpoint written by lymphnode.tasks"
+        )
+    try:
+        cls = network_class(target)  # any importable nn.Module class
+    except ConfigError as exc:
+        raise CheckpointError(
+            f"checkpoint {path}: its task module {target!r} cannot be used: {exc}"
+        ) from exc
+    return cls
+
+
 def load_inference_model(
     path: str | Path, map_location: str | torch.device = "cpu"
 ) -> InferenceModel:
-    """Rebuild the trained UNet of a lymphnode checkpoint (eval mode) with its preprocessing."""
-    path = Path(path)
-    hparams, state = _lymphnode_parts(_read_checkpoint(path), path)
+    """Rebuild the trained task module of a lymphnode checkpoint (eval mode, its network
+    included, any registered one) with its preprocessing contract."""
+    parts = read_parts(path)
+    cls = _task_class(parts.task_target, parts.path)
+    kwargs = dict(parts.hparams)
+    if parts.legacy:  # format 1: the network was `model`, the contract three keys
+        kwargs.pop("model")
+        for key in LEGACY_PREPROCESS_KEYS:
+            kwargs.pop(key)
+        kwargs["net"] = parts.net_config
+    kwargs["preprocess"] = parts.preprocess
+    kwargs.pop("pretrained", None)  # the weights come from this checkpoint
     try:
-        net = build_unet(hparams["model"])
-    except ConfigError as exc:
-        raise CheckpointError(f"checkpoint {path} has an invalid model config: {exc}") from exc
-    missing, unexpected = (
-        sorted(set(net.state_dict()) - set(state)),
-        sorted(set(state) - set(net.state_dict())),
-    )
+        build_network(parts.net_config)  # a clear error for a bad network config first
+        task = cls(**kwargs)
+    except (ConfigError, TypeError) as exc:
+        raise CheckpointError(
+            f"checkpoint {parts.path} cannot rebuild its task {parts.task_target} with network "
+            f"{parts.net_config}: {exc}"
+        ) from exc
+    net = getattr(task, parts.net_attribute, None)
+    if not isinstance(net, nn.Module):
+        raise CheckpointError(
+            f"checkpoint {parts.path}: task {parts.task_target} has no network "
+            f"`.{parts.net_attribute}`"
+        )
+    expected = net.state_dict()
+    missing = sorted(set(expected) - set(parts.net_state))
+    unexpected = sorted(set(parts.net_state) - set(expected))
     if missing or unexpected:
         raise CheckpointError(
-            f"checkpoint {path}: weights do not match its model config {hparams['model']} "
+            f"checkpoint {parts.path}: weights do not match its model config {parts.net_config} "
             f"(missing {missing}, unexpected {unexpected})"
         )
     try:
-        net.load_state_dict(state)
+        net.load_state_dict(parts.net_state)
     except RuntimeError as exc:
-        raise CheckpointError(f"checkpoint {path}: weights do not fit its model: {exc}") from exc
-    normalize = hparams["normalize"] or {}
-    channels = net.in_channels
-    mean = tuple(float(v) for v in normalize.get("mean", [0.0] * channels))
-    std = tuple(float(v) for v in normalize.get("std", [1.0] * channels))
+        raise CheckpointError(
+            f"checkpoint {parts.path}: weights do not fit its model: {exc}"
+        ) from exc
     return InferenceModel(
-        net=net.to(map_location).eval(),
-        mean=mean,
-        std=std,
-        patch_size=int(hparams["patch_size"]),
-        level=int(hparams["level"]),
-        hparams=hparams,
+        task=task.to(map_location).eval(), preprocess=parts.preprocess, hparams=parts.hparams
     )
 
 
+def read_preprocess(path: str | Path) -> Preprocess:
+    """The preprocessing contract of the checkpoint at ``path`` (memory-mapped: the weights are
+    not read)."""
+    path = Path(path)
+    try:
+        with torch.serialization.safe_globals([pathlib.PosixPath, pathlib.WindowsPath]):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:
+        raise CheckpointError(
+            f"checkpoint {path} cannot be read ({type(exc).__name__}: {exc})"
+        ) from exc
+    return checkpoint_parts(ckpt, path).preprocess
+
+
 __all__ = [
+    "CheckpointParts",
     "InferenceModel",
     "LoadReport",
+    "checkpoint_parts",
     "is_lymphnode_checkpoint",
     "load_inference_model",
     "load_pretrained_weights",
+    "read_checkpoint",
+    "read_parts",
+    "read_preprocess",
 ]

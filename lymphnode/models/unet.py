@@ -204,6 +204,15 @@ class UNet(nn.Module):
             groups.setdefault(key, []).append(name)
         return groups
 
+    def prepare_transfer(self, source_config: Mapping[str, Any]) -> list[str]:
+        """Before copying weights from a UNet built with ``source_config`` (a checkpoint's): when
+        its ``top_skip`` differs, the top decoder block (``decoder.0``, whose input is the top
+        skip) cannot be reused and is re-initialised. Returns the name prefixes not to copy."""
+        if bool(source_config.get("top_skip", True)) == self.top_skip:
+            return []
+        self.reset_top_decoder()
+        return ["decoder.0."]
+
     def reset_top_decoder(self) -> list[str]:
         """Re-initialise ``decoder.0`` (the block the top skip feeds); return its parameter and
         buffer names."""
@@ -223,11 +232,6 @@ def _pad_to(x: Tensor, size: torch.Size | tuple[int, int]) -> Tensor:
     return F.pad(x, (0, dw, 0, dh))
 
 
-def unet_depth_groups(net: UNet) -> dict[str, list[str]]:
-    """Parameter names of ``net`` per depth (see :meth:`UNet.depth_groups`)."""
-    return net.depth_groups()
-
-
 def build_unet(config: Mapping[str, Any]) -> UNet:
     """A UNet from a dict of constructor arguments (a checkpoint's ``model`` hyperparameter);
     unknown keys raise ConfigError naming them and the accepted keys."""
@@ -240,4 +244,4 @@ def build_unet(config: Mapping[str, Any]) -> UNet:
     return UNet(**dict(config))
 
 
-__all__ = ["NORMS", "UP_MODES", "UNet", "UNetOutput", "build_unet", "unet_depth_groups"]
+__all__ = ["NORMS", "UP_MODES", "UNet", "UNetOutput", "build_unet"]

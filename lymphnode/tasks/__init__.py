@@ -1,5 +1,7 @@
-"""The LightningModules: reconstruction pretraining and multi-task fine-tuning, plus checkpoints
-and training callbacks."""
+"""The LightningModules: a shared base, the pretext tasks (reconstruction now), multi-task
+fine-tuning, and training callbacks. Tasks are built by ``_target_`` from conf/task/ and
+conf/pretext/; checkpoint reading lives in :mod:`lymphnode.models.checkpoint` (re-exported here, as
+before the layout change)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from lymphnode.models.checkpoint import (
     load_inference_model,
     load_pretrained_weights,
 )
+from lymphnode.tasks.base import TaskModule
 from lymphnode.tasks.callbacks import DepthNormLogger, NonFiniteLossError, NonFiniteLossGuard
 from lymphnode.tasks.multitask import MultiTaskModule
 from lymphnode.tasks.reconstruction import ReconstructionModule
@@ -22,6 +25,7 @@ __all__ = [
     "NonFiniteLossError",
     "NonFiniteLossGuard",
     "ReconstructionModule",
+    "TaskModule",
     "is_lymphnode_checkpoint",
     "load_inference_model",
     "load_pretrained_weights",

@@ -14,10 +14,9 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from lymphnode.core.errors import ConfigError, LymphnodeError
-from lymphnode.models.unet import UNet
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +76,8 @@ class DepthNormLogger(pl.Callback):
     ``norms/dec{d}_grad`` (d = 0..depth-1), ``norms/heads_weight``, ``norms/heads_grad``. RMS
     (L2 norm / sqrt(number of elements)) rather than the L2 norm, so depths with different widths
     compare; only weights with more than one dimension (convolutions), not norm scales/biases.
-    The module must hold the UNet as ``pl_module.net``.
+    The module's network (``pl_module.net``) must group its parameters by depth with a
+    ``depth_groups()`` method (:meth:`lymphnode.models.UNet.depth_groups`).
     """
 
     def __init__(self, every_n_steps: int = 50) -> None:
@@ -97,20 +97,20 @@ class DepthNormLogger(pl.Callback):
         if trainer.global_step % self.every_n_steps:
             return
         net = getattr(pl_module, "net", None)
-        if not isinstance(net, UNet):
+        if not isinstance(net, nn.Module) or not callable(getattr(net, "depth_groups", None)):
             raise ConfigError(
-                f"DepthNormLogger needs a LightningModule with a UNet as `.net`; "
-                f"{type(pl_module).__name__} has {type(net).__name__}"
+                f"DepthNormLogger needs a network `.net` with a depth_groups() method (as "
+                f"lymphnode.models.UNet); {type(pl_module).__name__} has {type(net).__name__}"
             )
         pl_module.log_dict(depth_norms(net), on_step=True, on_epoch=False)
 
 
-def depth_norms(net: UNet) -> dict[str, float]:
+def depth_norms(net: nn.Module) -> dict[str, float]:
     """``{"norms/{group}_weight": rms, "norms/{group}_grad": rms}`` for every depth group of ``net``
     (see :class:`DepthNormLogger`); gradients that do not exist count as absent."""
     params = dict(net.named_parameters())
     norms: dict[str, float] = {}
-    for group, names in net.depth_groups().items():
+    for group, names in net.depth_groups().items():  # type: ignore[operator]
         weights = [params[n] for n in names if params[n].ndim > 1]
         norms[f"norms/{group}_weight"] = _rms(weights)
         norms[f"norms/{group}_grad"] = _rms([w.grad for w in weights if w.grad is not None])

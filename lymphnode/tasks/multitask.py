@@ -28,15 +28,16 @@ from torchmetrics.classification import (
 
 from lymphnode.core.errors import ConfigError
 from lymphnode.models.checkpoint import LoadReport, load_pretrained_weights
-from lymphnode.tasks.reconstruction import (
+from lymphnode.models.preprocess import Preprocess
+from lymphnode.tasks.base import (
     DEFAULT_OPTIMIZER,
     DEFAULT_SCHEDULER,
-    RECON_LOSSES,
-    UNetTask,
+    TaskModule,
     image_grid,
     plain,
     require_keys,
 )
+from lymphnode.tasks.reconstruction import RECON_LOSSES
 
 log = logging.getLogger(__name__)
 
@@ -83,11 +84,12 @@ def _number(name: str, value: Any, *, minimum: float, allow_none: bool = False) 
     return float(value)
 
 
-class MultiTaskModule(UNetTask):
-    """Segmentation + reconstruction fine-tuning of the UNet (or training from scratch).
+class MultiTaskModule(TaskModule):
+    """Segmentation + reconstruction fine-tuning of the network (or training from scratch).
 
     Args:
-        model: UNet arguments (see :class:`lymphnode.models.UNet`; default ``top_skip=True``).
+        net: the network's config (``_target_`` + arguments, conf/model/*.yaml; default the UNet
+            with ``top_skip=True``).
         seg_loss: ``{"pos_weight": float | None, "dice_weight": float (default 0)}``; pos_weight
             multiplies the BCE of tumour pixels.
         recon_weight: weight of the reconstruction term (1.0 as the paper; 0 turns it off and
@@ -95,10 +97,10 @@ class MultiTaskModule(UNetTask):
         recon_loss: ``"mse"`` or ``"l1"``.
         pretrained: a lymphnode checkpoint (usually the pretraining's best.ckpt) whose UNet
             weights initialise this one when fitting starts (:func:`load_pretrained_weights`; a
-            different ``top_skip`` re-initialises the top decoder block). Skipped when the
+            UNet with a different ``top_skip`` re-initialises its top decoder block). Skipped when the
             weights come from a checkpoint (resume or ``load_from_checkpoint``).
-        optimizer, scheduler, normalize, patch_size, level, log_images_every_n_epochs,
-            n_log_images: as :class:`ReconstructionModule`.
+        optimizer, scheduler, preprocess, channels_last, log_images_every_n_epochs,
+            n_log_images: as :class:`lymphnode.tasks.ReconstructionModule`.
         threshold: probability above which a pixel counts as tumour for the metrics and images.
 
     Logs ``train/loss``, ``train/seg_loss``, ``train/recon_mse``; on val and test
@@ -114,16 +116,15 @@ class MultiTaskModule(UNetTask):
 
     def __init__(
         self,
-        model: Mapping[str, Any] | None = None,
+        net: Mapping[str, Any] | None = None,
         seg_loss: Mapping[str, Any] | None = None,
         recon_weight: float = 1.0,
         recon_loss: str = "mse",
         pretrained: str | Path | None = None,
         optimizer: Any = DEFAULT_OPTIMIZER,
         scheduler: Any = DEFAULT_SCHEDULER,
-        normalize: Mapping[str, Any] | None = None,
-        patch_size: int = 300,
-        level: int = 0,
+        preprocess: Preprocess | Mapping[str, Any] | None = None,
+        channels_last: bool = False,
         threshold: float = 0.5,
         log_images_every_n_epochs: int = 1,
         n_log_images: int = 8,
@@ -153,13 +154,12 @@ class MultiTaskModule(UNetTask):
         if pretrained is not None and not isinstance(pretrained, str | Path):
             raise ConfigError(f"pretrained={pretrained!r} is invalid; expected a path or null")
         self._init_common(
-            model,
+            net,
             {},
             optimizer,
             scheduler,
-            normalize,
-            patch_size,
-            level,
+            preprocess,
+            channels_last,
             log_images_every_n_epochs,
             n_log_images,
         )
@@ -175,8 +175,9 @@ class MultiTaskModule(UNetTask):
             self.register_buffer("_pos_weight", torch.tensor([pos_weight]), persistent=False)
         else:
             self._pos_weight = None
-        if recon_weight == 0:
-            self.net.recon_head.requires_grad_(False)  # no gradient reaches it (DDP would object)
+        recon_head = getattr(self.net, "recon_head", None)
+        if recon_weight == 0 and isinstance(recon_head, torch.nn.Module):
+            recon_head.requires_grad_(False)  # no gradient reaches it (DDP would object)
         self.save_hyperparameters(
             {
                 **self._common_hparams(),
@@ -287,10 +288,14 @@ class MultiTaskModule(UNetTask):
     def test_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:
         self._eval_step(batch, batch_idx, "test")
 
+    def probabilities(self, x: Tensor) -> Tensor:
+        """Tumour probabilities (B, 1, H, W) float32 for normalised images (B, C, H, W)."""
+        return torch.sigmoid(self.net(x).seg.float())
+
     def predict_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
         """Tumour probabilities (B, 1, H, W) for ``batch["image"]``."""
         require_keys(batch, ["image"], "prediction")
-        return torch.sigmoid(self.net(batch["image"]).seg)
+        return self.probabilities(batch["image"])
 
     def _should_log_images(self, batch_idx: int) -> bool:
         trainer = self._trainer

@@ -3,7 +3,10 @@
 Across-slide stain variation (scanner, lab, stain batch) is the main failure of patch classifiers on
 real slides. A normaliser is fitted once on reference images (a chosen image file, or N seeded
 patches of the training cache) and then applied to every patch of every split (train, validation,
-test) before augmentation, as an albumentations ``ImageOnlyTransform``.
+test) before augmentation. The fitted state (:meth:`MacenkoNormalizer.state`) is part of the
+preprocessing contract (:mod:`lymphnode.models.preprocess`), so that ``infer`` applies the same
+normalisation as training; that is why this module lives in ``models/`` (below ``data/``) and uses
+numpy and OpenCV only (``lymphnode.data.transforms`` wraps it for albumentations).
 
 - :class:`MacenkoNormalizer` (Macenko et al. 2009): optical density ``OD = -ln(I / 255)``; the
   two stain vectors are the extreme angles (``alpha``-th and ``100 - alpha``-th percentiles) of the
@@ -25,11 +28,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import albumentations as A
 import cv2
 import numpy as np
 
-import lymphnode  # noqa: F401  (sets NO_ALBUMENTATIONS_UPDATE before albumentations is used)
 from lymphnode.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -42,8 +43,9 @@ _EPS = 1e-6
 _MAX_PATCH_PIXELS = 10_000
 _MAX_FIT_PIXELS = 500_000
 
-# Optical density of each uint8 value, -ln(I / 255), 0 treated as 1 so that it stays finite.
-_OD_LUT = (-np.log(np.maximum(np.arange(256, dtype=np.float64), 1.0) / 255.0)).astype(np.float32)
+# Optical density of each uint8 value, -ln(I / 255), 0 treated as 1 so that it stays finite (exactly
+# invertible for 1..255); also used by the HED augmentation (lymphnode.data.transforms).
+OD_LUT = (-np.log(np.maximum(np.arange(256, dtype=np.float64), 1.0) / 255.0)).astype(np.float32)
 # OpenCV's 8-bit CIELAB: L * 255 / 100, a + 128, b + 128.
 _LAB8_SCALE = np.array([255.0 / 100.0, 1.0, 1.0])
 _LAB8_OFFSET = np.array([0.0, 128.0, 128.0])
@@ -92,7 +94,7 @@ def load_reference_image(path: str | Path) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------- Macenko
-class MacenkoNormalizer(A.ImageOnlyTransform):
+class MacenkoNormalizer:
     """Macenko stain normalisation, fitted with :meth:`fit`, applied to (H, W, 3) uint8 RGB.
 
     Args:
@@ -101,7 +103,6 @@ class MacenkoNormalizer(A.ImageOnlyTransform):
         alpha: percentile (in %) of the angles that defines the two extreme stain vectors.
         max_percentile: percentile of the stain concentrations matched to the reference's.
         min_tissue_pixels: patches with fewer tissue pixels are returned unchanged.
-        p: probability of applying it (1 for normalisation).
     """
 
     def __init__(
@@ -110,9 +111,7 @@ class MacenkoNormalizer(A.ImageOnlyTransform):
         alpha: float = 1.0,
         max_percentile: float = 99.0,
         min_tissue_pixels: int = 100,
-        p: float = 1.0,
     ) -> None:
-        super().__init__(p=p)
         if not 0.0 < od_threshold < 5.0:
             raise ConfigError(f"od_threshold={od_threshold} is invalid: expected in (0, 5)")
         if not 0.0 <= alpha < 50.0:
@@ -136,7 +135,7 @@ class MacenkoNormalizer(A.ImageOnlyTransform):
         brightest = np.maximum(np.maximum(image[..., 0], image[..., 1]), image[..., 2])
         tissue = brightest.reshape(-1) < 255.0 * np.exp(-self.od_threshold)
         rows, count = _sample_rows(image.reshape(-1, 3), tissue, limit)
-        return _OD_LUT[rows], count
+        return OD_LUT[rows], count
 
     def _stain_matrix(self, od: np.ndarray) -> np.ndarray | None:
         """(2, 3) unit stain vectors (H first) from tissue ODs (N, 3), or None when degenerate."""
@@ -220,16 +219,12 @@ class MacenkoNormalizer(A.ImageOnlyTransform):
         # ln(255) - od' = ln(I' ) directly; exp, then round and saturate to uint8.
         recompose = (np.linalg.pinv(matrix) * scale) @ self.stain_matrix
         affine = np.concatenate([-recompose.T, np.full((3, 1), np.log(255.0))], axis=1)
-        od = cv2.LUT(image, _OD_LUT)  # (H, W, 3) float32
+        od = cv2.LUT(image, OD_LUT)  # (H, W, 3) float32
         log_rgb: np.ndarray = cv2.transform(od, affine.astype(np.float32))
         return cv2.convertScaleAbs(np.exp(log_rgb, out=log_rgb))
 
-    def apply(self, img: np.ndarray, **params: Any) -> np.ndarray:
-        """albumentations hook: :meth:`transform`."""
-        return self.transform(img)
-
-    def get_transform_init_args_names(self) -> tuple[str, ...]:
-        """Arguments that albumentations serialises (the fitted state: :meth:`state`)."""
+    def option_names(self) -> tuple[str, ...]:
+        """The constructor arguments (saved with the fitted state by :meth:`state`)."""
         return ("od_threshold", "alpha", "max_percentile", "min_tissue_pixels")
 
     def state(self) -> dict[str, Any]:
@@ -238,14 +233,14 @@ class MacenkoNormalizer(A.ImageOnlyTransform):
             raise ConfigError("MacenkoNormalizer is not fitted: call fit(reference_images) first")
         return {
             "method": "macenko",
-            "options": {k: getattr(self, k) for k in self.get_transform_init_args_names()},
+            "options": {k: getattr(self, k) for k in self.option_names()},
             "stain_matrix": self.stain_matrix.tolist(),
             "max_concentrations": self.max_concentrations.tolist(),
         }
 
 
 # -------------------------------------------------------------------------------------- Reinhard
-class ReinhardNormalizer(A.ImageOnlyTransform):
+class ReinhardNormalizer:
     """Reinhard colour transfer in CIELAB, fitted with :meth:`fit`, applied to uint8 RGB.
 
     ``lab' = (lab - mean_src) / std_src * std_ref + mean_ref`` per channel; L in 0..100, a and b in
@@ -256,7 +251,6 @@ class ReinhardNormalizer(A.ImageOnlyTransform):
             the white background out).
         min_std: floor of the source channel std (LAB units), so flat patches are not amplified.
         min_tissue_pixels: patches with fewer tissue pixels are returned unchanged.
-        p: probability of applying it (1 for normalisation).
     """
 
     def __init__(
@@ -264,9 +258,7 @@ class ReinhardNormalizer(A.ImageOnlyTransform):
         tissue_lightness: float = 90.0,
         min_std: float = 1.0,
         min_tissue_pixels: int = 100,
-        p: float = 1.0,
     ) -> None:
-        super().__init__(p=p)
         if not 0.0 < tissue_lightness <= 100.0:
             raise ConfigError(
                 f"tissue_lightness={tissue_lightness} is invalid: expected in (0, 100]"
@@ -343,12 +335,8 @@ class ReinhardNormalizer(A.ImageOnlyTransform):
         lab_out = np.clip(lab_out + 0.5, 0.0, 255.0).astype(np.uint8)
         return cv2.cvtColor(lab_out, cv2.COLOR_LAB2RGB)
 
-    def apply(self, img: np.ndarray, **params: Any) -> np.ndarray:
-        """albumentations hook: :meth:`transform`."""
-        return self.transform(img)
-
-    def get_transform_init_args_names(self) -> tuple[str, ...]:
-        """Arguments that albumentations serialises (the fitted state: :meth:`state`)."""
+    def option_names(self) -> tuple[str, ...]:
+        """The constructor arguments (saved with the fitted state by :meth:`state`)."""
         return ("tissue_lightness", "min_std", "min_tissue_pixels")
 
     def state(self) -> dict[str, Any]:
@@ -357,13 +345,10 @@ class ReinhardNormalizer(A.ImageOnlyTransform):
             raise ConfigError("ReinhardNormalizer is not fitted: call fit(reference_images) first")
         return {
             "method": "reinhard",
-            "options": {k: getattr(self, k) for k in self.get_transform_init_args_names()},
+            "options": {k: getattr(self, k) for k in self.option_names()},
             "mean": self.mean.tolist(),
             "std": self.std.tolist(),
         }
-
-
-StainNormalizer = MacenkoNormalizer | ReinhardNormalizer
 
 
 def build_stain_normalizer(method: str, **options: Any) -> MacenkoNormalizer | ReinhardNormalizer:
@@ -404,9 +389,9 @@ def stain_normalizer_from_state(
 
 __all__ = [
     "METHODS",
+    "OD_LUT",
     "MacenkoNormalizer",
     "ReinhardNormalizer",
-    "StainNormalizer",
     "build_stain_normalizer",
     "load_reference_image",
     "stain_normalizer_from_state",
