@@ -19,10 +19,8 @@ slide, as OpenSlide.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import math
-import os
 import sys
 import tempfile
 import xml.etree.ElementTree as StdET
@@ -35,6 +33,7 @@ import defusedxml
 import defusedxml.ElementTree as SafeET
 import numpy as np
 
+from lymphnode.core import atomic
 from lymphnode.core.errors import AnnotationError, LymphnodeError, SlideError
 
 log = logging.getLogger(__name__)
@@ -510,21 +509,9 @@ def _fmt(v: float) -> str:
 def _atomic_write(path: Path, data: bytes) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        atomic.write_bytes(path, data)
     except OSError as e:
         raise AnnotationError(f"{path}: cannot write annotation file: {e}") from e
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if isinstance(e, OSError):
-            raise AnnotationError(f"{path}: cannot write annotation file: {e}") from e
-        raise
 
 
 # --------------------------------------------------------------------------------------------------
