@@ -34,6 +34,7 @@ import openslide
 import tifffile
 from openslide import lowlevel as _lowlevel
 
+from lymphnode.core import validate
 from lymphnode.core.errors import SlideError
 from lymphnode.wsi.tiles import TileReader, tile_pages
 
@@ -324,12 +325,14 @@ class Slide:
 
         Level downsamples within 1 % above the request count (odd level sizes make 2.0005 of a 2).
         """
-        if not (isinstance(downsample, (int, float)) and math.isfinite(downsample)):
-            raise SlideError(
-                f"slide {self.path}: downsample must be a finite number, got {downsample!r}"
-            )
-        if downsample <= 0:
-            raise SlideError(f"slide {self.path}: downsample must be > 0, got {downsample}")
+        downsample = validate.number(
+            "downsample",
+            downsample,
+            0,
+            strict_minimum=True,
+            where=f"slide {self.path}: ",
+            error=SlideError,
+        )
         limit = downsample * (1 + _DOWNSAMPLE_SLACK)
         best = 0
         for level, d in enumerate(self.level_downsamples):
@@ -350,10 +353,11 @@ class Slide:
             SlideError: the slide has no mpp (pass ``open_slide(path, mpp=...)``), or no level is
                 within tolerance (the message lists every level's µm/px).
         """
-        if not (isinstance(mpp, (int, float)) and math.isfinite(mpp) and mpp > 0):
-            raise SlideError(f"slide {self.path}: mpp must be a positive number, got {mpp!r}")
-        if not (isinstance(tolerance, (int, float)) and tolerance >= 0):
-            raise SlideError(f"slide {self.path}: tolerance must be >= 0, got {tolerance!r}")
+        where = f"slide {self.path}: "
+        mpp = validate.number(
+            "mpp", mpp, 0, strict_minimum=True, unit="µm/px", where=where, error=SlideError
+        )
+        tolerance = validate.number("tolerance", tolerance, 0, where=where, error=SlideError)
         mpps = self.level_mpps()
         if mpps is None:
             raise SlideError(
