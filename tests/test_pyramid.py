@@ -9,8 +9,8 @@ import numpy as np
 import openslide
 import pytest
 
-from lymphnode.wsi import pyramid
 from lymphnode.core.errors import ConfigError
+from lymphnode.wsi import pyramid
 from lymphnode.wsi.pyramid import halve, pyramid_shapes, write_pyramid
 
 
