@@ -18,7 +18,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from typing import TypeVar
+from typing import TypeVar, cast
 
 from tqdm import tqdm
 
@@ -130,7 +130,8 @@ def run_jobs(
                     item = next(queue, _END)
                     if item is _END:
                         break
-                    pending[pool.submit(fn, item)] = item  # type: ignore[arg-type]
+                    next_job = cast("J", item)
+                    pending[pool.submit(fn, next_job)] = next_job
                 if not pending:
                     break
                 finished, _ = wait(pending, return_when=FIRST_COMPLETED)
