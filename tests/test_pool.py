@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -62,3 +64,33 @@ def test_on_result_returning_false_stops_starting_jobs() -> None:
 
     run_jobs(square_and_pid, list(range(30)), workers=2, on_result=record, desc="t", progress=False)
     assert 1 in got and len(got) <= 1 + 2 * 2 + 1  # the failure, then only what was in flight
+
+
+FORK_AFTER_OPENCV = """
+import sys, cv2, numpy as np
+from lymphnode.core.pool import run_jobs
+image = np.random.default_rng(0).random((3000, 3000), dtype=np.float32)
+cv2.GaussianBlur(image, (0, 0), 5)  # the parent's OpenCV thread pool is up and used
+before = cv2.getNumThreads()
+
+def blur(k):
+    cv2.GaussianBlur(image, (0, 0), 5)
+    return cv2.getNumThreads()
+
+got = []
+run_jobs(blur, [0, 1, 2], workers=2, on_result=lambda j, r: got.append(r), desc="t",
+         progress=False, start_method="fork")
+print("threads", sorted(got), "parent", cv2.getNumThreads() == before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="fork start method: Linux")
+def test_forked_workers_get_one_opencv_thread_from_the_parent_which_is_restored() -> None:
+    # The parent sets the count before forking: a child that reconfigures OpenCV's inherited
+    # thread pool itself can hang (racy, seen in the full suite), so this runs in a subprocess
+    # with a timeout.
+    result = subprocess.run(
+        [sys.executable, "-c", FORK_AFTER_OPENCV], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert "threads [1, 1, 1] parent True" in result.stdout

@@ -48,19 +48,41 @@ def mp_context(start_method: str | None = None) -> multiprocessing.context.BaseC
     return multiprocessing.get_context("spawn")
 
 
-def _worker_init(threads: int, initializer: Callable[..., None] | None, args: tuple) -> None:
-    """In each worker: die with the parent (Linux), ``threads`` OpenCV threads, the caller's
-    initializer."""
+def _worker_init(threads: int | None, initializer: Callable[..., None] | None, args: tuple) -> None:
+    """In each worker: die with the parent (Linux), ``threads`` OpenCV threads (None: inherited
+    from a forking parent, which set them), the caller's initializer."""
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):
             libc = ctypes.CDLL(None, use_errno=True)
             libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    with contextlib.suppress(ImportError):
-        import cv2
+    if threads is not None:
+        with contextlib.suppress(ImportError):
+            import cv2
 
-        cv2.setNumThreads(threads)
+            cv2.setNumThreads(threads)
     if initializer is not None:
         initializer(*args)
+
+
+@contextlib.contextmanager
+def _parent_cv2_threads(threads: int | None) -> Iterator[None]:
+    """OpenCV's thread count set in this process while a forking pool starts workers, then
+    restored. A forked child must not reconfigure OpenCV's thread pool itself: the pool's threads
+    are not copied by fork, and ``cv2.setNumThreads`` in the child then waits on them forever."""
+    if threads is None:
+        yield
+        return
+    try:
+        import cv2
+    except ImportError:  # pragma: no cover - OpenCV is a dependency
+        yield
+        return
+    before = cv2.getNumThreads()
+    cv2.setNumThreads(threads)
+    try:
+        yield
+    finally:
+        cv2.setNumThreads(before)
 
 
 def run_jobs(
@@ -116,12 +138,17 @@ def run_jobs(
         n = min(workers, len(jobs))
         error: BaseException | None = None
         stop = False
-        with ProcessPoolExecutor(
-            max_workers=n,
-            mp_context=mp_context(start_method),
-            initializer=_worker_init,
-            initargs=(threads_per_worker, initializer, initargs),
-        ) as pool:
+        context = mp_context(start_method)
+        forked = context.get_start_method() == "fork"
+        with (
+            _parent_cv2_threads(threads_per_worker if forked else None),
+            ProcessPoolExecutor(
+                max_workers=n,
+                mp_context=context,
+                initializer=_worker_init,
+                initargs=(None if forked else threads_per_worker, initializer, initargs),
+            ) as pool,
+        ):
             pending: dict[Future[R], J] = {}
             queue: Iterator[J] = iter(jobs)
             window = 2 * n  # jobs in flight: bounded, so that an error stops the rest quickly
