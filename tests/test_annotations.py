@@ -237,8 +237,8 @@ def test_mask_follows_polygons_added_after_the_first_mask() -> None:
         ((0, 0, 0, 10, 1.0), "w and h must be positive"),
         ((0, 0, 10, -1, 1.0), "w and h must be positive"),
         ((0.5, 0, 10, 10, 1.0), "x must be an integer"),
-        ((0, 0, 10, 10, 0.0), "downsample must be a positive number"),
-        ((0, 0, 10, 10, float("nan")), "downsample must be a positive number"),
+        ((0, 0, 10, 10, 0.0), r"downsample must be a finite number > 0, got 0\.0"),
+        ((0, 0, 10, 10, float("nan")), "downsample must be a finite number > 0, got nan"),
     ],
 )
 def test_mask_rejects_bad_arguments(args: tuple, match: str) -> None:

@@ -1,4 +1,5 @@
-"""Tests of lymphnode.patches.cache: the on-disk patch cache (writer, reader, import, CLI)."""
+"""Tests of the patch cache (lymphnode.patches.format / writer / reader / importer) and its CLI
+(``python -m lymphnode.cache``)."""
 
 from __future__ import annotations
 
@@ -20,14 +21,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import lymphnode.patches.cache as cache_module
+from lymphnode.cache import main
+from lymphnode.core import atomic
 from lymphnode.core.errors import CacheError, ConfigError
 from lymphnode.patches.cache import (
     CACHE_FORMAT_VERSION,
     CacheWriter,
     PatchCache,
     import_patch_folder,
-    main,
+    import_patches,
 )
 
 P = 32  # patch side in the tests (px)
@@ -305,7 +307,7 @@ def test_stale_temp_dirs_of_dead_processes_are_removed_on_open(tmp_path: Path) -
     build(tmp_path / "c", {"a": 1})
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    host = cache_module._owner().rpartition("-")[0]
+    host = atomic.owner_tag().rpartition("-")[0]
     stale = tmp_path / "c/shards" / f".tmp-b-{host}-{dead.pid}"
     stale.mkdir()
     (stale / "images.npy").write_bytes(b"partial")
@@ -380,7 +382,7 @@ def test_disk_full_mid_shard_raises_cache_error_and_keeps_earlier_slides(
     path = tmp_path / "c"
     writer = CacheWriter(path, {}, patch_size=P, has_masks=True)
     writer.commit("a", write_slide(writer, "a", 2, 0))
-    real_write = cache_module._write
+    real_write = atomic.write_all
     calls = {"n": 0}
 
     def filling_write(fh, data):
@@ -389,7 +391,7 @@ def test_disk_full_mid_shard_raises_cache_error_and_keeps_earlier_slides(
             raise OSError(errno.ENOSPC, "No space left on device")
         real_write(fh, data)
 
-    monkeypatch.setattr(cache_module, "_write", filling_write)
+    monkeypatch.setattr(atomic, "write_all", filling_write)
     with pytest.raises(
         CacheError, match=r"slide 'b' of patch cache .*c: .*No space left on device"
     ):
@@ -397,7 +399,7 @@ def test_disk_full_mid_shard_raises_cache_error_and_keeps_earlier_slides(
     assert sorted(p.name for p in (path / "shards").iterdir()) == ["a"]
     assert PatchCache(path, verify=True).slides == ("a",)
 
-    monkeypatch.setattr(cache_module, "_write", real_write)
+    monkeypatch.setattr(atomic, "write_all", real_write)
     writer.commit("b", write_slide(writer, "b", 3, 1))  # free space again: the build goes on
     assert PatchCache(path).slides == ("a", "b")
 
@@ -414,7 +416,7 @@ def test_disk_full_while_writing_the_manifest_keeps_the_old_one(
     def full(fh, data):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(cache_module, "_write", full)
+    monkeypatch.setattr(atomic, "write_all", full)
     with pytest.raises(CacheError, match=r"manifest of patch cache .*c: .*No space left"):
         writer.commit("b", info)
     assert (path / "manifest.json").read_bytes() == before
@@ -426,11 +428,13 @@ def test_disk_full_while_writing_the_manifest_keeps_the_old_one(
 
 
 def test_writer_rejects_bad_settings(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"codec 'png' is not one of \['raw', 'jpeg'\]"):
+    with pytest.raises(
+        ConfigError, match=r"cache codec must be one of \['raw', 'jpeg'\], got 'png'"
+    ):
         CacheWriter(tmp_path / "c", {}, codec="png", patch_size=P, has_masks=False)
     with pytest.raises(ConfigError, match=r"quality must be an integer in 1..100, got 0"):
         CacheWriter(tmp_path / "c", {}, codec="jpeg", quality=0, patch_size=P, has_masks=False)
-    with pytest.raises(ConfigError, match=r"patch_size must be a positive integer, got 0"):
+    with pytest.raises(ConfigError, match=r"patch_size must be an integer >= 1 px, got 0"):
         CacheWriter(tmp_path / "c", {}, patch_size=0, has_masks=False)
     with pytest.raises(ConfigError, match=r"not JSON-serialisable"):
         CacheWriter(tmp_path / "c", {"f": object()}, patch_size=P, has_masks=False)
@@ -634,13 +638,13 @@ def test_import_refuses_bad_patterns_names_and_sizes(tmp_path: Path) -> None:
         import_patch_folder(images, tmp_path / "o1", slide_pattern=r"^([^_]+)")
     with pytest.raises(ConfigError, match=r"not a valid regular expression"):
         import_patch_folder(images, tmp_path / "o2", slide_pattern=r"^(?P<slide>[")
-    with pytest.raises(CacheError, match=r"file name '_odd.png' .* does not match slide_pattern"):
+    with pytest.raises(CacheError, match=r"file name '_odd.png': slide id '_odd' .* is not usable"):
         import_patch_folder(images, tmp_path / "o3")
     (images / "_odd.png").unlink()
     Image.fromarray(smooth_patch(9, 48)).save(images / "a_2.png")
     with pytest.raises(CacheError, match=r"a_2.png is 48x48 px but a_0.png is 40x40"):
         import_patch_folder(images, tmp_path / "o4")
-    with pytest.raises(CacheError, match=r"images folder not found"):
+    with pytest.raises(CacheError, match=r"images input not found"):
         import_patch_folder(tmp_path / "nope", tmp_path / "o5")
     for name in ("o1", "o2", "o3", "o4", "o5"):
         assert not (tmp_path / name).exists()  # nothing written
@@ -674,7 +678,7 @@ def test_cli_module_exits_non_zero_with_a_clear_error(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "lymphnode.patches.cache",
+            "lymphnode.cache",
             "import",
             str(tmp_path / "none"),
             str(tmp_path / "o"),
@@ -683,7 +687,7 @@ def test_cli_module_exits_non_zero_with_a_clear_error(tmp_path: Path) -> None:
         text=True,
     )
     assert result.returncode == 1
-    assert f"error: images folder not found: {tmp_path / 'none'}" in result.stderr
+    assert f"error: images input not found: {tmp_path / 'none'}" in result.stderr
 
 
 def write_and_commit_in_worker(writer: CacheWriter, slide_id: str, seed: int) -> str:
@@ -699,3 +703,153 @@ def test_workers_that_commit_themselves_do_not_lose_each_others_slides(tmp_path:
     assert sorted(done) == slides
     writer.finalize(slides)  # the manifest lock kept every worker's commit
     assert PatchCache(tmp_path / "c", verify=True).slides == tuple(slides)
+
+
+# ---------------------------------------------------------------------------------------------
+# import: names, several inputs, filters (issue 9)
+
+
+def write_pngs(folder: Path, names: list[str], size: int = 16, masks: Path | None = None) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for k, name in enumerate(names):
+        Image.fromarray(smooth_patch(k, size)).save(folder / name)
+        if masks is not None:
+            masks.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(blob_mask(k, size) * 255).save(masks / name)
+
+
+def test_default_names_give_slide_before_the_last_two_integers_and_level0_xy(
+    tmp_path: Path,
+) -> None:
+    names = ["tumor_001_69916_134313.png", "tumor_001_70094_124883.png", "tumor_004_5_6.png"]
+    write_pngs(tmp_path / "im", names)
+    cache = import_patch_folder(tmp_path / "im", tmp_path / "out")
+    assert cache.slides == ("tumor_001", "tumor_004")
+    assert cache.slide_counts == {"tumor_001": 2, "tumor_004": 1}
+    assert cache.index["x"].tolist() == [69916, 70094, 5]
+    assert cache.index["y"].tolist() == [134313, 124883, 6]
+
+
+def test_names_without_coordinates_fall_back_and_no_coordinates_keeps_the_slide(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    write_pngs(tmp_path / "im", ["a_7.png", "b.png", "centre_0_patient_6_node_1_0_256.png"])
+    cache = import_patch_folder(tmp_path / "im", tmp_path / "o1")
+    assert cache.slides == ("a", "b", "centre_0_patient_6_node_1")
+    assert cache.index["x"].tolist() == [-1, -1, 0] and cache.index["y"].tolist() == [-1, -1, 256]
+    assert "2 of 3 file names do not end in _<x>_<y> (e.g. a_7.png)" in caplog.text
+    flat = import_patch_folder(tmp_path / "im", tmp_path / "o2", coordinates=False)
+    assert flat.slides == cache.slides and flat.index["x"].tolist() == [-1, -1, -1]
+
+
+def test_a_custom_pattern_may_name_x_and_y(tmp_path: Path) -> None:
+    write_pngs(tmp_path / "im", ["s-A.x12.y34.png", "s-B.x5.y6.png"])
+    cache = import_patch_folder(
+        tmp_path / "im",
+        tmp_path / "o",
+        slide_pattern=r"^s-(?P<slide>\w+)\.x(?P<x>\d+)\.y(?P<y>\d+)",
+    )
+    assert cache.slides == ("A", "B") and cache.index["x"].tolist() == [12, 5]
+    with pytest.raises(ConfigError, match=r"has only one of the groups 'x' and 'y'"):
+        import_patch_folder(
+            tmp_path / "im", tmp_path / "o2", slide_pattern=r"(?P<slide>\w)(?P<x>\d)"
+        )
+
+
+def test_several_inputs_globs_lists_and_filters(tmp_path: Path) -> None:
+    write_pngs(tmp_path / "pool", ["t1_0_0.png", "t1_1_1.png", "t4_0_0.png", "t9_0_0.png"])
+    write_pngs(tmp_path / "extra", ["u_3_3.png", "notes.txt.png"])
+    (tmp_path / "paths.txt").write_text("# unlabeled extras\n\nextra/u_3_3.png\n")
+    cache = import_patches(
+        [tmp_path / "pool", str(tmp_path / "pool" / "t1_*.png"), tmp_path / "pool" / "t4_0_0.png"],
+        tmp_path / "o",
+        list_file=tmp_path / "paths.txt",
+        exclude=["t9_*"],
+    )
+    assert cache.slide_counts == {"t1": 2, "t4": 1, "u": 1}  # named twice counts once
+    kept = import_patches(
+        [tmp_path / "pool"], tmp_path / "o2", include=["t[14]_*"], exclude=["t1_1*"]
+    )
+    assert kept.slide_counts == {"t1": 1, "t4": 1}
+    assert kept.manifest["config"]["files"] == 2
+    assert kept.manifest["config"]["include"] == ["t[14]_*"]
+
+
+def test_bad_inputs_are_refused_by_name(tmp_path: Path) -> None:
+    write_pngs(tmp_path / "a", ["x_0_0.png"])
+    write_pngs(tmp_path / "b", ["x_0_0.png"])
+    (tmp_path / "a" / "readme.md").write_text("hi")
+    with pytest.raises(
+        CacheError, match=r"two images are named 'x_0_0.png': .*a/x_0_0.png and .*b"
+    ):
+        import_patches([tmp_path / "a", tmp_path / "b"], tmp_path / "o")
+    with pytest.raises(CacheError, match=r"glob '.*/a/y\*' matches no PNG/JPEG/TIFF file"):
+        import_patches([str(tmp_path / "a" / "y*")], tmp_path / "o")
+    with pytest.raises(CacheError, match=r"readme.md is not a PNG/JPEG/TIFF image"):
+        import_patches([tmp_path / "a" / "readme.md"], tmp_path / "o")
+    with pytest.raises(CacheError, match=r"no image is left after the filters \(include \['z\*'\]"):
+        import_patches([tmp_path / "a"], tmp_path / "o", include=["z*"])
+    (tmp_path / "empty.txt").write_text("# nothing\n")
+    with pytest.raises(CacheError, match=r"the list of images .*empty.txt names no path"):
+        import_patches([], tmp_path / "o", list_file=tmp_path / "empty.txt")
+    (tmp_path / "missing.txt").write_text("gone/q_0_0.png\n")
+    with pytest.raises(CacheError, match=r"missing.txt: images input not found: .*gone/q_0_0.png"):
+        import_patches([], tmp_path / "o", list_file=tmp_path / "missing.txt")
+    with pytest.raises(CacheError, match=r"no images input"):
+        import_patches([], tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_import_several_inputs_with_include_and_masks(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    names = ["tumor_001_10_20.png", "tumor_004_30_40.png", "tumor_064_50_60.png"]
+    write_pngs(tmp_path / "images", names, masks=tmp_path / "masks")
+    write_pngs(tmp_path / "more", ["tumor_002_1_2.png"], masks=tmp_path / "masks")
+    argv = [
+        "import",
+        str(tmp_path / "images"),
+        str(tmp_path / "more" / "*.png"),
+        str(tmp_path / "o"),
+    ]
+    assert main([*argv, "--masks", str(tmp_path / "masks"), "--exclude", "tumor_064_*"]) == 0
+    out = capsys.readouterr().out
+    assert "3 patches from 3 slides" in out and "level-0 x/y known for 3" in out
+    assert "patches per slide: tumor_001 1, tumor_002 1, tumor_004 1" in out
+    assert PatchCache(tmp_path / "o").index["y"].tolist() == [20, 2, 40]
+
+
+REAL_DEV = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "real_dev"
+
+
+@pytest.mark.skipif(not REAL_DEV.is_dir(), reason=f"real_dev data not found at {REAL_DEV}")
+def test_real_dev_pool_test_and_unlabeled_caches(tmp_path: Path) -> None:
+    pool = import_patches(
+        [REAL_DEV / "images"],
+        tmp_path / "labeled",
+        masks_dir=REAL_DEV / "masks",
+        include=["tumor_001_*", "tumor_004_*"],
+    )
+    assert pool.slide_counts == {"tumor_001": 24, "tumor_004": 7}  # the README's counts
+    assert int((pool.labels == 1).sum()) == 24 and (pool.index["x"] > 0).all()
+    test = import_patches(
+        [str(REAL_DEV / "images" / "tumor_064_*.png")],
+        tmp_path / "test",
+        masks_dir=REAL_DEV / "masks",
+    )
+    assert test.slide_counts == {"tumor_064": 26} and int((test.labels == 1).sum()) == 4
+    unlabeled = import_patches(
+        [REAL_DEV / "unlabeled", REAL_DEV / "images"],
+        tmp_path / "unlabeled",
+        exclude=["tumor_064_*"],
+        coordinates=False,  # CAMELYON17 crops end in tile offsets, not level-0 px
+        codec="jpeg",
+    )
+    assert len(unlabeled) == 256 + 31
+    centres = {s: n for s, n in unlabeled.slide_counts.items() if s.startswith("centre_")}
+    assert len(centres) == 4 and set(centres.values()) == {64}  # one tile per centre (README)
+    assert {s for s in unlabeled.slides if not s.startswith("centre_")} == {
+        "tumor_001",
+        "tumor_004",
+    }
+    assert (unlabeled.labels == -1).all() and (unlabeled.index["x"] == -1).all()

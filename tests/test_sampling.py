@@ -169,12 +169,16 @@ def test_a_patch_larger_than_the_slide_is_a_config_error(tissue) -> None:
 @pytest.mark.parametrize(
     ("kw", "match"),
     [
-        ({"n": -1}, r"n \(patches per slide\) must be a non-negative integer, got -1"),
-        ({"patch_size": 0}, r"patch_size must be a positive integer, got 0"),
-        ({"tumor_probability": 1.5}, r"tumor_probability must be in \[0, 1\], got 1.5"),
-        ({"center_fraction": 0.0}, r"center_fraction must be in \(0, 1\], got 0.0"),
-        ({"level_downsample": 0.5}, r"level_downsample must be >= 1, got 0.5"),
-        ({"max_tries": 0}, r"max_tries must be >= 1, got 0"),
+        ({"n": -1}, r"n \(patches per slide\) must be an integer >= 0, got -1"),
+        ({"patch_size": 0}, r"patch_size must be an integer >= 1 px, got 0"),
+        (
+            {"tumor_probability": 1.5},
+            r"tumor_probability must be a finite number in 0\.\.1, got 1.5",
+        ),
+        ({"center_fraction": 0.0}, r"center_fraction must be a finite number in \(0, 1\], got 0.0"),
+        ({"level_downsample": 0.5}, r"level_downsample must be a finite number >= 1, got 0.5"),
+        ({"max_tries": 0}, r"max_tries must be an integer >= 1, got 0"),
+        ({"n": 2.5}, r"n \(patches per slide\) must be an integer >= 0, got 2.5"),
     ],
 )
 def test_bad_parameters_are_config_errors(tissue, kw, match) -> None:

@@ -193,8 +193,11 @@ def test_another_mpp_is_written_to_the_pyramid(tmp_path: Path) -> None:
         ({"size": (2048, 2048.5)}, "height must be an integer >= 512 px, got 2048.5"),
         ({"size": (1024, 1024), "width": 1024}, "either size=.* or width= and height="),
         ({"width": 1024}, r"size=\(width, height\) or both width= and height= needed"),
-        ({"size": (1024, 1024), "mpp": 0.0}, r"mpp must be in 0.05..5 µm/px, got 0.0"),
-        ({"size": (1024, 1024), "seed": -1}, "seed must be a non-negative integer, got -1"),
+        (
+            {"size": (1024, 1024), "mpp": 0.0},
+            r"mpp must be a finite number in 0.05..5 µm/px, got 0.0",
+        ),
+        ({"size": (1024, 1024), "seed": -1}, "seed must be an integer >= 0, got -1"),
     ],
 )
 def test_bad_arguments_raise_config_error(tmp_path: Path, kwargs: dict, match: str) -> None:
@@ -234,7 +237,9 @@ def test_parallel_and_serial_runs_write_identical_slides(tmp_path: Path) -> None
 def test_other_config_is_refused_naming_the_keys_and_overwrite_replaces(tmp_path: Path) -> None:
     common = {"n_normal": 0, "height": 768, "workers": 0, "progress": False}
     generate_slides(tmp_path, n_tumor=2, width=768, seed=0, **common)
-    with pytest.raises(ConfigError, match=r"differing keys: seed: 0 -> 1, width: 768 -> 1024"):
+    with pytest.raises(
+        ConfigError, match=r"differing keys: seed: 0 → 1; width: 768 → 1024\); use another out_dir"
+    ):
         generate_slides(tmp_path, n_tumor=2, width=1024, seed=1, **common)
     generate_slides(tmp_path, n_tumor=1, width=1024, seed=1, overwrite=True, **common)
     assert sorted(p.name for p in (tmp_path / "slides").glob("*.tif")) == ["tumor_001.tif"]
@@ -267,11 +272,11 @@ def test_missing_slide_is_remade_on_rerun(tmp_path: Path) -> None:
     ("kwargs", "match"),
     [
         ({"n_tumor": -1}, "n_tumor must be an integer >= 0, got -1"),
-        ({"width": 100}, "width must be an integer >= 512, got 100"),
+        ({"width": 100}, "synth: width must be an integer >= 512 px, got 100"),
         ({"workers": -2}, "workers must be an integer >= 0, got -2"),
-        ({"seed": -5}, "seed must be a non-negative integer, got -5"),
+        ({"seed": -5}, "seed must be an integer >= 0, got -5"),
         ({"n_tumor": 0, "n_normal": 0}, "at least 1, got 0 slides"),
-        ({"mpp": "0.25"}, "mpp must be in 0.05..5 µm/px, got '0.25'"),
+        ({"mpp": "0.25"}, "mpp must be a finite number in 0.05..5 µm/px, got '0.25'"),
     ],
 )
 def test_bad_set_parameters_raise_config_error(tmp_path: Path, kwargs: dict, match: str) -> None:
@@ -314,5 +319,5 @@ def test_cli_writes_slides_skips_on_rerun_and_refuses_another_config(tmp_path: P
 
     other = _cli(*args, "seed=7", cwd=tmp_path)
     assert other.returncode == 1
-    assert "differing keys: seed: 0 -> 7" in other.stderr
+    assert "differing keys: seed: 0 → 7" in other.stderr
     assert (out / "slides" / "tumor_001.tif").stat().st_mtime_ns == mtime

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from lymphnode.core import validate
 from lymphnode.core.errors import ConfigError, SamplingError
 
 if TYPE_CHECKING:
@@ -185,12 +186,9 @@ def _geometry(
     *,
     name: str,
 ) -> _Geometry:
-    if int(patch_size) != patch_size or patch_size <= 0:
-        raise ConfigError(f"patch_size must be a positive integer, got {patch_size!r}")
-    if not level_downsample >= 1.0:
-        raise ConfigError(f"level_downsample must be >= 1, got {level_downsample!r}")
-    if not 0.0 < center_fraction <= 1.0:
-        raise ConfigError(f"center_fraction must be in (0, 1], got {center_fraction!r}")
+    patch_size = validate.integer("patch_size", patch_size, minimum=1, unit="px")
+    level_downsample = validate.number("level_downsample", level_downsample, minimum=1)
+    center_fraction = validate.number("center_fraction", center_fraction, 0, 1, strict_minimum=True)
     extent = round(patch_size * level_downsample)
     width, height = (int(v) for v in slide_size)
     if extent > width or extent > height:
@@ -216,17 +214,15 @@ def _check_parameters(
     min_tissue_fraction: float,
     max_tries: int | None,
 ) -> None:
-    if int(n) != n or n < 0:
-        raise ConfigError(f"n (patches per slide) must be a non-negative integer, got {n!r}")
+    validate.integer("n (patches per slide)", n, minimum=0)
     for key, value in (
         ("tumor_probability", tumor_probability),
         ("min_tumor_fraction", min_tumor_fraction),
         ("min_tissue_fraction", min_tissue_fraction),
     ):
-        if not 0.0 <= value <= 1.0:
-            raise ConfigError(f"{key} must be in [0, 1], got {value!r}")
-    if max_tries is not None and max_tries < 1:
-        raise ConfigError(f"max_tries must be >= 1, got {max_tries!r}")
+        validate.number(key, value, 0, 1)
+    if max_tries is not None:
+        validate.integer("max_tries", max_tries, minimum=1)
 
 
 class _Sampler:

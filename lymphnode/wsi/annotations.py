@@ -19,10 +19,8 @@ slide, as OpenSlide.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import math
-import os
 import sys
 import tempfile
 import xml.etree.ElementTree as StdET
@@ -35,6 +33,7 @@ import defusedxml
 import defusedxml.ElementTree as SafeET
 import numpy as np
 
+from lymphnode.core import atomic, validate
 from lymphnode.core.errors import AnnotationError, SlideError
 
 log = logging.getLogger(__name__)
@@ -220,19 +219,19 @@ class Annotations:
             exactly on a polygon's left or top edge is inside, on its right or bottom edge outside.
         """
         for name, value in (("x", x), ("y", y), ("w", w), ("h", h)):
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-                raise AnnotationError(
-                    f"mask(): {name} must be an integer (level-0 px), got {value!r}"
-                )
+            validate.integer(
+                name, value, unit="(level-0 px)", where="mask(): ", error=AnnotationError
+            )
         if w <= 0 or h <= 0:
             raise AnnotationError(f"mask(): w and h must be positive (level-0 px), got {w} x {h}")
-        if not (isinstance(downsample, (int, float, np.number)) and math.isfinite(downsample)) or (
-            downsample <= 0
-        ):
-            raise AnnotationError(
-                f"mask(): downsample must be a positive number, got {downsample!r}"
-            )
-        ds = float(downsample)
+        ds = validate.number(
+            "downsample",
+            downsample,
+            0,
+            strict_minimum=True,
+            where="mask(): ",
+            error=AnnotationError,
+        )
         return self._raster(float(x), float(y), math.ceil(h / ds), math.ceil(w / ds), ds)
 
     def _raster(self, x: float, y: float, rows: int, cols: int, ds: float) -> np.ndarray:
@@ -510,21 +509,9 @@ def _fmt(v: float) -> str:
 def _atomic_write(path: Path, data: bytes) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        atomic.write_bytes(path, data)
     except OSError as e:
         raise AnnotationError(f"{path}: cannot write annotation file: {e}") from e
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if isinstance(e, OSError):
-            raise AnnotationError(f"{path}: cannot write annotation file: {e}") from e
-        raise
 
 
 # --------------------------------------------------------------------------------------------------

@@ -13,14 +13,13 @@ Used by :mod:`lymphnode.synth` (synthetic slides), ``python -m lymphnode.annotat
 from __future__ import annotations
 
 import logging
-import os
-import secrets
 from pathlib import Path
 
 import cv2
 import numpy as np
 import tifffile
 
+from lymphnode.core import atomic
 from lymphnode.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -164,24 +163,18 @@ def write_pyramid(
     shapes = pyramid_shapes(image.shape[1], image.shape[0], min_size)
     bigtiff = image.nbytes * 4 // 3 > _BIGTIFF_THRESHOLD
     path.parent.mkdir(parents=True, exist_ok=True)
-    # A hidden sibling, unique per process and call, so that rename is atomic (same file system).
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        with tifffile.TiffWriter(tmp, bigtiff=bigtiff) as tif:
-            level = image
-            for index in range(len(shapes)):
-                if index:
-                    level = halve(level, mask=mask)
-                tif.write(
-                    level,
-                    subfiletype=1 if index else 0,
-                    description=description if index == 0 else None,
-                    **options,
-                )
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    # A hidden sibling in the same folder, so that the rename is atomic (core.atomic).
+    with atomic.atomic_path(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=bigtiff) as tif:
+        level = image
+        for index in range(len(shapes)):
+            if index:
+                level = halve(level, mask=mask)
+            tif.write(
+                level,
+                subfiletype=1 if index else 0,
+                description=description if index == 0 else None,
+                **options,
+            )
     log.debug("wrote %s: %d levels %s, mpp %s, %s", path, len(shapes), shapes, mpp, compression)
 
 

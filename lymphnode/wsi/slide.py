@@ -16,7 +16,6 @@ of slides keeps only a bounded number of files open.
 from __future__ import annotations
 
 import ctypes
-import itertools
 import logging
 import math
 import operator
@@ -30,13 +29,14 @@ from types import MappingProxyType, TracebackType
 from typing import Any
 
 import cv2
-import imagecodecs
 import numpy as np
 import openslide
 import tifffile
 from openslide import lowlevel as _lowlevel
 
+from lymphnode.core import validate
 from lymphnode.core.errors import SlideError
+from lymphnode.wsi.tiles import TileReader, tile_pages
 
 log = logging.getLogger(__name__)
 
@@ -61,13 +61,9 @@ _TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 #: internals differ, reads fall back to its public ``read_region``.
 _DIRECT_READ = sys.byteorder == "little" and callable(getattr(_lowlevel, "_read_region", None))
 #: Read tiled JPEG TIFFs (OpenSlide's generic-tiff, CAMELYON16's format) by decoding the covering
-#: tiles with imagecodecs: the same libjpeg-turbo decode as OpenSlide, pixel for pixel, without
-#: its compositing. ``LYMPHNODE_TILE_READER=0`` turns it off (every read goes through OpenSlide).
+#: tiles directly (:mod:`lymphnode.wsi.tiles`): the same libjpeg-turbo decode as OpenSlide, pixel
+#: for pixel, without its compositing. ``LYMPHNODE_TILE_READER=0`` turns it off (every read goes through OpenSlide).
 TILE_READER = os.environ.get("LYMPHNODE_TILE_READER", "1") != "0"
-#: Bytes of decoded tiles kept per process by the tile reader (OpenSlide's default cache size).
-TILE_CACHE_BYTES = 32 * 2**20
-_PHOTOMETRIC_YCBCR = 6
-_COMPRESSION_JPEG = 7
 
 # ---------------------------------------------------------------------------------------------
 # Per-process LRU of open handles, keyed by (pid, file identity).
@@ -77,128 +73,12 @@ _COMPRESSION_JPEG = 7
 _FileId = tuple[int, int, int, int]  # st_dev, st_ino, st_size, st_mtime_ns
 
 
-class _TileReader:
-    """Direct reader of a tiled JPEG (YCbCr) TIFF's levels: decodes only the covering tiles.
-
-    Built per process from the page indices found at open (see ``_tile_pages``). ``read`` returns
-    ``None`` when it cannot serve a region (a missing tile), and raises on a damaged tile; the
-    caller then reads through OpenSlide, which reports the damage.
-    """
-
-    _tokens = itertools.count()
-
-    def __init__(self, path: Path, pages: dict[int, int]) -> None:
-        self.token = next(self._tokens)  # cache key part: unique, unlike id()
-        self.levels: dict[int, tuple] = {}
-        with tifffile.TiffFile(path) as tif:
-            for level, index in pages.items():
-                page = tif.pages[index]
-                if not isinstance(page, tifffile.TiffPage):
-                    raise ValueError(f"page {index} is not a full TIFF page")
-                self.levels[level] = (
-                    int(page.imagewidth),
-                    int(page.imagelength),
-                    int(page.tilewidth),
-                    int(page.tilelength),
-                    np.asarray(page.dataoffsets, np.int64),
-                    np.asarray(page.databytecounts, np.int64),
-                    page.jpegtables,
-                )
-        self.file = path.open("rb", buffering=0)  # closed by GC with the reader
-
-    def _tile(self, level: int, index: int) -> np.ndarray | None:
-        key = (self.token, level, index)
-        with _tiles_lock:
-            tile = _tiles.get(key)
-            if tile is not None:
-                _tiles.move_to_end(key)
-                return tile
-        _, _, tw, th, offsets, counts, tables = self.levels[level]
-        count = int(counts[index])
-        if count == 0:
-            return None  # tile not written: OpenSlide shows it transparent
-        data = os.pread(self.file.fileno(), count, int(offsets[index]))
-        tile = imagecodecs.jpeg8_decode(data, tables=tables, outcolorspace="RGB")
-        if tile.shape != (th, tw, 3):
-            raise ValueError(f"tile {index} of level {level} decoded to {tile.shape}")
-        _cache_tile(key, tile)
-        return tile
-
-    def read(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray | None:
-        """Region (x, y, w, h in px of ``level``) as (h, w, 3) RGB, white outside the level."""
-        width, height, tw, th, *_ = self.levels[level]
-        x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, width), min(y + h, height)
-        out = np.full((h, w, 3), 255, np.uint8)
-        tiles_across = -(-width // tw)
-        for ty in range(y0 // th, (y1 - 1) // th + 1):
-            for tx in range(x0 // tw, (x1 - 1) // tw + 1):
-                tile = self._tile(level, ty * tiles_across + tx)
-                if tile is None:
-                    return None
-                left, top = tx * tw, ty * th
-                sx0, sx1 = max(x0, left), min(x1, left + tw)
-                sy0, sy1 = max(y0, top), min(y1, top + th)
-                out[sy0 - y : sy1 - y, sx0 - x : sx1 - x] = tile[
-                    sy0 - top : sy1 - top, sx0 - left : sx1 - left
-                ]
-        return out
-
-
-_tiles: OrderedDict[tuple[int, int, int], np.ndarray] = OrderedDict()
-_tiles_bytes = 0
-_tiles_lock = threading.Lock()
-
-
-def _cache_tile(key: tuple[int, int, int], tile: np.ndarray) -> None:
-    global _tiles_bytes
-    with _tiles_lock:
-        if key in _tiles:
-            return
-        _tiles[key] = tile
-        _tiles_bytes += tile.nbytes
-        while _tiles_bytes > TILE_CACHE_BYTES and _tiles:
-            _tiles_bytes -= _tiles.popitem(last=False)[1].nbytes
-
-
-def _tile_pages(path: Path, level_dimensions: tuple[tuple[int, int], ...]) -> dict[int, int]:
-    """OpenSlide level → TIFF page index, for the levels the tile reader can decode exactly:
-    tiled, JPEG, YCbCr, 8-bit RGB, one page of exactly the level's size."""
-    pages: dict[int, int] = {}
-    try:
-        with tifffile.TiffFile(path) as tif:
-            found: dict[tuple[int, int], list[int]] = {}
-            for index, page in enumerate(tif.pages):
-                if isinstance(page, tifffile.TiffPage) and page.is_tiled:
-                    found.setdefault((page.imagewidth, page.imagelength), []).append(index)
-            for level, size in enumerate(level_dimensions):
-                indices = found.get(size, [])
-                if len(indices) != 1:
-                    continue
-                page = tif.pages[indices[0]]
-                if (
-                    isinstance(page, tifffile.TiffPage)
-                    and page.compression == _COMPRESSION_JPEG
-                    and page.photometric == _PHOTOMETRIC_YCBCR
-                    and page.samplesperpixel == 3
-                    and page.bitspersample == 8
-                    and page.planarconfig == 1
-                    and not page.extrasamples
-                    and page.imagedepth == 1
-                    and page.tiledepth == 1
-                ):
-                    pages[level] = indices[0]
-    except Exception as e:  # whatever tifffile dislikes is read through OpenSlide
-        log.debug("%s: no direct tile reads (%s)", path, e)
-        return {}
-    return pages
-
-
 class _Handle:
     """One process's open slide: the OpenSlide handle and, for tiled JPEG TIFFs, a tile reader."""
 
     __slots__ = ("osr", "tiles")
 
-    def __init__(self, osr: openslide.OpenSlide, tiles: _TileReader | None) -> None:
+    def __init__(self, osr: openslide.OpenSlide, tiles: TileReader | None) -> None:
         self.osr = osr
         self.tiles = tiles
 
@@ -210,13 +90,10 @@ _inherited: list[_Handle] = []
 
 
 def _after_fork_in_child() -> None:
-    global _handles_lock, _tiles_lock, _tiles_bytes
+    global _handles_lock
     _inherited.extend(_handles.values())
     _handles.clear()
     _handles_lock = threading.Lock()  # the parent's lock may have been held by another thread
-    _tiles.clear()
-    _tiles_bytes = 0
-    _tiles_lock = threading.Lock()
 
 
 if hasattr(os, "register_at_fork"):
@@ -258,7 +135,6 @@ def _describe_unsupported(path: Path) -> str:
     )
     if magic not in _TIFF_MAGICS:
         return f"is not a slide format OpenSlide recognises ({magic!r}...); {expected}"
-    import tifffile  # local: only needed to explain a refused TIFF
 
     try:
         size = path.stat().st_size
@@ -386,7 +262,7 @@ class Slide:
         # Levels the tile reader serves (generic-tiff only: other vendors' TIFFs have their own
         # layouts, and OpenSlide stays the general path).
         self._tile_pages: dict[int, int] = (
-            _tile_pages(self.path, self.level_dimensions)
+            tile_pages(self.path, self.level_dimensions)
             if self.vendor == "generic-tiff" and TILE_READER
             else {}
         )
@@ -449,12 +325,14 @@ class Slide:
 
         Level downsamples within 1 % above the request count (odd level sizes make 2.0005 of a 2).
         """
-        if not (isinstance(downsample, (int, float)) and math.isfinite(downsample)):
-            raise SlideError(
-                f"slide {self.path}: downsample must be a finite number, got {downsample!r}"
-            )
-        if downsample <= 0:
-            raise SlideError(f"slide {self.path}: downsample must be > 0, got {downsample}")
+        downsample = validate.number(
+            "downsample",
+            downsample,
+            0,
+            strict_minimum=True,
+            where=f"slide {self.path}: ",
+            error=SlideError,
+        )
         limit = downsample * (1 + _DOWNSAMPLE_SLACK)
         best = 0
         for level, d in enumerate(self.level_downsamples):
@@ -475,10 +353,11 @@ class Slide:
             SlideError: the slide has no mpp (pass ``open_slide(path, mpp=...)``), or no level is
                 within tolerance (the message lists every level's µm/px).
         """
-        if not (isinstance(mpp, (int, float)) and math.isfinite(mpp) and mpp > 0):
-            raise SlideError(f"slide {self.path}: mpp must be a positive number, got {mpp!r}")
-        if not (isinstance(tolerance, (int, float)) and tolerance >= 0):
-            raise SlideError(f"slide {self.path}: tolerance must be >= 0, got {tolerance!r}")
+        where = f"slide {self.path}: "
+        mpp = validate.number(
+            "mpp", mpp, 0, strict_minimum=True, unit="µm/px", where=where, error=SlideError
+        )
+        tolerance = validate.number("tolerance", tolerance, 0, where=where, error=SlideError)
         mpps = self.level_mpps()
         if mpps is None:
             raise SlideError(
@@ -512,7 +391,7 @@ class Slide:
         tiles = None
         if self._tile_pages and TILE_READER:
             try:
-                tiles = _TileReader(self.path, self._tile_pages)
+                tiles = TileReader(self.path, self._tile_pages)
             except Exception as e:
                 log.debug("%s: no direct tile reads (%s)", self.path, e)
         handle = _Handle(osr, tiles)

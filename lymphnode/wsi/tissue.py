@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import cv2
 import numpy as np
 
+from lymphnode.core import validate
 from lymphnode.core.errors import ConfigError, TissueError
 
 if TYPE_CHECKING:
@@ -254,14 +255,9 @@ def tissue_image(
     finer than needed, e.g. single-level slides). The downsample is lowered so that the image's
     longest side keeps at least ``min_mask_side`` px.
     """
-    if not (isinstance(downsample, (int, float)) and math.isfinite(downsample) and downsample > 0):
-        raise ConfigError(
-            f"tissue mask of {slide.path}: downsample must be a positive number, got {downsample!r}"
-        )
-    if min_mask_side < 1:
-        raise ConfigError(
-            f"tissue mask of {slide.path}: min_mask_side must be >= 1, got {min_mask_side}"
-        )
+    where = f"tissue mask of {slide.path}: "
+    downsample = validate.number("downsample", downsample, 0, strict_minimum=True, where=where)
+    min_mask_side = validate.integer("min_mask_side", min_mask_side, minimum=1, where=where)
     target = max(1.0, min(float(downsample), max(slide.dimensions) / min_mask_side))
     level = _pick_level(slide, target)
     level_ds = slide.level_downsamples[level]

@@ -1,0 +1,139 @@
+"""Run records: resume a job that wrote a record with the same config, refuse one with another.
+
+Every stage that writes outputs incrementally (the synthetic slide set, the patch caches, the
+split file, training runs) keeps a JSON record beside them holding the config that decides their
+bytes. A rerun compares its config with the record's: equal, it resumes (skips what is done);
+different, it refuses with a message naming every differing key (``seed: 0 → 1``) unless the user
+forces a rebuild. Keys are compared flattened (``sampling.n``), so key order never matters.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lymphnode.core.errors import ConfigError, LymphnodeError
+
+__all__ = ["Resume", "config_differences", "flatten", "read_record", "resume_or_refuse"]
+
+_ABSENT = object()
+
+
+def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested mapping as ``{"a.b.c": leaf}``; an empty mapping or a non-mapping is a leaf."""
+    if isinstance(value, Mapping) and value:
+        flat: dict[str, Any] = {}
+        for key, item in value.items():
+            flat.update(flatten(item, f"{prefix}.{key}" if prefix else str(key)))
+        return flat
+    return {prefix: value}
+
+
+def _show(value: Any) -> str:
+    if value is _ABSENT:
+        return "<absent>"
+    try:
+        return json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+def config_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """``"key: old → new"`` for every flattened key whose value differs, sorted by key (values as
+    JSON; ``<absent>`` for a key only one side has). Empty when the configs are equal."""
+    a, b = flatten(dict(old)), flatten(dict(new))
+    return [
+        f"{key}: {_show(a.get(key, _ABSENT))} → {_show(b.get(key, _ABSENT))}"
+        for key in sorted(set(a) | set(b))
+        if a.get(key, _ABSENT) != b.get(key, _ABSENT)
+    ]
+
+
+def read_record(
+    path: str | Path,
+    *,
+    what: str,
+    required_keys: Mapping[str, type] | None = None,
+    error: type[LymphnodeError] = ConfigError,
+) -> dict[str, Any] | None:
+    """The JSON object at ``path``; None when the file does not exist.
+
+    Raises ``error`` naming the file when it is unreadable, not a JSON object, or lacks one of
+    ``required_keys`` (name → the type its value must have). ``what`` names the record in the
+    message (e.g. ``"synth manifest"``).
+    """
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise error(f"{path} is not a readable {what}: {exc}") from exc
+    if not isinstance(record, dict):
+        raise error(f"{path} is not a {what}: expected a JSON object, got {type(record).__name__}")
+    for key, kind in (required_keys or {}).items():
+        if not isinstance(record.get(key), kind):
+            raise error(
+                f"{path} is not a {what}: its {key!r} is {record.get(key)!r}, expected a "
+                f"{kind.__name__}"
+            )
+    return record
+
+
+@dataclass(frozen=True)
+class Resume:
+    """What :func:`resume_or_refuse` found.
+
+    Attributes:
+        record: the existing record (None: there is none, or it was unreadable and forced).
+        changes: the differing keys (empty: the same config, or no record).
+    """
+
+    record: dict[str, Any] | None
+    changes: list[str] = field(default_factory=list)
+
+    @property
+    def resumes(self) -> bool:
+        """Whether an existing record with the same config continues."""
+        return self.record is not None and not self.changes
+
+
+def resume_or_refuse(
+    path: str | Path,
+    config: Mapping[str, Any],
+    *,
+    what: str,
+    remedy: str,
+    force: bool = False,
+    config_key: str = "config",
+    required_keys: Mapping[str, type] | None = None,
+    error: type[LymphnodeError] = ConfigError,
+) -> Resume:
+    """Compare ``config`` with the config stored under ``config_key`` in the record at ``path``.
+
+    - no record: ``Resume(None)``, start afresh;
+    - the same config: ``Resume(record)``, resume;
+    - another config: raise ``error`` naming every differing key and ``remedy`` (e.g. "use another
+      out_dir or overwrite=true"); with ``force``, return ``Resume(record, changes)`` instead so
+      that the caller rebuilds;
+    - an unreadable record: raise ``error`` naming the file and ``remedy``; with ``force``,
+      ``Resume(None)``.
+    """
+    keys = {config_key: dict, **(required_keys or {})}
+    try:
+        record = read_record(path, what=what, required_keys=keys, error=error)
+    except LymphnodeError as exc:
+        if force:
+            return Resume(None)
+        raise error(f"{exc}; {remedy}") from exc
+    if record is None:
+        return Resume(None)
+    changes = config_differences(record[config_key], config)
+    if changes and not force:
+        raise error(
+            f"{path} was made with another config (differing keys: {'; '.join(changes)}); {remedy}"
+        )
+    return Resume(record, changes)

@@ -1,0 +1,96 @@
+"""Validators for configuration values: one message shape everywhere.
+
+Each returns the value as a plain Python type or raises
+:class:`~lymphnode.core.errors.ConfigError` (or the ``error`` class given) whose message names the
+parameter, the bad value and what is allowed, e.g. ``synth: width must be an integer >= 512 px,
+got 100``. ``where`` prefixes the message with its context (``"synth: "``, ``"make_slide: "``).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Collection
+from typing import Any, TypeVar
+
+from lymphnode.core.errors import ConfigError, LymphnodeError
+
+__all__ = ["choice", "integer", "number"]
+
+T = TypeVar("T")
+
+
+def _bounds(minimum: float | None, maximum: float | None, strict_minimum: bool, unit: str) -> str:
+    suffix = f" {unit}" if unit else ""
+    low = ">" if strict_minimum else ">="
+    if minimum is not None and maximum is not None:
+        if strict_minimum:
+            return f" in ({minimum:g}, {maximum:g}]{suffix}"
+        return f" in {minimum:g}..{maximum:g}{suffix}"
+    if minimum is not None:
+        return f" {low} {minimum:g}{suffix}"
+    if maximum is not None:
+        return f" <= {maximum:g}{suffix}"
+    return suffix
+
+
+def integer(
+    name: str,
+    value: Any,
+    minimum: int | None = None,
+    maximum: int | None = None,
+    *,
+    unit: str = "",
+    where: str = "",
+    error: type[LymphnodeError] = ConfigError,
+) -> int:
+    """``value`` as an int when it is an integer (not a bool) in ``minimum..maximum``."""
+    ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if ok and minimum is not None and value < minimum:
+        ok = False
+    if ok and maximum is not None and value > maximum:
+        ok = False
+    if not ok:
+        bounds = _bounds(minimum, maximum, False, unit)
+        raise error(f"{where}{name} must be an integer{bounds}, got {value!r}")
+    return int(value)
+
+
+def number(
+    name: str,
+    value: Any,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    *,
+    strict_minimum: bool = False,
+    unit: str = "",
+    where: str = "",
+    error: type[LymphnodeError] = ConfigError,
+) -> float:
+    """``value`` as a float when it is a finite real number (not a bool) within the bounds;
+    ``strict_minimum`` excludes ``minimum`` itself (``> 0`` for "positive")."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    ok = ok and math.isfinite(value)
+    if ok and minimum is not None:
+        ok = value > minimum if strict_minimum else value >= minimum
+    if ok and maximum is not None:
+        ok = value <= maximum
+    if not ok:
+        bounds = _bounds(minimum, maximum, strict_minimum, unit)
+        raise error(f"{where}{name} must be a finite number{bounds}, got {value!r}")
+    return float(value)
+
+
+def choice(
+    name: str,
+    value: T,
+    choices: Collection[Any],
+    *,
+    where: str = "",
+    error: type[LymphnodeError] = ConfigError,
+) -> T:
+    """``value`` when it is one of ``choices``."""
+    flag = isinstance(value, bool) and not any(isinstance(c, bool) for c in choices)
+    if flag or value not in choices:
+        raise error(f"{where}{name} must be one of {list(choices)}, got {value!r}")
+    return value

@@ -1,0 +1,57 @@
+"""Tests of lymphnode.core.validate: messages name the parameter, the value and the range."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lymphnode.core.errors import CacheError, ConfigError
+from lymphnode.core.validate import choice, integer, number
+
+
+def test_integer_accepts_integers_in_range_as_int() -> None:
+    assert integer("n", np.int64(3), minimum=0) == 3 and type(integer("n", np.int64(3))) is int
+    assert integer("q", 100, 1, 100) == 100
+
+
+@pytest.mark.parametrize(
+    ("value", "kwargs", "match"),
+    [
+        (True, {"minimum": 0}, r"^n must be an integer >= 0, got True$"),
+        (2.0, {}, r"^n must be an integer, got 2\.0$"),
+        ("3", {"minimum": 1}, r"^n must be an integer >= 1, got '3'$"),
+        (-1, {"minimum": 0}, r"^n must be an integer >= 0, got -1$"),
+        (101, {"minimum": 1, "maximum": 100}, r"^n must be an integer in 1\.\.100, got 101$"),
+        (9, {"maximum": 8}, r"^n must be an integer <= 8, got 9$"),
+        (100, {"minimum": 512, "unit": "px", "where": "synth: "}, r"^synth: n must .* >= 512 px"),
+    ],
+)
+def test_integer_refuses_naming_parameter_value_and_range(value, kwargs, match) -> None:
+    with pytest.raises(ConfigError, match=match):
+        integer("n", value, **kwargs)
+
+
+def test_validators_raise_the_error_class_given() -> None:
+    with pytest.raises(CacheError, match=r"patch_size must be an integer >= 1, got 0"):
+        integer("patch_size", 0, minimum=1, error=CacheError)
+
+
+def test_number_checks_finiteness_bounds_and_strict_minimum() -> None:
+    assert number("mpp", 1) == 1.0 and isinstance(number("mpp", 1), float)
+    with pytest.raises(ConfigError, match=r"^mpp must be a finite number > 0 µm/px, got 0$"):
+        number("mpp", 0, 0, strict_minimum=True, unit="µm/px")
+    with pytest.raises(ConfigError, match=r"must be a finite number in 0\.05\.\.5, got nan"):
+        number("mpp", float("nan"), 0.05, 5)
+    with pytest.raises(ConfigError, match=r"^f must be a finite number in \(0, 1\], got 1\.5$"):
+        number("f", 1.5, 0, 1, strict_minimum=True)
+    with pytest.raises(ConfigError, match=r"got False"):
+        number("f", False)
+
+
+def test_choice_lists_the_allowed_values() -> None:
+    assert choice("codec", "raw", ("raw", "jpeg")) == "raw"
+    assert choice("flag", True, (True, False)) is True
+    with pytest.raises(ConfigError, match=r"^codec must be one of \['raw', 'jpeg'\], got 'png'$"):
+        choice("codec", "png", ("raw", "jpeg"))
+    with pytest.raises(ConfigError, match=r"got True"):
+        choice("level", True, (0, 1))
