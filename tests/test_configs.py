@@ -80,20 +80,13 @@ def test_experiments_select_their_stage_data_task_and_init() -> None:
     assert pretrain.data._target_.endswith("PretrainDataModule")
     assert pretrain.task._target_.endswith("ReconstructionModule")
     assert pretrain.optimized_metric == "val/recon_mse"
-    assert (
-        pretrain.callbacks.model_checkpoint.monitor,
-        pretrain.callbacks.model_checkpoint.mode,
-    ) == (
-        "val/recon_mse",
-        "min",
-    )
+    assert pretrain.selection == "val_loss"  # SelectionCheckpoint: lowest val/loss (recon)
     for cfg, init in ((finetune, "pretrained"), (scratch, "scratch")):
         assert (cfg.stage, cfg.init) == ("finetune", init)
         assert cfg.data._target_.endswith("FinetuneDataModule")
         assert cfg.task._target_.endswith("MultiTaskModule")
         assert cfg.optimized_metric == "test/seg_f1"
-        assert cfg.callbacks.model_checkpoint.monitor == "val/seg_f1"
-        assert cfg.callbacks.model_checkpoint.mode == "max"
+        assert cfg.selection == "val_f1"  # SelectionCheckpoint: highest val/seg_f1
         assert cfg.pretrained_ckpt == "outputs/runs/pretrain/checkpoints/best.ckpt"
     # finetune and scratch differ only in init and what follows from it (run dir, wandb job type)
     a = OmegaConf.to_container(finetune, resolve=True)
@@ -229,7 +222,7 @@ def test_callbacks_checkpoint_into_the_run_dir() -> None:
     checkpoint = next(c for c in callbacks if isinstance(c, ModelCheckpoint))
     assert Path(checkpoint.dirpath) == Path("outputs/runs/pretrain/checkpoints").resolve()
     assert (checkpoint.monitor, checkpoint.mode, checkpoint.save_last) == (
-        "val/recon_mse",
+        "val/loss",
         "min",
         True,
     )
