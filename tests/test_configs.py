@@ -116,12 +116,12 @@ def test_demo_profile_after_the_experiment_wins() -> None:
     full = compose_train("+experiment=pretrain")
     demo = compose_train("+experiment=pretrain", "+profile=demo")
     assert full.trainer.max_epochs == 20 and full.model.base_width == 64
-    assert demo.trainer.max_epochs == demo.demo_max_epochs.pretrain
+    assert demo.trainer.max_steps == demo.demo_budget.pretrain.max_steps
     assert demo.model.base_width == 8
     assert demo.paths.cache_dir == "outputs/demo/caches"
     assert demo.pretrained_ckpt == "outputs/demo/runs/pretrain/checkpoints/best.ckpt"
     finetune = compose_train("+experiment=scratch", "+profile=demo")
-    assert finetune.trainer.max_epochs == finetune.demo_max_epochs.finetune
+    assert finetune.trainer.max_steps == finetune.demo_budget.finetune.max_steps
 
 
 def test_profile_before_experiment_is_refused() -> None:

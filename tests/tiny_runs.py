@@ -37,7 +37,6 @@ TINY = (
     "data.num_workers=0",
     "data.persistent_workers=false",
     "task.log_images_every_n_epochs=0",
-    "task.scheduler=null",  # constant LR: these tests are about budgets, not the schedule
     "callbacks.progress_bar.refresh_rate=0",
     "logger=none",
     "~callbacks.lr_monitor",  # (needs a logger)
@@ -97,14 +96,16 @@ def compose_train(*overrides: str) -> DictConfig:
 
 
 def run(
-    root: Path, caches: Path, *overrides: str, experiment: str = "scratch"
+    root: Path, caches: Path, *overrides: str, experiment: str = "scratch", constant_lr: bool = True
 ) -> tuple[Any, dict[str, Any]]:
     """``train()`` of ``+experiment=<experiment>`` on the tiny caches: (its return value or the
-    exception it raised, the run's results.json)."""
+    exception it raised, the run's results.json). ``constant_lr``: ``task.scheduler=null`` (the
+    tests of budgets and checkpoints do not depend on the schedule)."""
     Recorder.reset()
     cfg = compose_train(
         f"+experiment={experiment}", f"paths.root={root}", f"paths.cache_dir={caches}",
-        *TINY, *(FINETUNE if experiment != "pretrain" else ()), *overrides,
+        *TINY, *(FINETUNE if experiment != "pretrain" else ()),
+        *(("task.scheduler=null",) if constant_lr else ()), *overrides,
     )  # fmt: skip
     try:
         outcome: Any = train(cfg)
