@@ -4,6 +4,7 @@ step; runs stopped by max_time or SIGTERM before their budget are ``interrupted`
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import pytest
@@ -88,7 +89,7 @@ def test_cosine_schedule_ends_at_the_last_step(tmp_path: Path, caches: Path) -> 
     assert not isinstance(outcome, BaseException), results["error"]
     lrs = Recorder.lrs  # after each of the 6 optimizer steps
     assert len(lrs) == 6 and lrs[-1] == pytest.approx(0.0, abs=1e-12)  # eta_min at the last step
-    assert all(a > b for a, b in zip(lrs, lrs[1:]))  # decreases every step, within epochs too
+    assert all(a > b for a, b in itertools.pairwise(lrs))  # decreases every step, within epochs too
 
 
 # --- interruptions -------------------------------------------------------------------------------
