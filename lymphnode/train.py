@@ -430,8 +430,13 @@ def finish_loggers(loggers: Sequence[Logger], failed: bool) -> None:
 def train(cfg: DictConfig) -> float:
     """Run one pretraining or fine-tuning run; return ``metrics[cfg.optimized_metric]``.
 
-    Writes ``<run_dir>/results.json`` (status completed; failed with the error, and the exception
-    propagates; or debug for a ``trainer=debug`` smoke test). With ``skip_if_done`` a run dir whose
+    Writes ``<run_dir>/results.json``: status ``completed``; ``failed`` with the error (the
+    exception propagates); ``interrupted`` when ``max_time`` stopped it before its step/epoch
+    budget (evaluated, its metric returned) or a signal did (SIGTERM / Ctrl+C: not evaluated, the
+    exception propagates; last.ckpt holds the step reached); or ``debug`` for a ``trainer=debug``
+    smoke test. Also ``selection``, ``steps`` (``selected``/``last``: the optimizer step of each
+    checkpoint), ``collapsed`` (test recall 0) and ``budget`` (max_steps / max_epochs /
+    max_time_s / val_check_interval / stopped_by). With ``skip_if_done`` a run dir whose
     results.json says completed is not trained again: its recorded metric is returned.
     """
     run_dir = run_dir_of(cfg)

@@ -102,7 +102,7 @@ class SelectionCheckpoint(ModelCheckpoint):
         self.last_step = trainer.global_step
 
     def _write_final(self, trainer: pl.Trainer) -> None:
-        if trainer.fast_dev_run or self.last_step == trainer.global_step:
+        if getattr(trainer, "fast_dev_run", False) or self.last_step == trainer.global_step:
             return
         self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
