@@ -38,11 +38,19 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.loggers import Logger, WandbLogger
 from pytorch_lightning.utilities import rank_zero_only
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from lymphnode.core.boundary import config_dir, hydra_boundary
 from lymphnode.core.errors import CheckpointError, ConfigError, LymphnodeError
 from lymphnode.models.checkpoint import read_preprocess
 from lymphnode.models.preprocess import Preprocess
+from lymphnode.tasks.budget import budget_of, is_interrupted, stop_reason
+from lymphnode.tasks.checkpointing import (
+    SelectionCheckpoint,
+    check_selection,
+    checkpoint_step,
+    choose_checkpoint,
+)
 
 log = logging.getLogger(__name__)
 
@@ -269,6 +277,79 @@ def evaluate(
     return metrics
 
 
+def _interruption(trainer: pl.Trainer, err: BaseException) -> str | None:
+    """``sigterm`` / ``keyboard_interrupt`` when a signal stopped ``trainer.fit``, else None (a
+    failure). Lightning turns Ctrl+C into ``SystemExit(1)`` and SIGTERM into SIGTERMException."""
+    if isinstance(err, SIGTERMException) or trainer.received_sigterm:
+        return "sigterm"
+    if isinstance(err, KeyboardInterrupt | SystemExit):
+        return "keyboard_interrupt"
+    return None
+
+
+def _evaluate_checkpoints(
+    cfg: DictConfig,
+    trainer: pl.Trainer,
+    module: pl.LightningModule,
+    datamodule: pl.LightningDataModule,
+    results: dict[str, Any],
+) -> None:
+    """Evaluate the last (final-step) and the selected checkpoint into ``results``: ``metrics``
+    (selected), ``metrics_last``, ``checkpoints``, ``steps``, ``selection``, ``collapsed``."""
+    callback = trainer.checkpoint_callback
+    # The last checkpoint first, the selected one second: loggers keep the selected one's values
+    # as the final test/* (wandb summary), and the module ends with those weights.
+    if isinstance(callback, SelectionCheckpoint):
+        results["selection"] = callback.selection
+        last = callback.last_model_path or None
+        metrics_last = evaluate(trainer, module, datamodule, cfg.stage, last)
+        choice = choose_checkpoint(callback, metrics_last)
+        if choice is None:  # nothing written (fast_dev_run): the weights in memory are both
+            best, metrics = None, metrics_last
+        elif choice.is_last:  # the same weights as last.ckpt: no second evaluation
+            best, metrics = str(choice.path), metrics_last
+        else:
+            best = str(choice.path)
+            metrics = evaluate(trainer, module, datamodule, cfg.stage, best)
+        if choice is not None:
+            log.info(
+                "selected %s (selection=%s: %s)", choice.path, callback.selection, choice.reason
+            )
+    else:  # another checkpoint callback (or none): its best and last, as Lightning wrote them
+        results["selection"] = None
+        best = last = None
+        if isinstance(callback, ModelCheckpoint):
+            best = callback.best_model_path or None
+            last = callback.last_model_path or None
+        if best is None and last is None:
+            log.warning(
+                "no checkpoint was saved; evaluating the weights in memory as best and last"
+            )
+            metrics_last = metrics = evaluate(trainer, module, datamodule, cfg.stage, None)
+        else:
+            metrics_last = evaluate(trainer, module, datamodule, cfg.stage, last or best)
+            metrics = evaluate(trainer, module, datamodule, cfg.stage, best or last)
+    results["checkpoints"] = {
+        "best": None if best is None else str(Path(best).resolve()),
+        "last": None if last is None else str(Path(last).resolve()),
+    }
+    in_memory = trainer.global_step if best is None and last is None else None
+    last_step = checkpoint_step(last) if last else in_memory
+    results["steps"] = {
+        "selected": checkpoint_step(best) if best else last_step,
+        "last": last_step,
+    }
+    results["metrics"], results["metrics_last"] = metrics, metrics_last
+    results["collapsed"] = is_collapsed(cfg.stage, metrics)
+
+
+def is_collapsed(stage: str, metrics: Mapping[str, float]) -> bool:
+    """A fine-tuning run whose test recall is 0: it predicts no tumour anywhere (false for
+    pretraining)."""
+    recall = metrics.get("test/seg_recall")
+    return stage != "pretrain" and recall is not None and float(recall) == 0.0
+
+
 def _fit_and_evaluate(cfg: DictConfig, run_dir: Path, results: dict[str, Any]) -> None:
     """Build, fit and evaluate; fills ``results`` in place (so a failure keeps what is known)."""
     start = time.perf_counter()
@@ -286,32 +367,25 @@ def _fit_and_evaluate(cfg: DictConfig, run_dir: Path, results: dict[str, Any]) -
         for logger in trainer.loggers:  # (fast_dev_run swaps in a dummy: nothing is written)
             logger.log_hyperparams(results["config"])  # the full resolved config
         log.info("fitting %s into %s", experiment_name(cfg), run_dir)
-        trainer.fit(
-            module, datamodule=datamodule, ckpt_path=None if resume is None else str(resume)
-        )
+        results["budget"] = budget_of(trainer)
+        try:
+            trainer.fit(
+                module, datamodule=datamodule, ckpt_path=None if resume is None else str(resume)
+            )
+        except BaseException as err:
+            reason = _interruption(trainer, err)
+            if reason is not None:  # a signal: record the step reached; last.ckpt holds it
+                results["interrupted"] = reason
+                results["budget"]["stopped_by"] = reason
+                results["steps"] = {"selected": None, "last": trainer.global_step}
+            raise
         fit_s = time.perf_counter() - start
         results["fast_dev_run"] = bool(getattr(trainer, "fast_dev_run", False))
-
-        checkpoint = trainer.checkpoint_callback
-        best = last = None
-        if isinstance(checkpoint, ModelCheckpoint):
-            best = checkpoint.best_model_path or None
-            last = checkpoint.last_model_path or None
-        results["checkpoints"] = {
-            "best": None if best is None else str(Path(best).resolve()),
-            "last": None if last is None else str(Path(last).resolve()),
-        }
-        # The last checkpoint first, the selected one second: loggers keep the selected one's
-        # values as the final test/* (wandb summary), and the module ends with those weights.
-        if best is None and last is None:  # checkpointing off: the weights in memory
-            log.warning(
-                "no checkpoint was saved; evaluating the weights in memory as best and last"
-            )
-            metrics_last = metrics = evaluate(trainer, module, datamodule, cfg.stage, None)
-        else:
-            metrics_last = evaluate(trainer, module, datamodule, cfg.stage, last or best)
-            metrics = evaluate(trainer, module, datamodule, cfg.stage, best or last)
-        results["metrics"], results["metrics_last"] = metrics, metrics_last
+        reason = stop_reason(trainer)
+        results["budget"]["stopped_by"] = reason
+        if is_interrupted(reason, results["budget"]):
+            results["interrupted"] = reason
+        _evaluate_checkpoints(cfg, trainer, module, datamodule, results)
         total_s = time.perf_counter() - start
         results["timing"] = {"fit_s": fit_s, "test_s": total_s - fit_s, "total_s": total_s}
     except BaseException:
@@ -334,8 +408,13 @@ def finish_loggers(loggers: Sequence[Logger], failed: bool) -> None:
 def train(cfg: DictConfig) -> float:
     """Run one pretraining or fine-tuning run; return ``metrics[cfg.optimized_metric]``.
 
-    Writes ``<run_dir>/results.json`` (status completed; failed with the error, and the exception
-    propagates; or debug for a ``trainer=debug`` smoke test). With ``skip_if_done`` a run dir whose
+    Writes ``<run_dir>/results.json``: status ``completed``; ``failed`` with the error (the
+    exception propagates); ``interrupted`` when ``max_time`` stopped it before its step/epoch
+    budget (evaluated, its metric returned) or a signal did (SIGTERM / Ctrl+C: not evaluated, the
+    exception propagates; last.ckpt holds the step reached); or ``debug`` for a ``trainer=debug``
+    smoke test. Also ``selection``, ``steps`` (``selected``/``last``: the optimizer step of each
+    checkpoint), ``collapsed`` (test recall 0) and ``budget`` (max_steps / max_epochs /
+    max_time_s / val_check_interval / stopped_by). With ``skip_if_done`` a run dir whose
     results.json says completed is not trained again: its recorded metric is returned.
     """
     run_dir = run_dir_of(cfg)
@@ -359,6 +438,10 @@ def train(cfg: DictConfig) -> float:
         "labeled_size": OmegaConf.select(cfg, "data.labeled_size", default=None),
         "fold": OmegaConf.select(cfg, "data.fold", default=None),
         "seed": cfg.seed,
+        "selection": cfg.get("selection"),
+        "steps": {"selected": None, "last": None},
+        "collapsed": False,
+        "budget": {},
         "metrics": {},
         "metrics_last": {},
         "checkpoints": {"best": None, "last": None},
@@ -369,20 +452,43 @@ def train(cfg: DictConfig) -> float:
     if cfg.stage == "pretrain":
         results["labeled_size"] = results["fold"] = None
     try:
+        check_selection(cfg.get("selection"), cfg.stage)
         _fit_and_evaluate(cfg, run_dir, results)
         value = metric_value(results["metrics"], cfg.optimized_metric)
     except BaseException as err:
         results.pop("fast_dev_run", None)
-        results["error"] = f"{type(err).__name__}: {err}"
+        interrupted = results.pop("interrupted", None)
+        if interrupted is not None:
+            results["status"] = "interrupted"
+            results["error"] = (
+                f"interrupted ({interrupted}) at step {results['steps']['last']}; resume with "
+                "ckpt_path=last"
+            )
+        else:
+            results["error"] = f"{type(err).__name__}: {err}"
         if _is_rank_zero():
             write_results(results_path, results)
         raise
     results["status"] = "completed"
+    interrupted = results.pop("interrupted", None)
     if results.pop("fast_dev_run", False):
         results["status"] = "debug"  # neither skipped by a rerun nor averaged by the report
         results["error"] = (
             "trainer=debug (fast_dev_run): a one-batch smoke test, not a result; "
             "run again without trainer=debug"
+        )
+    elif interrupted is not None:  # max_time before the step/epoch budget: not averaged
+        results["status"] = "interrupted"
+        results["error"] = (
+            f"stopped by {interrupted} at step {results['steps']['last']} of a budget of "
+            f"max_steps={results['budget'].get('max_steps')} / max_epochs="
+            f"{results['budget'].get('max_epochs')}; resume with ckpt_path=last and a larger "
+            "trainer.max_time"
+        )
+        log.warning("%s: %s", run_dir, results["error"])
+    if results["collapsed"]:
+        log.warning(
+            "%s collapsed: test/seg_recall is 0 (no tumour predicted on the test set)", run_dir
         )
     if _is_rank_zero():
         write_results(results_path, results)

@@ -86,20 +86,13 @@ def test_experiments_select_their_stage_data_task_and_init() -> None:
     assert pretrain.data._target_.endswith("PretrainDataModule")
     assert pretrain.task._target_.endswith("ReconstructionModule")
     assert pretrain.optimized_metric == "val/recon_mse"
-    assert (
-        pretrain.callbacks.model_checkpoint.monitor,
-        pretrain.callbacks.model_checkpoint.mode,
-    ) == (
-        "val/recon_mse",
-        "min",
-    )
+    assert pretrain.selection == "val_loss"  # SelectionCheckpoint: lowest val/loss (recon)
     for cfg, init in ((finetune, "pretrained"), (scratch, "scratch")):
         assert (cfg.stage, cfg.init) == ("finetune", init)
         assert cfg.data._target_.endswith("FinetuneDataModule")
         assert cfg.task._target_.endswith("MultiTaskModule")
         assert cfg.optimized_metric == "test/seg_f1"
-        assert cfg.callbacks.model_checkpoint.monitor == "val/seg_f1"
-        assert cfg.callbacks.model_checkpoint.mode == "max"
+        assert cfg.selection == "val_f1"  # SelectionCheckpoint: highest val/seg_f1
         assert cfg.pretrained_ckpt == "outputs/runs/pretrain/checkpoints/best.ckpt"
     # finetune and scratch differ only in init and what follows from it (run dir, wandb job type)
     a = OmegaConf.to_container(finetune, resolve=True)
@@ -134,12 +127,12 @@ def test_demo_profile_wins_over_the_experiment_in_either_order() -> None:
     demo = compose_train("experiment=pretrain", "profile=demo")
     assert demo == compose_train("profile=demo", "experiment=pretrain")
     assert full.trainer.max_epochs == 20 and full.model.base_width == 64
-    assert demo.trainer.max_epochs == demo.demo_max_epochs.pretrain
+    assert demo.trainer.max_steps == demo.demo_budget.pretrain.max_steps
     assert demo.model.base_width == 8
     assert demo.paths.cache_dir == "outputs/demo/caches"
     assert demo.pretrained_ckpt == "outputs/demo/runs/pretrain/checkpoints/best.ckpt"
     finetune = compose_train("experiment=scratch", "profile=demo")
-    assert finetune.trainer.max_epochs == finetune.demo_max_epochs.finetune
+    assert finetune.trainer.max_steps == finetune.demo_budget.finetune.max_steps
 
 
 def test_pretext_is_a_config_group_of_pretraining() -> None:
@@ -271,7 +264,7 @@ def test_callbacks_checkpoint_into_the_run_dir() -> None:
     checkpoint = next(c for c in callbacks if isinstance(c, ModelCheckpoint))
     assert Path(checkpoint.dirpath) == Path("outputs/runs/pretrain/checkpoints").resolve()
     assert (checkpoint.monitor, checkpoint.mode, checkpoint.save_last) == (
-        "val/recon_mse",
+        "val/loss",
         "min",
         True,
     )

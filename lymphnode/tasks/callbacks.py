@@ -1,4 +1,5 @@
-"""Training callbacks: per-depth weight/gradient norms and the non-finite loss guard.
+"""Training callbacks: per-depth weight/gradient norms, the non-finite loss guard and the
+all-tumour baseline of the test set.
 
 ``DepthNormLogger`` lets a user see the paper's observation: with the top skip kept during
 reconstruction pretraining, the deep blocks' weights and gradients stay near zero (the network
@@ -117,4 +118,61 @@ def depth_norms(net: nn.Module) -> dict[str, float]:
     return norms
 
 
-__all__ = ["DepthNormLogger", "NonFiniteLossError", "NonFiniteLossGuard", "depth_norms"]
+def all_tumour_f1(tumour_fraction: float) -> float:
+    """F1 of predicting tumour on every pixel of a set whose tumour-pixel fraction is ``p``:
+    precision p, recall 1, so F1 = 2p / (1 + p) (0 for a set without tumour)."""
+    p = float(tumour_fraction)
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"tumour_fraction={p!r} is not a fraction in [0, 1]")
+    return 2.0 * p / (1.0 + p)
+
+
+class AllTumourBaseline(pl.Callback):
+    """Log ``test/baseline_all_tumour_f1``: the pixel F1 of predicting tumour everywhere on the
+    test set (:func:`all_tumour_f1` of its tumour-pixel fraction).
+
+    The fraction is counted from the ``mask`` of every test batch (B, 1, H, W) {0, 1} -- the same
+    pixels the test metrics score, summed over processes under DDP -- so it costs no extra read.
+    Batches without masks (pretraining) log nothing. A model whose F1 is not above this baseline
+    has learned nothing a constant prediction does not give.
+    """
+
+    key = "test/baseline_all_tumour_f1"
+
+    def __init__(self) -> None:
+        self._tumour = 0.0  # tumour pixels seen this test epoch
+        self._total = 0.0  # pixels seen this test epoch
+
+    def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._tumour = self._total = 0.0
+
+    def on_test_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        mask = batch.get("mask") if isinstance(batch, dict) else None
+        if isinstance(mask, Tensor):
+            self._tumour += float((mask.detach() > 0.5).sum())
+            self._total += float(mask.numel())
+
+    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        counts = torch.tensor([self._tumour, self._total], dtype=torch.float64)
+        counts = trainer.strategy.reduce(counts.to(pl_module.device), reduce_op="sum").cpu()
+        tumour, total = float(counts[0]), float(counts[1])
+        if total > 0:
+            pl_module.log(self.key, all_tumour_f1(tumour / total), on_step=False, on_epoch=True)
+
+
+__all__ = [
+    "AllTumourBaseline",
+    "DepthNormLogger",
+    "NonFiniteLossError",
+    "NonFiniteLossGuard",
+    "all_tumour_f1",
+    "depth_norms",
+]
