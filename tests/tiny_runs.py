@@ -118,7 +118,7 @@ def run(
 
 class Recorder(pl.Callback):
     """Keeps ``steps`` (global step after every optimizer step), ``lrs`` (the first param
-    group's LR then), ``validations`` ([(global step, {metric: value})] at every validation
+    group's LR each optimizer step trains with), ``validations`` ([(global step, {metric: value})] at every validation
     during fit); optionally sends SIGTERM to this process after step ``sigterm_at``."""
 
     steps: ClassVar[list[int]] = []
@@ -132,9 +132,11 @@ class Recorder(pl.Callback):
     def reset(cls) -> None:
         cls.steps, cls.lrs, cls.validations = [], [], []
 
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
+        Recorder.lrs.append(float(trainer.optimizers[0].param_groups[0]["lr"]))
+
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
         Recorder.steps.append(trainer.global_step)
-        Recorder.lrs.append(float(trainer.optimizers[0].param_groups[0]["lr"]))
         if self.sigterm_at is not None and trainer.global_step == self.sigterm_at:
             import os
             import signal
