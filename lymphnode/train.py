@@ -47,9 +47,12 @@ from lymphnode.models.preprocess import Preprocess
 from lymphnode.tasks.budget import budget_of, is_interrupted, stop_reason
 from lymphnode.tasks.checkpointing import (
     SelectionCheckpoint,
+    ShadowBest,
+    ShadowSelection,
     check_selection,
     checkpoint_step,
     choose_checkpoint,
+    shadow_checkpoint,
 )
 
 log = logging.getLogger(__name__)
@@ -160,6 +163,23 @@ def build_task(
     return instantiate(cfg.task)
 
 
+def compare_selections(cfg: DictConfig) -> list[str]:
+    """``cfg.compare_selections`` (selections to report beside ``selection``, e.g. ``[val_loss,
+    last]``), checked, without ``selection`` itself and duplicates."""
+    wanted = cfg.get("compare_selections") or []
+    if isinstance(wanted, str) or not all(isinstance(w, str) for w in wanted):
+        raise ConfigError(
+            f"compare_selections={wanted!r} is invalid; expected a list of selections, e.g. "
+            "[val_loss, last]"
+        )
+    out: list[str] = []
+    for name in wanted:
+        check_selection(name, cfg.stage)
+        if name != cfg.get("selection") and name not in out:
+            out.append(name)
+    return out
+
+
 def build_callbacks(cfg: DictConfig) -> list[Callback]:
     """Every entry of ``cfg.callbacks`` with a ``_target_`` (a null entry is switched off)."""
     callbacks = []
@@ -171,6 +191,10 @@ def build_callbacks(cfg: DictConfig) -> list[Callback]:
                 f"callbacks.{name}={entry!r} is invalid; expected a dict with _target_"
             )
         callbacks.append(instantiate(entry))
+    for selection in compare_selections(cfg):
+        if selection != "last":
+            dirpath = Path(cfg.run_dir) / "checkpoints"
+            callbacks.append(ShadowSelection(dirpath=dirpath, selection=selection))
     return callbacks
 
 
@@ -297,6 +321,7 @@ def _evaluate_checkpoints(
     """Evaluate the last (final-step) and the selected checkpoint into ``results``: ``metrics``
     (selected), ``metrics_last``, ``checkpoints``, ``steps``, ``selection``, ``collapsed``."""
     callback = trainer.checkpoint_callback
+    shadows = [ShadowBest.of(c) for c in trainer.callbacks if isinstance(c, ShadowSelection)]
     # The last checkpoint first, the selected one second: loggers keep the selected one's values
     # as the final test/* (wandb summary), and the module ends with those weights.
     if isinstance(callback, SelectionCheckpoint):
@@ -341,6 +366,39 @@ def _evaluate_checkpoints(
     }
     results["metrics"], results["metrics_last"] = metrics, metrics_last
     results["collapsed"] = is_collapsed(cfg.stage, metrics)
+    if compare_selections(cfg):
+        results["metrics_by_selection"] = _metrics_by_selection(
+            cfg, trainer, module, datamodule, metrics, metrics_last, results["steps"], shadows
+        )
+        if best is not None:  # the module ends with the selected weights, as without shadows
+            evaluate(trainer, module, datamodule, cfg.stage, best)
+
+
+def _metrics_by_selection(
+    cfg: DictConfig,
+    trainer: pl.Trainer,
+    module: pl.LightningModule,
+    datamodule: pl.LightningDataModule,
+    metrics: dict[str, float],
+    metrics_last: dict[str, float],
+    steps: Mapping[str, int | None],
+    shadows: Sequence[ShadowBest],
+) -> dict[str, dict[str, Any]]:
+    """{selection: {"step", "metrics"}} for ``selection`` and every ``compare_selections`` entry:
+    what the run would report under each choice (the final step competes as in the selected one)."""
+    out: dict[str, dict[str, Any]] = {
+        cfg.selection: {"step": steps["selected"], "metrics": metrics}
+    }
+    last_step = steps["last"]
+    by_name = {shadow.selection: shadow for shadow in shadows}
+    for name in compare_selections(cfg):
+        path = None if name == "last" else shadow_checkpoint(by_name[name], metrics_last)
+        if path is None:  # the final step
+            out[name] = {"step": last_step, "metrics": metrics_last}
+        else:
+            picked = evaluate(trainer, module, datamodule, cfg.stage, str(path))
+            out[name] = {"step": checkpoint_step(path), "metrics": picked}
+    return out
 
 
 def is_collapsed(stage: str, metrics: Mapping[str, float]) -> bool:

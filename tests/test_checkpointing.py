@@ -126,3 +126,31 @@ def test_pretraining_records_val_loss_selection_and_is_never_collapsed(
     assert results["selection"] == "val_loss" and results["collapsed"] is False
     assert results["steps"]["last"] == 3
     assert _step_and_epoch(Path(results["checkpoints"]["last"]))[0] == 3
+
+
+def test_compare_selections_reports_what_each_selection_would_have_picked(
+    tmp_path: Path, caches: Path
+) -> None:
+    budget = ("trainer.max_steps=9", "trainer.val_check_interval=2")
+    outcome, results = run(
+        tmp_path / "both", caches, "selection=val_f1", "compare_selections=[val_loss,last,val_f1]",
+        *budget,
+    )  # fmt: skip
+    assert not isinstance(outcome, BaseException), results["error"]
+    by = results["metrics_by_selection"]
+    assert sorted(by) == ["last", "val_f1", "val_loss"]
+    assert by["val_f1"]["metrics"] == results["metrics"]
+    assert by["val_f1"]["step"] == results["steps"]["selected"]
+    assert by["last"] == {"step": 9, "metrics": results["metrics_last"]}
+    # the same run with selection=val_loss reports exactly what the shadow recorded for it
+    outcome, alone = run(tmp_path / "alone", caches, "selection=val_loss", *budget)
+    assert not isinstance(outcome, BaseException), alone["error"]
+    assert by["val_loss"]["step"] == alone["steps"]["selected"]
+    for key in ("test/seg_f1", "test/seg_recall", "val/loss"):
+        assert by["val_loss"]["metrics"][key] == pytest.approx(alone["metrics"][key], abs=1e-6)
+
+
+def test_compare_selections_must_be_a_list_of_selections(tmp_path: Path, caches: Path) -> None:
+    outcome, results = run(tmp_path, caches, "compare_selections=[val_auc]")
+    assert isinstance(outcome, ConfigError)
+    assert "selection='val_auc' is not supported" in results["error"]

@@ -160,6 +160,20 @@ def test_split_functions_directly() -> None:
     assert [int(labels[f].sum()) for f in folds] == [1] * 5
 
 
+def test_a_rare_class_gets_one_patch_per_fold_and_subsets_stay_nested() -> None:
+    # the real dev set's slide protocol: 24 tumour and 7 normal pool patches, 5 folds
+    labels = np.array([1] * 24 + [0] * 7)
+    sizes = {n: stratified_subset(labels, n, seed=0, minimum=5) for n in (10, 15, 20, 30)}
+    assert [len(p) for p in sizes[10]] == [5, 5]  # proportional would give 2 normal + 8 tumour
+    assert [len(p) for p in sizes[30]] == [7, 23]  # above the minimum: proportional (6.8 -> 7)
+    assert [len(p) for p in stratified_subset(labels, 10, seed=0)] == [2, 8]  # no minimum
+    for small, large in ((10, 15), (15, 20), (20, 30)):
+        for c in (0, 1):
+            assert set(sizes[small][c]) <= set(sizes[large][c])
+    # a class with fewer patches than the minimum gives all it has
+    assert [len(p) for p in stratified_subset(np.array([1] * 20 + [0] * 3), 10, 0, 5)] == [3, 7]
+
+
 # ------------------------------------------------------------------------------ errors
 def test_labeled_size_larger_than_cache_raises(caches: dict[str, Path]) -> None:
     with pytest.raises(

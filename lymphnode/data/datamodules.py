@@ -68,20 +68,40 @@ def _check_int(name: str, value: Any, minimum: int) -> int:
     return int(value)
 
 
-def _allocate(size: int, counts: Sequence[int]) -> list[int]:
+def _allocate(size: int, counts: Sequence[int], minimum: int = 0) -> list[int]:
     """Split ``size`` among classes proportionally to ``counts`` (largest remainder, ties to the
     lower class). With two classes this is ``round_half_up(size * p)`` for class 0, monotone in
-    ``size`` for both classes, which makes subsets nested."""
+    ``size`` for both classes, which makes subsets nested.
+
+    ``minimum``: a class whose share falls below ``min(minimum, its count)`` is raised to it, the
+    patches taken from the largest class (so that every validation fold can hold every class when
+    one class is rare: with 24 tumour and 7 normal patches, 10 labels give 5 + 5, not 8 + 2). With
+    two classes the raised allocation stays monotone in ``size``, so subsets stay nested.
+    """
     total = sum(counts)
     quotas = [size * c / total for c in counts]
     alloc = [int(np.floor(q)) for q in quotas]
     order = sorted(range(len(counts)), key=lambda k: (-(quotas[k] - alloc[k]), k))
     for k in order[: size - sum(alloc)]:
         alloc[k] += 1
+    for k, count in enumerate(counts):
+        need = min(minimum, count) - alloc[k]
+        while need > 0:
+            donors = [
+                j for j in range(len(counts)) if j != k and alloc[j] > min(minimum, counts[j])
+            ]
+            if not donors:
+                break
+            donor = max(donors, key=lambda j: (alloc[j], -j))
+            alloc[donor] -= 1
+            alloc[k] += 1
+            need -= 1
     return alloc
 
 
-def stratified_subset(labels: np.ndarray, size: int, seed: int) -> list[np.ndarray]:
+def stratified_subset(
+    labels: np.ndarray, size: int, seed: int, minimum: int = 0
+) -> list[np.ndarray]:
     """A class-stratified random subset of ``size`` patch positions, per class.
 
     Each class's positions are permuted with a generator seeded by ``(seed, class)`` and the first
@@ -93,12 +113,14 @@ def stratified_subset(labels: np.ndarray, size: int, seed: int) -> list[np.ndarr
         labels: (N,) class of every patch of the cache (0 or 1).
         size: patches to select, 1..N.
         seed: non-negative integer.
+        minimum: each class gets at least ``min(minimum, its count)`` patches when ``size``
+            allows (the fine-tuning DataModule passes ``folds``).
 
     Returns:
         one int64 array per class of :data:`CLASSES`, in that class's permuted order.
     """
     positions = [np.flatnonzero(labels == c) for c in CLASSES]
-    alloc = _allocate(size, [len(p) for p in positions])
+    alloc = _allocate(size, [len(p) for p in positions], minimum)
     return [
         np.random.default_rng([seed, c]).permutation(p)[:k]
         for c, p, k in zip(CLASSES, positions, alloc)
@@ -602,7 +624,9 @@ class FinetuneDataModule(_CacheDataModule):
                     f"{self.labeled_dir} ({len(cache)} patches): expected 1..{len(cache)}"
                 )
             labels = _class_labels(cache)
-            per_class = stratified_subset(labels, self.labeled_size, self.subset_seed)
+            per_class = stratified_subset(
+                labels, self.labeled_size, self.subset_seed, minimum=self.folds
+            )
             if self.fold_by == "slide":
                 slides = np.asarray(cache.index["slide"])
                 self._folds = slide_folds(per_class, slides, self.folds, self.subset_seed)

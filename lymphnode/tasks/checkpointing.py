@@ -139,6 +139,65 @@ class SelectionCheckpoint(ModelCheckpoint):
             log.info("SIGTERM at step %d: wrote %s", trainer.global_step, self.last_model_path)
 
 
+class ShadowSelection(ModelCheckpoint):
+    """The checkpoint another ``selection`` would have picked, kept beside the run's own so that
+    one run reports the test metrics of every selection (``compare_selections``): writes
+    ``<dirpath>/select_<selection>.ckpt`` at each validation that improves its metric, nothing
+    else (``last.ckpt`` is :class:`SelectionCheckpoint`'s).
+    """
+
+    def __init__(self, dirpath: str | Path, selection: str) -> None:
+        self.selection = check_selection(selection)
+        monitor, mode = SELECTIONS[self.selection]
+        if monitor is None:
+            raise ConfigError(
+                f"selection={selection!r} keeps no checkpoint of its own: it is last.ckpt"
+            )
+        super().__init__(
+            dirpath=dirpath,
+            filename=f"select_{self.selection}",
+            monitor=monitor,
+            mode=mode,
+            save_top_k=1,
+            save_last=False,
+            auto_insert_metric_name=False,
+            enable_version_counter=False,
+        )
+
+    @property
+    def state_key(self) -> str:
+        """Distinct from the run's SelectionCheckpoint, so both states survive a resume."""
+        return f"ShadowSelection[{self.selection}]"
+
+
+@dataclass(frozen=True)
+class ShadowBest:
+    """What a :class:`ShadowSelection` held when training ended (read it before any
+    ``trainer.validate/test(ckpt_path=...)``: those restore callback states from the checkpoint)."""
+
+    selection: str
+    path: Path | None
+    score: float | None
+
+    @classmethod
+    def of(cls, shadow: ShadowSelection) -> ShadowBest:
+        score = shadow.best_model_score
+        path = Path(shadow.best_model_path) if shadow.best_model_path else None
+        return cls(shadow.selection, path, None if score is None else float(score))
+
+
+def shadow_checkpoint(shadow: ShadowBest, last_metrics: dict[str, float]) -> Path | None:
+    """The checkpoint ``shadow.selection`` picks: its best validation, or None for the final
+    step (``last.ckpt``) when that is strictly better or nothing was kept (as
+    :func:`choose_checkpoint`)."""
+    monitor, mode = SELECTIONS[shadow.selection]
+    if shadow.path is None or not shadow.path.is_file():
+        return None
+    if monitor in last_metrics and is_better(float(last_metrics[monitor]), shadow.score, mode):
+        return None
+    return shadow.path
+
+
 def _is_final_step(trainer: pl.Trainer) -> bool:
     """Whether the optimizer step that just ended is the run's last: max_steps reached, the last
     batch of the last epoch, or a stop requested (``max_time``)."""
@@ -223,8 +282,11 @@ __all__ = [
     "SELECTIONS",
     "Choice",
     "SelectionCheckpoint",
+    "ShadowBest",
+    "ShadowSelection",
     "check_selection",
     "checkpoint_step",
     "choose_checkpoint",
     "is_better",
+    "shadow_checkpoint",
 ]

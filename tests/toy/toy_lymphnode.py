@@ -57,8 +57,8 @@ class DenoisePretext(TaskModule):
     def _step(self, batch: Mapping[str, Tensor], stage: str) -> Tensor:
         x = batch["image"]  # (B, 3, H, W) normalised
         loss = F.mse_loss(self.net(x + self.noise * torch.randn_like(x)).recon, x)
-        self.log(f"{stage}/denoise_mse", loss, on_step=stage == "train", on_epoch=True,
-                 batch_size=x.shape[0])  # fmt: skip
+        for key in (f"{stage}/denoise_mse", f"{stage}/loss"):  # {stage}/loss: selection=val_loss
+            self.log(key, loss, on_step=stage == "train", on_epoch=True, batch_size=x.shape[0])
         return loss
 
     def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
