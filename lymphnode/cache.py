@@ -126,7 +126,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: Sequence[str] | None) -> int:
-    print(run(parser().parse_args(argv)))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    top = parser()
+    if argv[:1] == [
+        "import"
+    ]:  # options may come between and after the inputs (IMAGES --masks M OUT)
+        commands = next(a for a in top._actions if isinstance(a, argparse._SubParsersAction))
+        args = commands.choices["import"].parse_intermixed_args(argv[1:])
+        args.command = "import"
+    else:
+        args = top.parse_args(argv)
+    print(run(args))
     return 0
 
 

@@ -27,7 +27,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from lymphnode.evaluation.runs import collect_runs
+from lymphnode.evaluation.runs import CHECKPOINTS, collect_runs
 from lymphnode.evaluation.table import summarize
 from lymphnode.evaluation.table_output import log_to_wandb, write_report
 
@@ -52,9 +52,10 @@ def _main(argv: Sequence[str] | None) -> int:
     parser.add_argument("--paper", action="store_true", help="show the paper's F1 beside ours")
     parser.add_argument(
         "--checkpoint",
-        choices=("best", "last"),
+        choices=CHECKPOINTS,
         default="best",
-        help="report the selected (best val) or the last checkpoint's test metrics",
+        help="report the selected checkpoint's test metrics (best), the final step's (last), or "
+        "those another selection picked (val_f1, val_loss: runs trained with compare_selections)",
     )
     parser.add_argument("--wandb", action="store_true", help="log table and plot to wandb")
     parser.add_argument("--wandb-project", default="lymphnode")

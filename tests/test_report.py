@@ -119,6 +119,29 @@ def test_last_checkpoint_metrics_can_be_reported(tmp_path: Path) -> None:
     assert math.isnan(best.cells[(40, "scratch", "f1")].std) is False
 
 
+def test_another_selection_is_reported_from_metrics_by_selection(tmp_path: Path) -> None:
+    def by_selection(f1: float) -> dict:
+        metrics = {"test/seg_precision": 0.5, "test/seg_recall": 0.8, "test/seg_f1": f1}
+        return {"val_loss": {"step": 100, "metrics": metrics}}
+
+    _write_run(tmp_path, "scratch", 40, 0, 0.3, selection="val_f1",
+               metrics_by_selection=by_selection(0.6))  # fmt: skip
+    _write_run(tmp_path, "scratch", 40, 1, 0.5, selection="val_f1",
+               metrics_by_selection=by_selection(0.8))  # fmt: skip
+    own = summarize(collect_runs([tmp_path], checkpoint="val_f1"), checkpoint="val_f1")
+    other = summarize(collect_runs([tmp_path], checkpoint="val_loss"), checkpoint="val_loss")
+    assert own.cells[(40, "scratch", "f1")].mean == pytest.approx(0.4)  # the run's own selection
+    assert other.cells[(40, "scratch", "f1")].mean == pytest.approx(0.7)
+    assert other.selections == {"val_loss": 2}
+    _write_run(
+        tmp_path, "scratch", 40, 2, 0.5, selection="val_f1"
+    )  # trained without the comparison
+    with pytest.raises(
+        ReportError, match=r"no metrics_by_selection\['val_loss'\].*compare_selections"
+    ):
+        collect_runs([tmp_path], checkpoint="val_loss")
+
+
 def test_cli_writes_table_csv_and_plot(sweep: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "report_out"
     assert main([str(sweep), "--out", str(out), "--paper"]) == 0

@@ -639,7 +639,12 @@ class FinetuneDataModule(_CacheDataModule):
                         f"labeled_size={self.labeled_size} gives {len(chosen)} {CLASS_NAMES[c]} "
                         f"patch(es) (the labeled cache {self.labeled_dir} has {available} of "
                         f"{len(cache)}), fewer than folds={self.folds}: every validation fold "
-                        "needs each class; expected a larger labeled_size or fewer folds"
+                        "needs each class; expected "
+                        + (
+                            "fewer folds (or more labeled patches of that class)"
+                            if available < self.folds
+                            else "a larger labeled_size or fewer folds"
+                        )
                     )
             self._folds = stratified_folds(per_class, self.folds)
         return self._folds

@@ -28,7 +28,10 @@ INITS: tuple[str, ...] = ("scratch", "pretrained")
 #: The metrics of the paper's Figure 3, in column order.
 METRICS: tuple[str, ...] = ("precision", "recall", "f1")
 #: Checkpoints a report can read: the selected one (``metrics``) or the last (``metrics_last``).
-CHECKPOINTS: tuple[str, ...] = ("best", "last")
+#: ``best``: the run's selected checkpoint (``metrics``); ``last``: the final step
+#: (``metrics_last``); a selection name: that entry of ``metrics_by_selection`` (runs trained with
+#: ``compare_selections``), so one sweep compares checkpoint selections.
+CHECKPOINTS: tuple[str, ...] = ("best", "last", "val_f1", "val_loss")
 #: The all-tumour baseline's key in a run's metrics.
 BASELINE_KEY = "test/baseline_all_tumour_f1"
 
@@ -64,6 +67,16 @@ class Run:
 
 
 def _metric_block(result: dict, checkpoint: str) -> dict:
+    if checkpoint not in ("best", "last"):
+        if result.get("selection") == checkpoint:  # the run's own selection
+            return result.get("metrics") or {}
+        entry = (result.get("metrics_by_selection") or {}).get(checkpoint)
+        if not isinstance(entry, dict):
+            raise ReportError(
+                f"results.json has no metrics_by_selection[{checkpoint!r}] (checkpoint="
+                f"{checkpoint!r} asked; train with compare_selections=[{checkpoint}])"
+            )
+        return entry.get("metrics") or {}
     key = "metrics" if checkpoint == "best" else "metrics_last"
     block = result.get(key)
     if block is None and checkpoint == "last":
@@ -129,7 +142,7 @@ def _read_result(path: Path, root: Path, checkpoint: str) -> Run | None:
         status=status,
         metrics=metrics,
         error=error,
-        selection="last" if checkpoint == "last" else result.get("selection"),
+        selection=result.get("selection") if checkpoint == "best" else checkpoint,
         steps_selected=_int_or_none(steps.get("selected")),
         steps_last=_int_or_none(steps.get("last")),
         collapsed=collapsed,
