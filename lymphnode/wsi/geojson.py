@@ -66,6 +66,14 @@ TUMOR_CLASSES: tuple[str, ...] = ("Tumor",)  # QuPath's built-in tumour class
 EXCLUSION_CLASSES: tuple[str, ...] = ("Exclusion", "Stroma", "Necrosis", "Immune cells", "Other")
 IGNORED_CLASSES: tuple[str, ...] = ("Region*", "Ignore*")  # say nothing about tumour
 AREA_OBJECT_TYPES = frozenset({"annotation"})  # what prepare reads; detections/cells/tiles skipped
+# QuPath 0.2 names the object type in the Feature's id instead of properties.objectType.
+_V02_TYPES = {
+    "PathAnnotationObject": "annotation",
+    "PathDetectionObject": "detection",
+    "PathCellObject": "cell",
+    "PathTileObject": "tile",
+    "TMACoreObject": "tma_core",
+}
 TUMOR_COLOR = (200, 0, 0)  # QuPath's default colour of "Tumor"
 
 
@@ -171,7 +179,8 @@ class QupathFeature:
     Attributes:
         name: its ``properties.name``, or ``#<index>`` when it has none.
         class_name: ``properties.classification.name``, :data:`UNCLASSIFIED` when absent.
-        object_type: ``properties.objectType`` (``annotation`` when absent).
+        object_type: ``properties.objectType``; QuPath 0.2's id (``PathDetectionObject`` ...)
+            when absent; ``annotation`` when neither says.
         geometry: shapely geometry in level-0 px.
         measurements: its measurements (both of QuPath's layouts), name -> value.
     """
@@ -266,7 +275,9 @@ def read_features(path: str | Path) -> list[QupathFeature]:
             QupathFeature(
                 name=name,
                 class_name=class_name,
-                object_type=str(props.get("objectType") or "annotation"),
+                object_type=str(
+                    props.get("objectType") or _V02_TYPES.get(str(raw.get("id")), "annotation")
+                ),
                 geometry=geom,
                 measurements=_measurements(props.get("measurements")),
             )
