@@ -125,6 +125,24 @@ def test_separate_components_and_a_lesion_inside_a_hole_are_separate_lesions() -
     )
 
 
+def test_asap_export_warns_about_a_lesion_inside_a_hole(
+    synthetic: dict, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    n = int(SIDE / DS)
+    probs = np.zeros((n, n), np.float32)
+    probs[20:120, 20:120] = 0.9
+    probs[40:100, 40:100] = 0.0
+    probs[60:80, 60:80] = 0.9  # inside the hole
+    heat = tmp_path / "heat"
+    write_heatmap(heatmap_path(heat, "tumor_a"), Heatmap("tumor_a", probs, DS, (SIDE, SIDE), MPP))
+    with caplog.at_level("WARNING"):
+        [summary] = export(heat, synthetic["slides"], tmp_path / "out")
+    assert summary["lesions"] == {"0.5": 2}
+    assert "1 lesion(s) at p>=0.5 lie inside holes of other lesions" in caplog.text
+    features = read_features(tmp_path / "out" / "tumor_a.lesions.geojson")
+    assert sum(f.geometry.geom_type == "Polygon" for f in features) == 2
+
+
 def test_empty_heatmap_gives_an_empty_feature_collection_and_says_so(
     synthetic: dict, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

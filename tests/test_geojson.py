@@ -237,3 +237,18 @@ def test_prepare_refuses_a_slide_with_both_xml_and_geojson(slides: Path, tmp_pat
             cache_dir=tmp_path / "caches",
             progress=False,
         )
+
+
+def test_tumour_inside_a_hole_is_reported(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    ring = shapely.Polygon(
+        [(0, 0), (100, 0), (100, 100), (0, 100)], [[(20, 20), (80, 20), (80, 80), (20, 80)]]
+    )
+    island = shapely.box(40, 40, 60, 60)
+    path = write_geojson(
+        tmp_path / "s.geojson",
+        [polygon_feature(g, name=n, id_seed=n) for g, n in ((ring, "ring"), (island, "island"))],
+    )
+    with caplog.at_level("WARNING"):
+        ann = read_qupath(path)
+    assert "1 tumor region(s) lie inside holes of other tumor regions" in caplog.text
+    assert len(ann.tumor) == 2 and len(ann.exclusion) == 1

@@ -35,7 +35,13 @@ from lymphnode.evaluation.lesions import detect_lesions
 from lymphnode.inference.heatmap import HEATMAP_SUFFIX, Heatmap, read_heatmap
 from lymphnode.inference.lesions import Lesion, lesion_polygons, validate_thresholds
 from lymphnode.wsi.annotations import write_asap
-from lymphnode.wsi.geojson import TUMOR_COLOR, point_feature, polygon_feature, write_geojson
+from lymphnode.wsi.geojson import (
+    TUMOR_COLOR,
+    islands_in_holes,
+    point_feature,
+    polygon_feature,
+    write_geojson,
+)
 from lymphnode.wsi.slide import SLIDE_SUFFIXES, open_slide
 
 log = logging.getLogger(__name__)
@@ -223,6 +229,17 @@ def export_heatmap(
             tumor = [np.asarray(p.exterior.coords)[:-1] for p in polygons]
             holes = [np.asarray(r.coords)[:-1] for p in polygons for r in p.interiors]
             path = _xml_path(out_dir, heatmap.slide, t, several)
+            lost = islands_in_holes(polygons)
+            if lost:
+                log.warning(
+                    "%s: %d lesion(s) at p>=%g lie inside holes of other lesions; ASAP XML "
+                    "(tumor minus exclusion) cannot hold them, so %s leaves them out (the GeoJSON "
+                    "has them)",
+                    heatmap.slide,
+                    lost,
+                    t,
+                    path.name,
+                )
             write_asap(path, tumor, holes)
             files.append(str(path))
     log.info(

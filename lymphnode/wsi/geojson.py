@@ -53,6 +53,7 @@ __all__ = [
     "UNCLASSIFIED",
     "QupathClasses",
     "QupathFeature",
+    "islands_in_holes",
     "point_feature",
     "polygon_feature",
     "read_features",
@@ -426,7 +427,7 @@ def read_qupath(
     parts = sorted(_polygons(region), key=lambda p: -p.area)
     tumor = [np.asarray(p.exterior.coords)[:-1] for p in parts]
     holes = [np.asarray(r.coords)[:-1] for p in parts for r in p.interiors]
-    lost = _islands_in_holes(parts)
+    lost = islands_in_holes(parts)
     if lost:
         log.warning(
             "%s%s: %d tumor region(s) lie inside holes of other tumor regions; the tumor-minus-"
@@ -446,8 +447,9 @@ def read_qupath(
     return ann
 
 
-def _islands_in_holes(parts: Sequence[shapely.Polygon]) -> int:
-    """How many of ``parts`` lie inside a hole of another part."""
+def islands_in_holes(parts: Sequence[shapely.Polygon]) -> int:
+    """How many of ``parts`` lie inside a hole of another part: the polygons that a tumor-minus-
+    exclusion model (ASAP XML, :class:`~lymphnode.wsi.annotations.Annotations`) cannot hold."""
     holes = [shapely.Polygon(r) for p in parts for r in p.interiors]
     if not holes:
         return 0
