@@ -48,6 +48,7 @@ demo: install  ## the whole chain on synthetic slides under outputs/demo (reuses
 	$(PY) -m lymphnode.infer checkpoint=$(DEMO)/runs/pretrained/size200/fold0/seed0/checkpoints/best.ckpt \
 		slides=split:$(DEMO)/caches/split.json annotations=$(DEMO)/annotations out_dir=$(DEMO)/wsi
 	$(PY) -m lymphnode.evaluate heatmaps=$(DEMO)/wsi annotations=$(DEMO)/annotations out_dir=$(DEMO)/wsi
+	$(PY) -m lymphnode.export heatmaps=$(DEMO)/wsi slides=$(DEMO)/slides out_dir=$(DEMO)/wsi
 	@echo "results table: $(DEMO)/report/table.md  plot: $(DEMO)/report/f1_vs_labels.png  WSI: $(DEMO)/wsi/"
 
 demo-clean:  ## delete outputs/demo

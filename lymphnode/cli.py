@@ -56,6 +56,9 @@ COMMANDS: dict[str, Command] = {
     "evaluate": Command(
         "lymphnode.evaluate", "hydra", "heatmaps + annotations -> CAMELYON16 FROC, AUC, pixel F1"
     ),
+    "export": Command(
+        "lymphnode.export", "hydra", "heatmaps -> lesion outlines as QuPath GeoJSON / ASAP XML"
+    ),
     "cache": Command(
         "lymphnode.cache", "argparse", "patch caches: import a folder of patches, info / verify"
     ),

@@ -1,7 +1,8 @@
 """Building the patch caches from slides (what ``python -m lymphnode.prepare`` runs).
 
 - ``unlabeled``: images of every training slide, tumor and normal (reconstruction pretraining);
-- ``labeled``: images + tumor masks of the annotated training slides, class-balanced;
+- ``labeled``: images + tumor masks of the annotated training slides (``<slide>.xml`` ASAP or
+  ``<slide>.geojson`` QuPath, classes mapped by the ``qupath`` keys), class-balanced;
 - ``test``: images + tumor masks of the held-out slides, class-balanced (normal slides give
   non-tumor patches only).
 
@@ -45,7 +46,8 @@ from lymphnode.patches.split import (
     write_split,
 )
 from lymphnode.patches.writer import CacheWriter
-from lymphnode.wsi.annotations import read_asap
+from lymphnode.wsi.annotations import Annotations, read_asap
+from lymphnode.wsi.geojson import QupathClasses, read_qupath
 from lymphnode.wsi.slide import open_slide
 from lymphnode.wsi.tissue import tissue_mask
 
@@ -147,6 +149,7 @@ def settings_from_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
         "split_seed": int(split.get("seed", cfg.get("seed", 0))),
         "test_slides": list(test_slides) if test_slides is not None else None,
         "test_fraction": float(split.get("test_fraction", 0.2)),
+        "qupath": QupathClasses.from_config(cfg.get("qupath")),
     }
 
 
@@ -172,6 +175,9 @@ class SlideJob:
     shards: tuple[ShardJob, ...]
     patch: PatchSettings
     seed: int
+    qupath: QupathClasses = field(
+        default_factory=QupathClasses
+    )  # class mapping of <slide>.geojson annotations
 
 
 @dataclass
@@ -207,6 +213,15 @@ def _fit(mask: np.ndarray, size: int) -> np.ndarray:
     return out
 
 
+def read_annotations(source: SlideSource, qupath: QupathClasses) -> Annotations | None:
+    """The annotations of a slide: ASAP XML, or QuPath GeoJSON mapped with ``qupath``."""
+    if source.annotations is None:
+        return None
+    if source.annotations.suffix.lower() == ".geojson":
+        return read_qupath(source.annotations, qupath, slide=source.path)
+    return read_asap(source.annotations)
+
+
 def process_slide(job: SlideJob) -> SlideResult:
     """Sample, read and write one slide's shards; LymphnodeErrors come back in the result."""
     result = SlideResult(job.source.name)
@@ -215,9 +230,8 @@ def process_slide(job: SlideJob) -> SlideResult:
         with open_slide(source.path, mpp=patch.slide_mpp) as slide:
             level = _read_level(slide, patch, source)
             ds = float(slide.level_downsamples[level])
-            annotations = None
-            if source.annotations is not None:
-                annotations = read_asap(source.annotations)
+            annotations = read_annotations(source, job.qupath)
+            if annotations is not None:
                 annotations.validate_within(*slide.dimensions, path=source.path)
             tissue = tissue_mask(slide, downsample=patch.tissue_downsample)
             size = patch.patch_size
@@ -269,12 +283,16 @@ def _read_level(slide: Any, patch: PatchSettings, source: SlideSource) -> int:
 # the whole build
 
 
-def _cache_config(kind: str, slides: Sequence[str], settings: Mapping[str, Any]) -> dict[str, Any]:
-    """What decides a cache's bytes (stored in its manifest; a rerun must match it)."""
+def _cache_config(
+    kind: str, slides: Sequence[SlideSource], settings: Mapping[str, Any]
+) -> dict[str, Any]:
+    """What decides a cache's bytes (stored in its manifest; a rerun must match it). The QuPath
+    class mapping counts only for caches with masks of slides annotated in GeoJSON (so caches
+    built from ASAP XML keep the record they had before GeoJSON was read)."""
     patch: PatchSettings = settings["patch"]
-    return {
+    config = {
         "kind": kind,
-        "slides": list(slides),
+        "slides": [s.name for s in slides],
         "patch_size": patch.patch_size,
         "level": patch.level if patch.mpp is None else None,
         "mpp": patch.mpp,
@@ -284,6 +302,18 @@ def _cache_config(kind: str, slides: Sequence[str], settings: Mapping[str, Any])
         "tissue_downsample": patch.tissue_downsample,
         "seed": settings["seed"],
     }
+    if kind != "unlabeled" and any(_is_geojson(s) for s in slides):
+        q: QupathClasses = settings["qupath"]
+        config["qupath"] = {
+            "tumor_classes": list(q.tumor),
+            "exclusion_classes": list(q.exclusion),
+            "ignored_classes": list(q.ignored),
+        }
+    return config
+
+
+def _is_geojson(source: SlideSource) -> bool:
+    return source.annotations is not None and source.annotations.suffix.lower() == ".geojson"
 
 
 def build_caches(
@@ -332,6 +362,11 @@ def build_caches(
         len(test),
     )
 
+    # QuPath files are checked before anything is written: an unknown class stops the build here.
+    for source in sources:
+        if _is_geojson(source) and any(source in members[k] for k in settings["caches"]):
+            read_annotations(source, settings["qupath"])
+
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -339,7 +374,7 @@ def build_caches(
     writers = {
         kind: CacheWriter(
             cache_dir / kind,
-            _cache_config(kind, [s.name for s in members[kind]], settings),
+            _cache_config(kind, members[kind], settings),
             codec=settings["codec"],
             patch_size=settings["patch"].patch_size,
             has_masks=kind != "unlabeled",
@@ -367,7 +402,9 @@ def build_caches(
             if source in members[kind] and not writers[kind].is_complete(source.name)
         )
         if shards:
-            jobs.append(SlideJob(source, shards, settings["patch"], settings["seed"]))
+            jobs.append(
+                SlideJob(source, shards, settings["patch"], settings["seed"], settings["qupath"])
+            )
     skipped = len(sources) - len(jobs)
     if skipped:
         log.info("%d slides already complete in every cache: skipped", skipped)

@@ -24,6 +24,7 @@ from lymphnode.wsi.slide import SLIDE_SUFFIXES
 log = logging.getLogger(__name__)
 
 SPLIT_FILE = "split.json"
+ANNOTATION_SUFFIXES = (".xml", ".geojson")  # ASAP XML, QuPath GeoJSON
 
 __all__ = [
     "SPLIT_FILE",
@@ -37,7 +38,8 @@ __all__ = [
 
 @dataclass(frozen=True)
 class SlideSource:
-    """One input slide: its name (file stem), file and ASAP XML (None for a normal slide)."""
+    """One input slide: its name (file stem), file and annotations (ASAP XML or QuPath GeoJSON;
+    None for a normal slide)."""
 
     name: str
     path: Path
@@ -49,10 +51,12 @@ class SlideSource:
 
 
 def find_slides(slides_dir: str | Path, annotations_dir: str | Path | None) -> list[SlideSource]:
-    """The slides in ``slides_dir`` (sorted by name), each with ``<annotations_dir>/<name>.xml``.
+    """The slides in ``slides_dir`` (sorted by name), each with ``<annotations_dir>/<name>.xml``
+    (ASAP) or ``<annotations_dir>/<name>.geojson`` (QuPath).
 
     Raises:
-        ConfigError: the folder is missing or holds no slide, or two slides share a name.
+        ConfigError: the folder is missing or holds no slide, two slides share a name, or a slide
+            has both an XML and a GeoJSON file.
     """
     slides_dir = Path(slides_dir)
     if not slides_dir.is_dir():
@@ -74,7 +78,15 @@ def find_slides(slides_dir: str | Path, annotations_dir: str | Path | None) -> l
     xml_dir = Path(annotations_dir) if annotations_dir is not None else None
     xmls: dict[str, Path] = {}
     if xml_dir is not None and xml_dir.is_dir():
-        xmls = {p.stem: p for p in xml_dir.iterdir() if p.suffix.lower() == ".xml"}
+        for p in sorted(xml_dir.iterdir()):
+            if p.suffix.lower() not in ANNOTATION_SUFFIXES or p.name.startswith("."):
+                continue
+            if p.stem in xmls:
+                raise ConfigError(
+                    f"paths.annotations_dir {xml_dir}: slide {p.stem!r} has two annotation files, "
+                    f"{xmls[p.stem].name} and {p.name}; keep one"
+                )
+            xmls[p.stem] = p
     elif xml_dir is not None:
         log.warning("paths.annotations_dir %s does not exist: every slide is normal", xml_dir)
     orphans = sorted(set(xmls) - set(names))

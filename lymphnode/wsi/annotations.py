@@ -9,6 +9,8 @@ tumor outline that are not tumor in ``_2`` (``Exclusion`` in some derived files)
   declarations and external references are refused).
 - :meth:`Annotations.mask` rasterizes tumor minus exclusion for any level-0 region at any downsample.
 - :func:`write_asap` writes polygons back as ASAP XML (used by the synthetic slides).
+- QuPath GeoJSON is read into the same :class:`Annotations` by
+  :func:`lymphnode.wsi.geojson.read_qupath` (``prepare`` takes ``<slide>.geojson`` beside XML).
 - ``python -m lymphnode.annotations to-mask SLIDE XML OUT.tif [--level N]`` writes a pyramidal 0/255
   mask TIFF that OpenSlide opens, the conversion CAMELYON users otherwise do with ASAP.
 
