@@ -51,6 +51,9 @@ demo: install  ## the whole chain on synthetic slides under outputs/demo (reuses
 	$(PY) -m lymphnode.export heatmaps=$(DEMO)/wsi slides=$(DEMO)/slides out_dir=$(DEMO)/wsi
 	@echo "results table: $(DEMO)/report/table.md  plot: $(DEMO)/report/f1_vs_labels.png  WSI: $(DEMO)/wsi/"
 
+real-dev: install  ## the real development set (../shared/data/real_dev): both protocols, both inits, report
+	$(PY) experiments/real_dev/run.py
+
 demo-clean:  ## delete outputs/demo
 	rm -rf $(DEMO)
 

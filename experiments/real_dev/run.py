@@ -1,0 +1,175 @@
+"""The real development loop: real CAMELYON16 patches through lymphnode's own CLIs.
+
+    python experiments/real_dev/run.py                  # both protocols (what `make real-dev` runs)
+    python experiments/real_dev/run.py --protocols slide --sizes 20 --folds 5
+    python experiments/real_dev/run.py --data ../shared/data/real_dev --out outputs/real_dev
+
+For each protocol (``patch``: the paper's, a class-stratified third of the 57 patches held out with
+seed 0; ``slide``: train on tumor_001 + tumor_004, test on tumor_064), it
+
+1. writes the file lists of the pool, the test set and the unlabeled set (the CAMELYON17 crops + the
+   pool images without their masks) under ``<out>/<protocol>/lists/``;
+2. imports them with ``python -m lymphnode.cache import --list ...`` into
+   ``<out>/<protocol>/caches/{labeled,test,unlabeled}``;
+3. pretrains (``python -m lymphnode.train experiment=pretrain profile=real_dev``);
+4. runs the table sweep, pretrained and scratch × sizes × folds (``--multirun experiment=table``);
+5. writes the reports (``python -m lymphnode.report``) into ``<out>/<protocol>/report/`` (the
+   selected checkpoint), ``report_val_loss/`` and ``report_last/`` (the other selections).
+
+Every step is a lymphnode CLI; this script only lays out the files and prints what it runs. Finished
+runs are skipped on a rerun (each CLI resumes), so a killed run continues where it stopped. When the
+data folder is absent (a clone without ``../shared``) it says so and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+PROTOCOLS = ("patch", "slide")
+SLIDE_PROTOCOL = {"pool": ("tumor_001", "tumor_004"), "test": ("tumor_064",)}
+TEST_FRACTION = 1 / 3  # patch protocol: the held-out share of each class
+SPLIT_SEED = 0
+
+
+def slide_of(name: str) -> str:
+    """``tumor_001_69916_134313.png`` -> ``tumor_001`` (the name convention <slide>_<x>_<y>)."""
+    return name.rsplit("_", 2)[0]
+
+
+def has_tumour(mask: Path) -> bool:
+    """Whether a 0/255 mask PNG has any tumour pixel."""
+    return bool((np.asarray(Image.open(mask)) > 0).any())
+
+
+def split(data: Path, protocol: str) -> tuple[list[str], list[str]]:
+    """(pool, test) image names of ``data/images`` for ``protocol``, each sorted.
+
+    ``patch``: per class (a patch is tumour when its mask has a tumour pixel), a permutation seeded
+    by (SPLIT_SEED, class) and its first round(n_class / 3) names are the test set. ``slide``: by
+    slide name (SLIDE_PROTOCOL).
+    """
+    names = sorted(p.name for p in (data / "images").glob("*.png"))
+    if not names:
+        raise SystemExit(f"error: no PNG patches in {data / 'images'}")
+    if protocol == "slide":
+        pool = [n for n in names if slide_of(n) in SLIDE_PROTOCOL["pool"]]
+        test = [n for n in names if slide_of(n) in SLIDE_PROTOCOL["test"]]
+        return pool, test
+    labels = np.array([has_tumour(data / "masks" / n) for n in names])
+    test_idx: list[int] = []
+    for c in (False, True):
+        idx = np.flatnonzero(labels == c)
+        perm = np.random.default_rng([SPLIT_SEED, int(c)]).permutation(idx)
+        test_idx += perm[: round(len(idx) * TEST_FRACTION)].tolist()
+    chosen = set(test_idx)
+    return [n for i, n in enumerate(names) if i not in chosen], sorted(names[i] for i in chosen)
+
+
+def write_list(path: Path, files: Sequence[Path]) -> Path:
+    """One absolute path per line (the ``--list`` input of ``cache import``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(f"{f.resolve()}\n" for f in files))
+    return path
+
+
+def run(cmd: Sequence[str]) -> None:
+    """Run one lymphnode CLI, echoing it; stop with its exit status when it fails."""
+    print("+", shlex.join(cmd), flush=True)
+    start = time.perf_counter()
+    done = subprocess.run(cmd, cwd=REPO)
+    print(f"  ({time.perf_counter() - start:.0f} s)", flush=True)
+    if done.returncode:
+        raise SystemExit(done.returncode)
+
+
+def protocol_runs(args: argparse.Namespace, protocol: str) -> None:
+    """Lists, caches, pretraining, the sweep and the report of one protocol."""
+    data, root = args.data, args.out / protocol
+    pool, test = split(data, protocol)
+    print(f"== {protocol} protocol: pool {len(pool)} patches, test {len(test)} ==", flush=True)
+    lists = root / "lists"
+    images, masks = data / "images", data / "masks"
+    py = [sys.executable, "-m"]
+    caches = root / "caches"
+    imp = [*py, "lymphnode.cache", "import"]
+    masks_opt = ["--masks", str(masks)]
+    if protocol == "slide":  # by slide name: filters on the images folder
+        pool_in = [str(images), *[f"--include={s}_*" for s in SLIDE_PROTOCOL["pool"]]]
+        test_in = [str(images), *[f"--include={s}_*" for s in SLIDE_PROTOCOL["test"]]]
+    else:  # a seeded, class-stratified split: file lists
+        pool_in = ["--list", str(write_list(lists / "pool.txt", [images / n for n in pool]))]
+        test_in = ["--list", str(write_list(lists / "test.txt", [images / n for n in test]))]
+    run([*imp, *pool_in, *masks_opt, str(caches / "labeled")])
+    run([*imp, *test_in, *masks_opt, str(caches / "test")])
+    # unlabeled: the CAMELYON17 crops (their names hold tile offsets, not level-0 px) + the pool
+    # images without their masks
+    # images without their masks (a list: include filters would drop the crops)
+    pool_list = write_list(lists / "unlabeled_pool.txt", [images / n for n in pool])
+    unlabeled_in = [str(data / "unlabeled"), "--list", str(pool_list), "--no-coordinates"]
+    run([*imp, *unlabeled_in, str(caches / "unlabeled")])
+    common = [
+        f"hydra.searchpath=[file://{HERE / 'conf'}]",
+        "profile=real_dev",
+        f"paths.root={root}",
+        *args.override,
+    ]
+    run([*py, "lymphnode.train", "experiment=pretrain", *common])
+    sizes = ",".join(str(s) for s in args.sizes)
+    folds = ",".join(str(k) for k in range(args.folds))
+    run(
+        [
+            *py, "lymphnode.train", "--multirun", "experiment=table", *common,
+            f"data.labeled_size={sizes}", f"data.fold={folds}",
+        ]
+    )  # fmt: skip
+    # the selected checkpoint (selection=val_f1), and what val_loss and the final step would give
+    for checkpoint, out in (
+        ("best", "report"),
+        ("val_loss", "report_val_loss"),
+        ("last", "report_last"),
+    ):
+        report = [*py, "lymphnode.report", str(root / "runs"), "--out", str(root / out)]
+        run([*report, "--checkpoint", checkpoint])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, default=REPO.parent / "shared/data/real_dev")
+    parser.add_argument("--out", type=Path, default=REPO / "outputs/real_dev")
+    parser.add_argument("--protocols", nargs="+", choices=PROTOCOLS, default=list(PROTOCOLS))
+    parser.add_argument("--sizes", nargs="+", type=int, default=[10, 20, 30])
+    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument(
+        "override", nargs="*", help="extra Hydra overrides for every train run (key=value)"
+    )
+    args = parser.parse_args(argv)
+    if not (args.data / "images").is_dir():
+        print(
+            f"real-dev: skipped, the real development set is not at {args.data} (it comes with "
+            "../shared beside the project; pass --data DIR to point elsewhere)"
+        )
+        return 0
+    os.environ.setdefault("WANDB_MODE", "offline")
+    start = time.perf_counter()
+    for protocol in args.protocols:
+        protocol_runs(args, protocol)
+    print(
+        f"real-dev: done in {(time.perf_counter() - start) / 60:.1f} min; reports under {args.out}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
