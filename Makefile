@@ -9,7 +9,7 @@ DEMO := outputs/demo
 export WANDB_MODE ?= offline
 export NO_ALBUMENTATIONS_UPDATE := 1
 
-.PHONY: help install test test-fast test-wheel lint demo demo-clean bench
+.PHONY: help install test test-fast test-wheel lint demo demo-clean bench real-dev
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
