@@ -819,6 +819,17 @@ def test_cli_import_several_inputs_with_include_and_masks(
     assert PatchCache(tmp_path / "o").index["y"].tolist() == [20, 2, 40]
 
 
+def test_cli_import_options_between_the_inputs_and_the_output(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    names = ["tumor_001_10_20.png", "tumor_004_30_40.png", "tumor_064_50_60.png"]
+    write_pngs(tmp_path / "images", names, masks=tmp_path / "masks")
+    argv = ["import", str(tmp_path / "images"), "--include", "tumor_00[14]_*",
+            "--masks", str(tmp_path / "masks"), str(tmp_path / "o")]  # fmt: skip
+    assert main(argv) == 0
+    assert "patches per slide: tumor_001 1, tumor_004 1" in capsys.readouterr().out
+
+
 REAL_DEV = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "real_dev"
 
 
