@@ -19,19 +19,16 @@ from __future__ import annotations
 import glob
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import hydra
-import numpy as np
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from lymphnode.core.boundary import config_dir, hydra_boundary
 from lymphnode.core.errors import ConfigError, LymphnodeError
 from lymphnode.inference.heatmap import heatmap_path, write_heatmap
-from lymphnode.inference.overlay import render_overlay
+from lymphnode.inference.overlay import render_overlay, write_overlay
 from lymphnode.inference.predict import predict_slide, scratch_dir
 from lymphnode.inference.settings import InferenceSettings
 from lymphnode.wsi.slide import SLIDE_SUFFIXES
@@ -101,20 +98,6 @@ def _split_test_slides(path: Path) -> list[Path]:
     return paths
 
 
-def _write_png(path: Path, rgb: np.ndarray) -> None:
-    import cv2
-
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    try:
-        if not cv2.imwrite(tmp, rgb[..., ::-1]):
-            raise OSError(f"could not write {path}")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def run_inference(
     checkpoint: str | Path,
     slides: Sequence[Path],
@@ -168,7 +151,7 @@ def run_inference(
                     max_side=overlay_max_side,
                 )  # fmt: skip
             write_heatmap(heat_file, heatmap)
-            _write_png(png_file, overlay)
+            write_overlay(png_file, overlay)
             status[name] = "done"
             log.info(
                 "%s: heatmap %s, max p %.3f", name, heat_file, float(heatmap.probabilities.max())

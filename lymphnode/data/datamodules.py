@@ -33,6 +33,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
+from lymphnode.core import validate
 from lymphnode.core.errors import CacheError, ConfigError
 from lymphnode.data.datasets import CacheDataset
 from lymphnode.data.transforms import build_eval_transform, build_train_transform
@@ -62,12 +63,6 @@ _STAIN_DEFAULTS: dict[str, Any] = {
 
 
 # ----------------------------------------------------------------------------- split functions
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ConfigError(f"{name}={value!r} is invalid: expected an integer >= {minimum}")
-    return int(value)
-
-
 def _allocate(size: int, counts: Sequence[int]) -> list[int]:
     """Split ``size`` among classes proportionally to ``counts`` (largest remainder, ties to the
     lower class). With two classes this is ``round_half_up(size * p)`` for class 0, monotone in
@@ -241,8 +236,8 @@ def _stain_options(stain_norm: Mapping[str, Any] | None) -> dict[str, Any] | Non
             f"stain_norm has unknown key(s) {unknown}: allowed keys are {list(_STAIN_KEYS)}"
         )
     options = {**_STAIN_DEFAULTS, **_plain(stain_norm)}
-    _check_int("stain_norm.n_patches", options["n_patches"], 1)
-    _check_int("stain_norm.seed", options["seed"], 0)
+    validate.integer("stain_norm.n_patches", options["n_patches"], 1)
+    validate.integer("stain_norm.seed", options["seed"], 0)
     build_stain_normalizer(options["method"], **(options["options"] or {}))  # validates early
     return options
 
@@ -267,9 +262,9 @@ class _CacheDataModule(pl.LightningDataModule):
     ) -> None:
         super().__init__()
         self.train_cache = Path(train_cache)
-        self.seed = _check_int("seed", seed, 0)
-        self.batch_size = _check_int("batch_size", batch_size, 1)
-        self.num_workers = _check_int("num_workers", num_workers, 0)
+        self.seed = validate.integer("seed", seed, 0)
+        self.batch_size = validate.integer("batch_size", batch_size, 1)
+        self.num_workers = validate.integer("num_workers", num_workers, 0)
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
         self.persistent_workers = bool(persistent_workers)
         self.drop_last = bool(drop_last)
@@ -560,20 +555,11 @@ class FinetuneDataModule(_CacheDataModule):
         )
         self.labeled_dir = Path(labeled_dir)
         self.test_dir = Path(test_dir)
-        self.folds = _check_int("folds", folds, 2)
-        self.labeled_size = _check_int("labeled_size", labeled_size, 1)
-        if (
-            isinstance(fold, bool)
-            or not isinstance(fold, (int, np.integer))
-            or not (0 <= fold < self.folds)
-        ):
-            raise ConfigError(
-                f"fold={fold!r} is out of range: expected an integer in [0, {self.folds}) "
-                f"for folds={self.folds}"
-            )
-        self.fold = int(fold)
+        self.folds = validate.integer("folds", folds, 2)
+        self.labeled_size = validate.integer("labeled_size", labeled_size, 1)
+        self.fold = validate.integer("fold", fold, 0, self.folds - 1, where=f"folds={self.folds}: ")
         self.subset_seed = (
-            self.seed if subset_seed is None else _check_int("subset_seed", subset_seed, 0)
+            self.seed if subset_seed is None else validate.integer("subset_seed", subset_seed, 0)
         )
         if fold_by not in FOLD_BY:
             raise ConfigError(f"fold_by={fold_by!r} is invalid: expected one of {list(FOLD_BY)}")
