@@ -177,8 +177,14 @@ def test_config_round_trips_through_build_unet():
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"norm": "layer"}, r"^UNet: norm must be one of \['batch', 'group', 'instance'\], got 'layer'$"),
-        ({"up": "nearest"}, r"^UNet: up must be one of \['transpose', 'bilinear'\], got 'nearest'$"),
+        (
+            {"norm": "layer"},
+            r"^UNet: norm must be one of \['batch', 'group', 'instance'\], got 'layer'$",
+        ),
+        (
+            {"up": "nearest"},
+            r"^UNet: up must be one of \['transpose', 'bilinear'\], got 'nearest'$",
+        ),
         ({"depth": 0}, r"^UNet: depth must be an integer >= 1, got 0$"),
         ({"base_width": 0}, r"^UNet: base_width must be an integer >= 1, got 0$"),
         ({"in_channels": 2.5}, r"^UNet: in_channels must be an integer >= 1, got 2.5$"),
