@@ -319,7 +319,7 @@ class _CacheDataModule(pl.LightningDataModule):
     def preprocess(self) -> Preprocess:
         """The preprocessing contract of this data (fits the stain normaliser on first use).
 
-        The hook of the task modules: :meth:`lymphnode.tasks.UNetTask.setup` takes it from
+        The hook of the task modules: :meth:`lymphnode.tasks.base.TaskModule.setup` takes it from
         ``trainer.datamodule`` and saves it in every checkpoint, and ``infer`` applies it.
         """
         if self._preprocess is None:

@@ -1,7 +1,17 @@
-"""The LightningModules: a shared base, the pretext tasks (reconstruction now), multi-task
-fine-tuning, and training callbacks. Tasks are built by ``_target_`` from conf/task/ and
-conf/pretext/; checkpoint reading lives in :mod:`lymphnode.models.checkpoint` (re-exported here, as
-before the layout change)."""
+"""The LightningModules and what trains them, one module per job (tasks are built by ``_target_``
+from conf/task/ and conf/pretext/):
+
+- ``base``: :class:`TaskModule`, what every task shares (network by ``_target_``, preprocessing
+  contract, optimizer / schedule partials, image logging);
+- ``reconstruction``: the reconstruction pretext task (pretraining);
+- ``multitask``: segmentation + reconstruction fine-tuning (or training from scratch);
+- ``callbacks``: per-depth weight / gradient norms, the non-finite loss guard, the all-tumour
+  baseline;
+- ``checkpointing``: checkpoint selection (``best.ckpt`` by ``selection``, ``last.ckpt`` = last step);
+- ``budget``: a run's step / epoch / time budget and why it stopped (for results.json).
+
+Checkpoint reading lives in :mod:`lymphnode.models.checkpoint`; its names are re-exported here.
+"""
 
 from __future__ import annotations
 
