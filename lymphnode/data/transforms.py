@@ -38,6 +38,7 @@ import torch
 from skimage.color import hed_from_rgb, rgb_from_hed
 
 import lymphnode  # noqa: F401  (sets NO_ALBUMENTATIONS_UPDATE before albumentations is used)
+from lymphnode.core import validate
 from lymphnode.core.errors import ConfigError
 from lymphnode.models.preprocess import Preprocess
 from lymphnode.models.stain import OD_LUT
@@ -217,11 +218,7 @@ class PreprocessStep(A.ImageOnlyTransform):
 def _check_crop(crop: Any) -> int | None:
     if crop is None:
         return None
-    if isinstance(crop, bool) or not isinstance(crop, int) or crop < 1:
-        raise ConfigError(
-            f"transforms.crop={crop!r} is invalid: expected null or an integer >= 1 (px)"
-        )
-    return crop
+    return validate.integer("transforms.crop", crop, 1, unit="px (or null)")
 
 
 def build_train_transform(
