@@ -180,7 +180,7 @@ def test_normalize_is_the_documented_affine_on_any_layout() -> None:
         ),
         (
             {"level": 0, "patch_size": 8, "mpp": -1.0},
-            r"preprocess: mpp must be a finite number > 0 um/px \(or null\), got -1.0",
+            r"preprocess: mpp must be a finite number > 0 µm/px \(or null\), got -1.0",
         ),
         ({"level": 0, "patch_size": 8, "mean": (0.5, 0.5)}, r"normalize.mean=.* 3 finite numbers"),
         ({"level": 0, "patch_size": 8, "stain": {"method": "x"}}, r"stain normaliser state"),

@@ -569,7 +569,8 @@ def test_reconstruction_rejects_bad_arguments(kwargs, match):
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"seg_loss": {"focal": 1}}, r"seg_loss=\{'focal': 1\} is invalid"),
+        ({"seg_loss": {"focal": 1}}, r"seg_loss has unknown key\(s\) \['focal'\]; allowed keys"),
+        ({"seg_loss": [1]}, r"seg_loss must be a mapping with keys among .*, got \[1\]"),
         (
             {"seg_loss": {"pos_weight": -1}},
             r"seg_loss.pos_weight must be a finite number >= 0, got -1",

@@ -197,7 +197,10 @@ def test_invalid_constructor_arguments_are_rejected_by_name(kwargs, match):
 
 
 def test_build_unet_rejects_unknown_keys():
-    with pytest.raises(ConfigError, match=r"unknown keys \['width'\]"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^model config has unknown key\(s\) \['width'\]; allowed keys: \['in_channels'",
+    ):
         build_unet({"width": 4})
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from lymphnode.core.errors import CacheError, ConfigError
-from lymphnode.core.validate import choice, integer, number
+from lymphnode.core.validate import choice, integer, keys, number
 
 
 def test_integer_accepts_integers_in_range_as_int() -> None:
@@ -55,3 +55,16 @@ def test_choice_lists_the_allowed_values() -> None:
         choice("codec", "png", ("raw", "jpeg"))
     with pytest.raises(ConfigError, match=r"got True"):
         choice("level", True, (0, 1))
+
+
+def test_keys_returns_a_dict_and_names_unknown_and_allowed_keys() -> None:
+    assert keys("sampling", {"n": 1}, ("n", "seed")) == {"n": 1}
+    with pytest.raises(
+        ConfigError,
+        match=r"^sampling has unknown key\(s\) \['typo'\]; allowed keys: \['n', 'seed'\]$",
+    ):
+        keys("sampling", {"n": 1, "typo": 2}, ("n", "seed"))
+    with pytest.raises(
+        CacheError, match=r"^x: s must be a mapping with keys among \['n'\], got 3$"
+    ):
+        keys("s", 3, ("n",), where="x: ", error=CacheError)

@@ -1,4 +1,5 @@
-"""Validators for configuration values: one message shape everywhere.
+"""Validators for configuration values (integers, numbers, choices, the keys of a section): one
+message shape everywhere.
 
 Each returns the value as a plain Python type or raises
 :class:`~lymphnode.core.errors.ConfigError` (or the ``error`` class given) whose message names the
@@ -10,12 +11,12 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from typing import Any, TypeVar
 
 from lymphnode.core.errors import ConfigError, LymphnodeError
 
-__all__ = ["choice", "integer", "number"]
+__all__ = ["choice", "integer", "keys", "number"]
 
 T = TypeVar("T")
 
@@ -94,3 +95,23 @@ def choice(
     if flag or value not in choices:
         raise error(f"{where}{name} must be one of {list(choices)}, got {value!r}")
     return value
+
+
+def keys(
+    name: str,
+    value: Any,
+    allowed: Collection[str],
+    *,
+    where: str = "",
+    error: type[LymphnodeError] = ConfigError,
+) -> dict[str, Any]:
+    """``value`` as a dict when it is a mapping whose keys are all among ``allowed`` (a config
+    section such as ``transforms`` or ``sampling``; which keys are required is the caller's)."""
+    if not isinstance(value, Mapping):
+        raise error(
+            f"{where}{name} must be a mapping with keys among {list(allowed)}, got {value!r}"
+        )
+    unknown = sorted(set(map(str, value)) - set(allowed))
+    if unknown:
+        raise error(f"{where}{name} has unknown key(s) {unknown}; allowed keys: {list(allowed)}")
+    return dict(value)

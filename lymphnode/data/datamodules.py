@@ -200,16 +200,7 @@ def _class_labels(cache: PatchCache) -> np.ndarray:
 def _transform_options(transforms: Mapping[str, Any] | None) -> dict[str, Any]:
     if transforms is None:
         return {}
-    if not isinstance(transforms, Mapping):
-        raise ConfigError(
-            f"transforms={transforms!r} is invalid: expected a mapping with keys "
-            f"{list(_TRANSFORM_KEYS)}"
-        )
-    unknown = sorted(set(transforms) - set(_TRANSFORM_KEYS))
-    if unknown:
-        raise ConfigError(
-            f"transforms has unknown key(s) {unknown}: allowed keys are {list(_TRANSFORM_KEYS)}"
-        )
+    transforms = validate.keys("transforms", transforms, _TRANSFORM_KEYS)
     return {k: _plain(v) for k, v in transforms.items()}
 
 
@@ -230,11 +221,7 @@ def _stain_options(stain_norm: Mapping[str, Any] | None) -> dict[str, Any] | Non
             f"stain_norm={stain_norm!r} is invalid: expected null or a mapping with 'method' "
             f"(macenko | reinhard) and optional {list(_STAIN_KEYS[1:])}"
         )
-    unknown = sorted(set(stain_norm) - set(_STAIN_KEYS))
-    if unknown:
-        raise ConfigError(
-            f"stain_norm has unknown key(s) {unknown}: allowed keys are {list(_STAIN_KEYS)}"
-        )
+    validate.keys("stain_norm", stain_norm, _STAIN_KEYS)
     options = {**_STAIN_DEFAULTS, **_plain(stain_norm)}
     validate.integer("stain_norm.n_patches", options["n_patches"], 1)
     validate.integer("stain_norm.seed", options["seed"], 0)

@@ -144,11 +144,7 @@ def _merge_options(
             f"{name}={options!r} is invalid: expected null, true or a mapping with keys "
             f"{sorted(defaults)}"
         )
-    unknown = sorted(set(options) - set(defaults))
-    if unknown:
-        raise ConfigError(
-            f"{name} has unknown key(s) {unknown}: allowed keys are {sorted(defaults)}"
-        )
+    validate.keys(name, options, sorted(defaults))
     merged = dict(defaults)
     for key, value in options.items():
         if (

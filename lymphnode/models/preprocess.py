@@ -127,7 +127,7 @@ class Preprocess:
                 self.mpp,
                 0.0,
                 strict_minimum=True,
-                unit="um/px (or null)",
+                unit="µm/px (or null)",
                 where="preprocess: ",
             )
             object.__setattr__(self, "mpp", mpp)

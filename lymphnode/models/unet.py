@@ -225,12 +225,7 @@ def build_unet(config: Mapping[str, Any]) -> UNet:
     """A UNet from a dict of constructor arguments (a checkpoint's ``model`` hyperparameter);
     unknown keys raise ConfigError naming them and the accepted keys."""
     accepted = ("in_channels", "base_width", "depth", "norm", "up", "top_skip")
-    unknown = sorted(set(config) - set(accepted))
-    if unknown:
-        raise ConfigError(
-            f"model config has unknown keys {unknown}; accepted keys: {list(accepted)}"
-        )
-    return UNet(**dict(config))
+    return UNet(**validate.keys("model config", config, accepted))
 
 
 __all__ = ["NORMS", "UP_MODES", "UNet", "UNetOutput", "build_unet"]

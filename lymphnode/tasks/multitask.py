@@ -120,12 +120,9 @@ class MultiTaskModule(TaskModule):
         n_log_images: int = 8,
     ) -> None:
         super().__init__()
-        seg_loss = plain(seg_loss) if seg_loss is not None else {}
-        if not isinstance(seg_loss, Mapping) or set(seg_loss) - set(SEG_LOSS_KEYS):
-            raise ConfigError(
-                f"seg_loss={seg_loss!r} is invalid; expected a dict with keys among "
-                f"{list(SEG_LOSS_KEYS)}"
-            )
+        seg_loss = validate.keys(
+            "seg_loss", plain(seg_loss) if seg_loss is not None else {}, SEG_LOSS_KEYS
+        )
         pos_weight = seg_loss.get("pos_weight")  # None: unweighted
         if pos_weight is not None:
             pos_weight = validate.number("seg_loss.pos_weight", pos_weight, 0.0)
