@@ -25,7 +25,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from lymphnode.core.boundary import config_dir, hydra_boundary
+from lymphnode.core.boundary import EXIT_USER_ERROR, config_dir, hydra_boundary
 from lymphnode.core.errors import ConfigError, LymphnodeError
 from lymphnode.inference.heatmap import heatmap_path, write_heatmap
 from lymphnode.inference.overlay import render_overlay, write_overlay
@@ -199,7 +199,7 @@ def main(cfg: DictConfig) -> None:
     if failed:
         for name, why in failed.items():
             log.error("%s: %s", name, why)
-        raise SystemExit(1)
+        raise SystemExit(EXIT_USER_ERROR)
 
 
 if __name__ == "__main__":
