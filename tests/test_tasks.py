@@ -573,14 +573,14 @@ def test_reconstruction_rejects_bad_arguments(kwargs, match):
         ({"seg_loss": [1]}, r"seg_loss must be a mapping with keys among .*, got \[1\]"),
         (
             {"seg_loss": {"pos_weight": -1}},
-            r"seg_loss.pos_weight must be a finite number >= 0, got -1",
+            r"seg_loss.pos_weight must be a number >= 0, got -1",
         ),
         (
             {"seg_loss": {"dice_weight": None}},
-            r"seg_loss.dice_weight must be a finite number >= 0, got None",
+            r"seg_loss.dice_weight must be a number >= 0, got None",
         ),
-        ({"recon_weight": -0.5}, r"recon_weight must be a finite number >= 0, got -0.5"),
-        ({"recon_weight": float("nan")}, r"recon_weight must be a finite number >= 0, got nan"),
+        ({"recon_weight": -0.5}, r"recon_weight must be a number >= 0, got -0.5"),
+        ({"recon_weight": float("-inf")}, r"recon_weight must be a number >= 0, got -inf"),
         ({"n_log_images": 0}, r"n_log_images must be an integer >= 1, got 0"),
         ({"log_images_every_n_epochs": -1}, r"log_images_every_n_epochs must be an integer >= 0"),
         ({"recon_loss": "ssim"}, r"recon_loss='ssim' is not supported"),

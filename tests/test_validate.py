@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -46,6 +48,17 @@ def test_number_checks_finiteness_bounds_and_strict_minimum() -> None:
         number("f", 1.5, 0, 1, strict_minimum=True)
     with pytest.raises(ConfigError, match=r"got False"):
         number("f", False)
+
+
+def test_number_with_finite_false_lets_nan_and_in_bound_infinity_through() -> None:
+    assert math.isnan(number("w", float("nan"), 0, finite=False))
+    assert number("w", float("inf"), 0, finite=False) == math.inf
+    with pytest.raises(ConfigError, match=r"^w must be a number >= 0, got -inf$"):
+        number("w", float("-inf"), 0, finite=False)
+    with pytest.raises(ConfigError, match=r"^w must be a number <= 1, got inf$"):
+        number("w", float("inf"), maximum=1, finite=False)
+    with pytest.raises(ConfigError, match=r"^w must be a finite number >= 0, got inf$"):
+        number("w", float("inf"), 0)
 
 
 def test_choice_lists_the_allowed_values() -> None:

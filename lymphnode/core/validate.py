@@ -64,21 +64,26 @@ def number(
     maximum: float | None = None,
     *,
     strict_minimum: bool = False,
+    finite: bool = True,
     unit: str = "",
     where: str = "",
     error: type[LymphnodeError] = ConfigError,
 ) -> float:
     """``value`` as a float when it is a finite real number (not a bool) within the bounds;
-    ``strict_minimum`` excludes ``minimum`` itself (``> 0`` for "positive")."""
+    ``strict_minimum`` excludes ``minimum`` itself (``> 0`` for "positive"). With
+    ``finite=False``, NaN passes and infinities are held to the bounds like any number."""
     ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
-    ok = ok and math.isfinite(value)
-    if ok and minimum is not None:
+    if ok and finite:
+        ok = math.isfinite(value)
+    checked = ok and not math.isnan(value)
+    if checked and minimum is not None:
         ok = value > minimum if strict_minimum else value >= minimum
-    if ok and maximum is not None:
+    if checked and ok and maximum is not None:
         ok = value <= maximum
     if not ok:
         bounds = _bounds(minimum, maximum, strict_minimum, unit)
-        raise error(f"{where}{name} must be a finite number{bounds}, got {value!r}")
+        kind = "a finite number" if finite else "a number"
+        raise error(f"{where}{name} must be {kind}{bounds}, got {value!r}")
     return float(value)
 
 

@@ -123,11 +123,14 @@ class MultiTaskModule(TaskModule):
         seg_loss = validate.keys(
             "seg_loss", plain(seg_loss) if seg_loss is not None else {}, SEG_LOSS_KEYS
         )
+        # Non-finite weights pass (as ever): NonFiniteLossGuard stops such a run at its first step.
         pos_weight = seg_loss.get("pos_weight")  # None: unweighted
         if pos_weight is not None:
-            pos_weight = validate.number("seg_loss.pos_weight", pos_weight, 0.0)
-        dice_weight = validate.number("seg_loss.dice_weight", seg_loss.get("dice_weight", 0.0), 0.0)
-        recon_weight = validate.number("recon_weight", recon_weight, 0.0)
+            pos_weight = validate.number("seg_loss.pos_weight", pos_weight, 0.0, finite=False)
+        dice_weight = validate.number(
+            "seg_loss.dice_weight", seg_loss.get("dice_weight", 0.0), 0.0, finite=False
+        )
+        recon_weight = validate.number("recon_weight", recon_weight, 0.0, finite=False)
         if recon_loss not in RECON_LOSSES:
             raise ConfigError(
                 f"recon_loss={recon_loss!r} is not supported; expected one of {list(RECON_LOSSES)}"
