@@ -10,18 +10,11 @@ from conf/task/ and conf/pretext/):
 - ``checkpointing``: checkpoint selection (``best.ckpt`` by ``selection``, ``last.ckpt`` = last step);
 - ``budget``: a run's step / epoch / time budget and why it stopped (for results.json).
 
-Checkpoint reading lives in :mod:`lymphnode.models.checkpoint`; its names are re-exported here.
+Checkpoint reading lives in :mod:`lymphnode.models.checkpoint`.
 """
 
 from __future__ import annotations
 
-from lymphnode.models.checkpoint import (
-    InferenceModel,
-    LoadReport,
-    is_lymphnode_checkpoint,
-    load_inference_model,
-    load_pretrained_weights,
-)
 from lymphnode.tasks.base import TaskModule
 from lymphnode.tasks.callbacks import DepthNormLogger, NonFiniteLossError, NonFiniteLossGuard
 from lymphnode.tasks.multitask import MultiTaskModule
@@ -29,14 +22,9 @@ from lymphnode.tasks.reconstruction import ReconstructionModule
 
 __all__ = [
     "DepthNormLogger",
-    "InferenceModel",
-    "LoadReport",
     "MultiTaskModule",
     "NonFiniteLossError",
     "NonFiniteLossGuard",
     "ReconstructionModule",
     "TaskModule",
-    "is_lymphnode_checkpoint",
-    "load_inference_model",
-    "load_pretrained_weights",
 ]
