@@ -17,7 +17,6 @@ others go on; the exit code is 1 when any failed, and completed slides are kept.
 from __future__ import annotations
 
 import glob
-import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,6 +26,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from lymphnode.core.boundary import EXIT_USER_ERROR, config_dir, hydra_boundary
 from lymphnode.core.errors import ConfigError, LymphnodeError
+from lymphnode.core.records import read_record
 from lymphnode.inference.heatmap import heatmap_path, write_heatmap
 from lymphnode.inference.overlay import render_overlay, write_overlay
 from lymphnode.inference.predict import predict_slide, scratch_dir
@@ -75,12 +75,10 @@ def resolve_slides(spec: str | Sequence[str]) -> list[Path]:
 
 
 def _split_test_slides(path: Path) -> list[Path]:
-    if not path.is_file():
+    split = read_record(path, what="split file", required_keys={"test": list})  # ConfigError
+    if split is None:
         raise ConfigError(f"split file {path} does not exist (written by lymphnode.prepare)")
-    split = json.loads(path.read_text())
-    test = split.get("test")
-    if not isinstance(test, list):
-        raise ConfigError(f"split file {path} has no 'test' list of slides")
+    test = split["test"]
     slides_dir = split.get("slides_dir")
     paths = []
     for entry in test:
