@@ -17,21 +17,18 @@ others go on; the exit code is 1 when any failed, and completed slides are kept.
 from __future__ import annotations
 
 import glob
-import json
 import logging
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import hydra
-import numpy as np
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from lymphnode.core.boundary import config_dir, hydra_boundary
+from lymphnode.core.boundary import EXIT_USER_ERROR, config_dir, hydra_boundary
 from lymphnode.core.errors import ConfigError, LymphnodeError
+from lymphnode.core.records import read_record
 from lymphnode.inference.heatmap import heatmap_path, write_heatmap
-from lymphnode.inference.overlay import render_overlay
+from lymphnode.inference.overlay import render_overlay, write_overlay
 from lymphnode.inference.predict import predict_slide, scratch_dir
 from lymphnode.inference.settings import InferenceSettings
 from lymphnode.wsi.slide import SLIDE_SUFFIXES
@@ -78,12 +75,10 @@ def resolve_slides(spec: str | Sequence[str]) -> list[Path]:
 
 
 def _split_test_slides(path: Path) -> list[Path]:
-    if not path.is_file():
+    split = read_record(path, what="split file", required_keys={"test": list})  # ConfigError
+    if split is None:
         raise ConfigError(f"split file {path} does not exist (written by lymphnode.prepare)")
-    split = json.loads(path.read_text())
-    test = split.get("test")
-    if not isinstance(test, list):
-        raise ConfigError(f"split file {path} has no 'test' list of slides")
+    test = split["test"]
     slides_dir = split.get("slides_dir")
     paths = []
     for entry in test:
@@ -99,20 +94,6 @@ def _split_test_slides(path: Path) -> list[Path]:
             p = matches[0] if matches else p
         paths.append(p)
     return paths
-
-
-def _write_png(path: Path, rgb: np.ndarray) -> None:
-    import cv2
-
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    try:
-        if not cv2.imwrite(tmp, rgb[..., ::-1]):
-            raise OSError(f"could not write {path}")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def run_inference(
@@ -168,7 +149,7 @@ def run_inference(
                     max_side=overlay_max_side,
                 )  # fmt: skip
             write_heatmap(heat_file, heatmap)
-            _write_png(png_file, overlay)
+            write_overlay(png_file, overlay)
             status[name] = "done"
             log.info(
                 "%s: heatmap %s, max p %.3f", name, heat_file, float(heatmap.probabilities.max())
@@ -216,7 +197,7 @@ def main(cfg: DictConfig) -> None:
     if failed:
         for name, why in failed.items():
             log.error("%s: %s", name, why)
-        raise SystemExit(1)
+        raise SystemExit(EXIT_USER_ERROR)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Tests of lymphnode.wsi.annotations: ASAP XML reading/writing, masks, the to-mask CLI."""
+"""Tests of lymphnode.wsi.annotations (ASAP XML, masks) and the lymphnode.annotations to-mask CLI."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from lymphnode.annotations import main
 from lymphnode.core.errors import AnnotationError, SlideError
-from lymphnode.wsi.annotations import Annotations, main, read_asap, to_mask, write_asap
+from lymphnode.wsi.annotations import Annotations, read_asap, to_mask, write_asap
 
 # --------------------------------------------------------------------------------------------------
 # Helpers
@@ -540,7 +541,7 @@ def test_to_mask_module_entry_point_exits_non_zero_with_the_error(
         [
             sys.executable,
             "-m",
-            "lymphnode.wsi.annotations",
+            "lymphnode.annotations",
             "to-mask",
             str(tiny_slide),
             str(bad),

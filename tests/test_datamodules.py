@@ -185,7 +185,7 @@ def test_labeled_size_larger_than_cache_raises(caches: dict[str, Path]) -> None:
 @pytest.mark.parametrize("fold", [5, -1, 1.5])
 def test_fold_out_of_range_raises(caches: dict[str, Path], fold: object) -> None:
     with pytest.raises(
-        ConfigError, match=rf"fold={fold} is out of range: expected an integer in \[0, 5\)"
+        ConfigError, match=rf"folds=5: fold must be an integer in 0\.\.4, got {fold}"
     ):
         finetune(caches, fold=fold)
 
@@ -203,16 +203,19 @@ def test_labeled_size_not_a_multiple_of_folds_raises(
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"labeled_size": 0}, r"labeled_size=0 is invalid: expected an integer >= 1"),
-        ({"folds": 1}, r"folds=1 is invalid: expected an integer >= 2"),
-        ({"seed": -1}, r"seed=-1 is invalid"),
-        ({"batch_size": 0}, r"batch_size=0 is invalid"),
-        ({"num_workers": -2}, r"num_workers=-2 is invalid"),
+        ({"labeled_size": 0}, r"labeled_size must be an integer >= 1, got 0"),
+        ({"folds": 1}, r"folds must be an integer >= 2, got 1"),
+        ({"seed": -1}, r"seed must be an integer >= 0, got -1"),
+        ({"batch_size": 0}, r"batch_size must be an integer >= 1, got 0"),
+        ({"num_workers": -2}, r"num_workers must be an integer >= 0, got -2"),
         ({"transforms": {"flip": True}}, r"transforms has unknown key\(s\) \['flip'\]"),
         ({"normalize": {"mean": [0.5] * 3, "std": [0] * 3}}, r"normalize.std=.* > 0"),
         ({"stain_norm": {"method": "vahadane"}}, r"stain_norm.method='vahadane' is invalid"),
         ({"stain_norm": {"method": "macenko", "n": 3}}, r"stain_norm has unknown key\(s\) \['n'\]"),
-        ({"stain_norm": {"method": "macenko", "n_patches": 0}}, r"stain_norm.n_patches=0"),
+        (
+            {"stain_norm": {"method": "macenko", "n_patches": 0}},
+            r"stain_norm.n_patches must be an integer >= 1, got 0",
+        ),
     ],
 )
 def test_bad_settings_raise(caches: dict[str, Path], kwargs: dict, match: str) -> None:
@@ -449,7 +452,7 @@ def test_seed_alone_keeps_the_subset_and_subset_seed_alone_changes_it(
     other_subset = finetune(caches, seed=0, subset_seed=7)
     assert not np.array_equal(other_subset.subset_indices(), base.subset_indices())
     assert other_subset.seed == base.seed == 0  # shuffling/augmentation seed unchanged
-    with pytest.raises(ConfigError, match=r"subset_seed=-1 is invalid: expected an integer >= 0"):
+    with pytest.raises(ConfigError, match=r"subset_seed must be an integer >= 0, got -1"):
         finetune(caches, subset_seed=-1)
 
 

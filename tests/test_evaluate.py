@@ -275,3 +275,28 @@ def test_froc_on_real_camelyon16_outlines_equals_monai(real_fixtures: Path, tmp_
     assert summary["n_lesions"] == n_targets == (8 - 3) + (35 - 28) + (6 - 1)
     assert summary["froc"] == pytest.approx(expected, abs=1e-9)
     assert 0.0 < summary["froc"] < 1.0
+
+
+def test_a_failed_rerun_leaves_the_previous_outputs_whole(
+    case: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lymphnode.evaluation import camelyon16
+
+    evaluate(case["heatmaps"], case["annotations"], case["out"])
+    out = Path(case["out"])
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert {"evaluation.json", "froc.png", "roc.png"} <= {str(p) for p in before}
+
+    def broken_roc(*args: object) -> None:
+        raise RuntimeError("plotting failed")
+
+    monkeypatch.setattr(camelyon16, "roc_curve", broken_roc)
+    with pytest.raises(RuntimeError, match="plotting failed"):
+        evaluate(
+            case["heatmaps"],
+            case["annotations"],
+            case["out"],
+            settings=EvaluationSettings(detection_threshold=0.95),
+        )
+    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert after == before  # no file replaced (this rerun would change them), no temp left

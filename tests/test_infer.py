@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from lymphnode.core.errors import ConfigError
 from lymphnode.infer import resolve_slides
 from lymphnode.inference.heatmap import read_heatmap
 from lymphnode.models.preprocess import Preprocess
@@ -135,3 +136,20 @@ def test_slides_from_a_split_file_a_folder_and_a_glob(slides: Path, tmp_path: Pa
     assert resolve_slides(f"split:{split}") == [slides / "tumor_001.tif"]
     assert [p.name for p in resolve_slides(str(slides))] == ["normal_001.tif", "tumor_001.tif"]
     assert [p.name for p in resolve_slides(str(slides / "tumor_*.tif"))] == ["tumor_001.tif"]
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("{not json", r"split\.json is not a readable split file"),
+        ("[1, 2]", r"split\.json is not a split file: expected a JSON object, got list"),
+        ('{"train": []}', r"split\.json is not a split file: its 'test' is None, expected a list"),
+    ],
+)
+def test_a_bad_split_file_is_refused_naming_it(tmp_path: Path, text: str, match: str) -> None:
+    split = tmp_path / "split.json"
+    split.write_text(text)
+    with pytest.raises(ConfigError, match=match):
+        resolve_slides(f"split:{split}")
+    with pytest.raises(ConfigError, match=r"missing\.json does not exist \(written by"):
+        resolve_slides(f"split:{tmp_path / 'missing.json'}")

@@ -10,6 +10,7 @@ import torch
 
 from lymphnode.core.errors import ConfigError
 from lymphnode.inference.grid import tile_grid
+from lymphnode.inference.overlay import write_overlay
 from lymphnode.inference.predict import _d4, _d4_inverse, tile_probabilities
 from lymphnode.inference.settings import resolve_device
 from lymphnode.inference.stitch import HeatmapStitcher
@@ -102,3 +103,16 @@ def test_bad_device_is_named() -> None:
     with pytest.raises(ConfigError, match="device='gpu0' is not a torch device"):
         resolve_device("gpu0")
     assert resolve_device("cpu").type == "cpu"
+
+
+def test_overlay_png_keeps_rgb_order_and_leaves_no_temp(tmp_path: Path) -> None:
+    from PIL import Image
+
+    rgb = np.zeros((4, 6, 3), np.uint8)
+    rgb[..., 0] = 200  # red
+    rgb[1, 2] = (10, 20, 30)
+    path = tmp_path / "s.overlay.png"
+    path.write_bytes(b"old")
+    write_overlay(path, rgb)
+    assert np.array_equal(np.asarray(Image.open(path).convert("RGB")), rgb)
+    assert [p.name for p in tmp_path.iterdir()] == ["s.overlay.png"]

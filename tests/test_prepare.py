@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import tifffile
 
+from lymphnode.core.errors import ConfigError
 from lymphnode.patches.cache import PatchCache
 from lymphnode.synth import make_slide
 from lymphnode.wsi.annotations import write_asap
@@ -378,3 +379,14 @@ def test_a_disk_that_fills_mid_write_names_the_slide_and_keeps_finished_slides(d
 )
 def test_bad_settings_are_named(data: Path, override: str, match: str) -> None:
     failed(prepare(data, override), match)
+
+
+def test_an_unknown_sampling_key_is_refused_by_name() -> None:
+    from lymphnode.patches.build import settings_from_config
+
+    cfg = {"caches": ["test"], "codec": "raw", "counts": {"test": 1}, "patch_size": 8, "level": 0,
+           "workers": 0, "sampling": {"max_triess": 3}}  # fmt: skip
+    with pytest.raises(
+        ConfigError, match=r"^sampling has unknown key\(s\) \['max_triess'\]; allowed"
+    ):
+        settings_from_config(cfg)

@@ -173,9 +173,15 @@ def test_normalize_is_the_documented_affine_on_any_layout() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"level": -1, "patch_size": 8}, r"preprocess level=-1 is invalid"),
-        ({"level": 0, "patch_size": 0}, r"preprocess patch_size=0 is invalid"),
-        ({"level": 0, "patch_size": 8, "mpp": -1.0}, r"preprocess mpp=-1.0 is invalid"),
+        ({"level": -1, "patch_size": 8}, r"preprocess: level must be an integer >= 0, got -1"),
+        (
+            {"level": 0, "patch_size": 0},
+            r"preprocess: patch_size must be an integer >= 1 px, got 0",
+        ),
+        (
+            {"level": 0, "patch_size": 8, "mpp": -1.0},
+            r"preprocess: mpp must be a finite number > 0 µm/px \(or null\), got -1.0",
+        ),
         ({"level": 0, "patch_size": 8, "mean": (0.5, 0.5)}, r"normalize.mean=.* 3 finite numbers"),
         ({"level": 0, "patch_size": 8, "stain": {"method": "x"}}, r"stain normaliser state"),
     ],

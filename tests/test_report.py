@@ -157,6 +157,8 @@ def test_cli_writes_table_csv_and_plot(sweep: Path, tmp_path: Path, capsys) -> N
     ]
     assert float(f1_40[0]["mean"]) == pytest.approx(0.5)
     assert (out / "f1_vs_labels.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # written atomically: only the three outputs, no temp left beside them
+    assert sorted(p.name for p in out.iterdir()) == ["f1_vs_labels.png", "table.csv", "table.md"]
 
 
 def test_no_completed_runs_is_an_error(tmp_path: Path, capsys) -> None:

@@ -68,3 +68,13 @@ def test_last_checkpoint_without_metrics_last_is_an_error(tmp_path: Path) -> Non
     _write(tmp_path, "a", metrics_last=None)
     with pytest.raises(ReportError, match="no 'metrics_last' block"):
         collect_runs([tmp_path], checkpoint="last")
+
+
+@pytest.mark.parametrize("text", ["{truncated", "[0.5, 0.6]"])
+def test_an_unreadable_results_json_is_a_failed_run_naming_why(tmp_path: Path, text: str) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "results.json").write_text(text)
+    (run,) = collect_runs([tmp_path])
+    assert run.status == "failed" and run.name == "a"
+    assert run.error is not None and run.error.startswith("unreadable results.json (")
+    assert "results.json is not a" in run.error

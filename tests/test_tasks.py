@@ -530,7 +530,9 @@ def test_depth_norm_logger_logs_weight_and_gradient_norms_per_depth(tmp_path):
 
 @pytest.mark.parametrize("cls", [DepthNormLogger, NonFiniteLossGuard])
 def test_callbacks_reject_a_bad_interval(cls):
-    with pytest.raises(ConfigError, match=r"every_n_steps=0 is invalid"):
+    with pytest.raises(
+        ConfigError, match=rf"^{cls.__name__}: every_n_steps must be an integer >= 1, got 0$"
+    ):
         cls(every_n_steps=0)
 
 
@@ -549,8 +551,8 @@ def test_callbacks_reject_a_bad_interval(cls):
         ({"normalize": {"mean": [0, 0, 0], "std": [1, 0, 1]}}, r"normalize.std=.*> 0"),
         ({"optimizer": "adam"}, r"optimizer='adam' is invalid"),
         ({"patch_size": 2}, r"patch_size=2 px is smaller than the network's minimum input 4 px"),
-        ({"level": -1}, r"level=-1 is invalid"),
-        ({"net": {"norm": "layer"}}, r"norm='layer'"),
+        ({"level": -1}, r"preprocess: level must be an integer >= 0, got -1"),
+        ({"net": {"norm": "layer"}}, r"norm must be one of .*, got 'layer'"),
         (
             {"net": {"_target_": "torch.optim.SGD"}},
             r"model._target_='torch.optim.SGD' is .*nn.Module",
@@ -567,10 +569,20 @@ def test_reconstruction_rejects_bad_arguments(kwargs, match):
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"seg_loss": {"focal": 1}}, r"seg_loss=\{'focal': 1\} is invalid"),
-        ({"seg_loss": {"pos_weight": -1}}, r"seg_loss.pos_weight=-1 is invalid"),
-        ({"seg_loss": {"dice_weight": None}}, r"seg_loss.dice_weight=None is invalid"),
-        ({"recon_weight": -0.5}, r"recon_weight=-0.5 is invalid"),
+        ({"seg_loss": {"focal": 1}}, r"seg_loss has unknown key\(s\) \['focal'\]; allowed keys"),
+        ({"seg_loss": [1]}, r"seg_loss must be a mapping with keys among .*, got \[1\]"),
+        (
+            {"seg_loss": {"pos_weight": -1}},
+            r"seg_loss.pos_weight must be a number >= 0, got -1",
+        ),
+        (
+            {"seg_loss": {"dice_weight": None}},
+            r"seg_loss.dice_weight must be a number >= 0, got None",
+        ),
+        ({"recon_weight": -0.5}, r"recon_weight must be a number >= 0, got -0.5"),
+        ({"recon_weight": float("-inf")}, r"recon_weight must be a number >= 0, got -inf"),
+        ({"n_log_images": 0}, r"n_log_images must be an integer >= 1, got 0"),
+        ({"log_images_every_n_epochs": -1}, r"log_images_every_n_epochs must be an integer >= 0"),
         ({"recon_loss": "ssim"}, r"recon_loss='ssim' is not supported"),
         ({"threshold": 1.5}, r"threshold=1.5 is invalid; expected a number in \(0, 1\)"),
         ({"pretrained": 3}, r"pretrained=3 is invalid"),

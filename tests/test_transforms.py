@@ -267,11 +267,10 @@ def test_random_crop_trains_on_crops_and_eval_uses_the_centre_crop() -> None:
 
 @pytest.mark.parametrize("crop", [0, -3, 2.5, True, "big"])
 def test_bad_crop_raises(crop: object) -> None:
-    with pytest.raises(
-        ConfigError, match=r"transforms.crop=.* is invalid: expected null or an integer"
-    ):
+    message = rf"^transforms.crop must be an integer >= 1 px \(or null\), got {crop!r}$"
+    with pytest.raises(ConfigError, match=message):
         build_train_transform(PRE, crop=crop)  # type: ignore[arg-type]
-    with pytest.raises(ConfigError, match=r"transforms.crop="):
+    with pytest.raises(ConfigError, match=message):
         build_eval_transform(PRE, crop=crop)  # type: ignore[arg-type]
 
 

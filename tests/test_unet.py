@@ -177,11 +177,17 @@ def test_config_round_trips_through_build_unet():
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"norm": "layer"}, r"norm='layer'.*\['batch', 'group', 'instance'\]"),
-        ({"up": "nearest"}, r"up='nearest'.*\['transpose', 'bilinear'\]"),
-        ({"depth": 0}, r"depth=0.*>= 1"),
-        ({"base_width": 0}, r"base_width=0.*>= 1"),
-        ({"in_channels": 2.5}, r"in_channels=2.5.*integer"),
+        (
+            {"norm": "layer"},
+            r"^UNet: norm must be one of \['batch', 'group', 'instance'\], got 'layer'$",
+        ),
+        (
+            {"up": "nearest"},
+            r"^UNet: up must be one of \['transpose', 'bilinear'\], got 'nearest'$",
+        ),
+        ({"depth": 0}, r"^UNet: depth must be an integer >= 1, got 0$"),
+        ({"base_width": 0}, r"^UNet: base_width must be an integer >= 1, got 0$"),
+        ({"in_channels": 2.5}, r"^UNet: in_channels must be an integer >= 1, got 2.5$"),
         ({"top_skip": "yes"}, r"top_skip='yes'.*true or false"),
     ],
 )
@@ -191,7 +197,10 @@ def test_invalid_constructor_arguments_are_rejected_by_name(kwargs, match):
 
 
 def test_build_unet_rejects_unknown_keys():
-    with pytest.raises(ConfigError, match=r"unknown keys \['width'\]"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^model config has unknown key\(s\) \['width'\]; allowed keys: \['in_channels'",
+    ):
         build_unet({"width": 4})
 
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
 from lymphnode.core.errors import CacheError, ConfigError
-from lymphnode.core.validate import choice, integer, number
+from lymphnode.core.validate import choice, integer, keys, number
 
 
 def test_integer_accepts_integers_in_range_as_int() -> None:
@@ -48,6 +50,17 @@ def test_number_checks_finiteness_bounds_and_strict_minimum() -> None:
         number("f", False)
 
 
+def test_number_with_finite_false_lets_nan_and_in_bound_infinity_through() -> None:
+    assert math.isnan(number("w", float("nan"), 0, finite=False))
+    assert number("w", float("inf"), 0, finite=False) == math.inf
+    with pytest.raises(ConfigError, match=r"^w must be a number >= 0, got -inf$"):
+        number("w", float("-inf"), 0, finite=False)
+    with pytest.raises(ConfigError, match=r"^w must be a number <= 1, got inf$"):
+        number("w", float("inf"), maximum=1, finite=False)
+    with pytest.raises(ConfigError, match=r"^w must be a finite number >= 0, got inf$"):
+        number("w", float("inf"), 0)
+
+
 def test_choice_lists_the_allowed_values() -> None:
     assert choice("codec", "raw", ("raw", "jpeg")) == "raw"
     assert choice("flag", True, (True, False)) is True
@@ -55,3 +68,16 @@ def test_choice_lists_the_allowed_values() -> None:
         choice("codec", "png", ("raw", "jpeg"))
     with pytest.raises(ConfigError, match=r"got True"):
         choice("level", True, (0, 1))
+
+
+def test_keys_returns_a_dict_and_names_unknown_and_allowed_keys() -> None:
+    assert keys("sampling", {"n": 1}, ("n", "seed")) == {"n": 1}
+    with pytest.raises(
+        ConfigError,
+        match=r"^sampling has unknown key\(s\) \['typo'\]; allowed keys: \['n', 'seed'\]$",
+    ):
+        keys("sampling", {"n": 1, "typo": 2}, ("n", "seed"))
+    with pytest.raises(
+        CacheError, match=r"^x: s must be a mapping with keys among \['n'\], got 3$"
+    ):
+        keys("s", 3, ("n",), where="x: ", error=CacheError)

@@ -4,5 +4,7 @@
 - ``atomic``: atomic file writes (temp file in the same folder, fsync, ``os.replace``);
 - ``records``: run records: resume with the same config, refuse another naming the keys;
 - ``pool``: the process-pool runner (progress, cancel on error, workers die with the parent);
-- ``validate``: integer / number / choice validators raising ConfigError (or a given class).
+- ``validate``: integer / number / choice / config-section-key validators raising ConfigError
+  (or a given class);
+- ``boundary``: the one error boundary and logging setup of every CLI (exit 1 bad input, 2 bug).
 """

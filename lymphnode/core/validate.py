@@ -1,4 +1,5 @@
-"""Validators for configuration values: one message shape everywhere.
+"""Validators for configuration values (integers, numbers, choices, the keys of a section): one
+message shape everywhere.
 
 Each returns the value as a plain Python type or raises
 :class:`~lymphnode.core.errors.ConfigError` (or the ``error`` class given) whose message names the
@@ -10,12 +11,12 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from typing import Any, TypeVar
 
 from lymphnode.core.errors import ConfigError, LymphnodeError
 
-__all__ = ["choice", "integer", "number"]
+__all__ = ["choice", "integer", "keys", "number"]
 
 T = TypeVar("T")
 
@@ -63,21 +64,26 @@ def number(
     maximum: float | None = None,
     *,
     strict_minimum: bool = False,
+    finite: bool = True,
     unit: str = "",
     where: str = "",
     error: type[LymphnodeError] = ConfigError,
 ) -> float:
     """``value`` as a float when it is a finite real number (not a bool) within the bounds;
-    ``strict_minimum`` excludes ``minimum`` itself (``> 0`` for "positive")."""
+    ``strict_minimum`` excludes ``minimum`` itself (``> 0`` for "positive"). With
+    ``finite=False``, NaN passes and infinities are held to the bounds like any number."""
     ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
-    ok = ok and math.isfinite(value)
-    if ok and minimum is not None:
+    if ok and finite:
+        ok = math.isfinite(value)
+    checked = ok and not math.isnan(value)
+    if checked and minimum is not None:
         ok = value > minimum if strict_minimum else value >= minimum
-    if ok and maximum is not None:
+    if checked and ok and maximum is not None:
         ok = value <= maximum
     if not ok:
         bounds = _bounds(minimum, maximum, strict_minimum, unit)
-        raise error(f"{where}{name} must be a finite number{bounds}, got {value!r}")
+        kind = "a finite number" if finite else "a number"
+        raise error(f"{where}{name} must be {kind}{bounds}, got {value!r}")
     return float(value)
 
 
@@ -94,3 +100,23 @@ def choice(
     if flag or value not in choices:
         raise error(f"{where}{name} must be one of {list(choices)}, got {value!r}")
     return value
+
+
+def keys(
+    name: str,
+    value: Any,
+    allowed: Collection[str],
+    *,
+    where: str = "",
+    error: type[LymphnodeError] = ConfigError,
+) -> dict[str, Any]:
+    """``value`` as a dict when it is a mapping whose keys are all among ``allowed`` (a config
+    section such as ``transforms`` or ``sampling``; which keys are required is the caller's)."""
+    if not isinstance(value, Mapping):
+        raise error(
+            f"{where}{name} must be a mapping with keys among {list(allowed)}, got {value!r}"
+        )
+    unknown = sorted(set(map(str, value)) - set(allowed))
+    if unknown:
+        raise error(f"{where}{name} has unknown key(s) {unknown}; allowed keys: {list(allowed)}")
+    return dict(value)

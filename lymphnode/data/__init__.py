@@ -1,6 +1,11 @@
-"""Data for training: torch Datasets over patch caches, albumentations pipelines (around the
-preprocessing contract of :mod:`lymphnode.models.preprocess`) and the LightningDataModules
-(pretraining and few-label fine-tuning)."""
+"""Data for training, one module per job:
+
+- ``datasets``: a torch ``Dataset`` over a patch cache (each reading process opens the cache);
+- ``transforms``: the albumentations pipelines (D4 + colour / HED jitter for training) around the
+  preprocessing contract of :mod:`lymphnode.models.preprocess`;
+- ``datamodules``: the LightningDataModules: pretraining (unlabeled cache, seeded train/val split)
+  and few-label fine-tuning (stratified, nested labeled subsets and folds; the test cache).
+"""
 
 from __future__ import annotations
 

@@ -33,6 +33,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
+from lymphnode.core import validate
 from lymphnode.core.errors import CacheError, ConfigError
 from lymphnode.data.datasets import CacheDataset
 from lymphnode.data.transforms import build_eval_transform, build_train_transform
@@ -62,12 +63,6 @@ _STAIN_DEFAULTS: dict[str, Any] = {
 
 
 # ----------------------------------------------------------------------------- split functions
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ConfigError(f"{name}={value!r} is invalid: expected an integer >= {minimum}")
-    return int(value)
-
-
 def _allocate(size: int, counts: Sequence[int], minimum: int = 0) -> list[int]:
     """Split ``size`` among classes proportionally to ``counts`` (largest remainder, ties to the
     lower class). With two classes this is ``round_half_up(size * p)`` for class 0, monotone in
@@ -227,16 +222,7 @@ def _class_labels(cache: PatchCache) -> np.ndarray:
 def _transform_options(transforms: Mapping[str, Any] | None) -> dict[str, Any]:
     if transforms is None:
         return {}
-    if not isinstance(transforms, Mapping):
-        raise ConfigError(
-            f"transforms={transforms!r} is invalid: expected a mapping with keys "
-            f"{list(_TRANSFORM_KEYS)}"
-        )
-    unknown = sorted(set(transforms) - set(_TRANSFORM_KEYS))
-    if unknown:
-        raise ConfigError(
-            f"transforms has unknown key(s) {unknown}: allowed keys are {list(_TRANSFORM_KEYS)}"
-        )
+    transforms = validate.keys("transforms", transforms, _TRANSFORM_KEYS)
     return {k: _plain(v) for k, v in transforms.items()}
 
 
@@ -257,14 +243,10 @@ def _stain_options(stain_norm: Mapping[str, Any] | None) -> dict[str, Any] | Non
             f"stain_norm={stain_norm!r} is invalid: expected null or a mapping with 'method' "
             f"(macenko | reinhard) and optional {list(_STAIN_KEYS[1:])}"
         )
-    unknown = sorted(set(stain_norm) - set(_STAIN_KEYS))
-    if unknown:
-        raise ConfigError(
-            f"stain_norm has unknown key(s) {unknown}: allowed keys are {list(_STAIN_KEYS)}"
-        )
+    validate.keys("stain_norm", stain_norm, _STAIN_KEYS)
     options = {**_STAIN_DEFAULTS, **_plain(stain_norm)}
-    _check_int("stain_norm.n_patches", options["n_patches"], 1)
-    _check_int("stain_norm.seed", options["seed"], 0)
+    validate.integer("stain_norm.n_patches", options["n_patches"], 1)
+    validate.integer("stain_norm.seed", options["seed"], 0)
     build_stain_normalizer(options["method"], **(options["options"] or {}))  # validates early
     return options
 
@@ -289,9 +271,9 @@ class _CacheDataModule(pl.LightningDataModule):
     ) -> None:
         super().__init__()
         self.train_cache = Path(train_cache)
-        self.seed = _check_int("seed", seed, 0)
-        self.batch_size = _check_int("batch_size", batch_size, 1)
-        self.num_workers = _check_int("num_workers", num_workers, 0)
+        self.seed = validate.integer("seed", seed, 0)
+        self.batch_size = validate.integer("batch_size", batch_size, 1)
+        self.num_workers = validate.integer("num_workers", num_workers, 0)
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
         self.persistent_workers = bool(persistent_workers)
         self.drop_last = bool(drop_last)
@@ -346,7 +328,7 @@ class _CacheDataModule(pl.LightningDataModule):
     def preprocess(self) -> Preprocess:
         """The preprocessing contract of this data (fits the stain normaliser on first use).
 
-        The hook of the task modules: :meth:`lymphnode.tasks.UNetTask.setup` takes it from
+        The hook of the task modules: :meth:`lymphnode.tasks.base.TaskModule.setup` takes it from
         ``trainer.datamodule`` and saves it in every checkpoint, and ``infer`` applies it.
         """
         if self._preprocess is None:
@@ -582,20 +564,11 @@ class FinetuneDataModule(_CacheDataModule):
         )
         self.labeled_dir = Path(labeled_dir)
         self.test_dir = Path(test_dir)
-        self.folds = _check_int("folds", folds, 2)
-        self.labeled_size = _check_int("labeled_size", labeled_size, 1)
-        if (
-            isinstance(fold, bool)
-            or not isinstance(fold, (int, np.integer))
-            or not (0 <= fold < self.folds)
-        ):
-            raise ConfigError(
-                f"fold={fold!r} is out of range: expected an integer in [0, {self.folds}) "
-                f"for folds={self.folds}"
-            )
-        self.fold = int(fold)
+        self.folds = validate.integer("folds", folds, 2)
+        self.labeled_size = validate.integer("labeled_size", labeled_size, 1)
+        self.fold = validate.integer("fold", fold, 0, self.folds - 1, where=f"folds={self.folds}: ")
         self.subset_seed = (
-            self.seed if subset_seed is None else _check_int("subset_seed", subset_seed, 0)
+            self.seed if subset_seed is None else validate.integer("subset_seed", subset_seed, 0)
         )
         if fold_by not in FOLD_BY:
             raise ConfigError(f"fold_by={fold_by!r} is invalid: expected one of {list(FOLD_BY)}")

@@ -38,6 +38,7 @@ import torch
 from skimage.color import hed_from_rgb, rgb_from_hed
 
 import lymphnode  # noqa: F401  (sets NO_ALBUMENTATIONS_UPDATE before albumentations is used)
+from lymphnode.core import validate
 from lymphnode.core.errors import ConfigError
 from lymphnode.models.preprocess import Preprocess
 from lymphnode.models.stain import OD_LUT
@@ -143,11 +144,7 @@ def _merge_options(
             f"{name}={options!r} is invalid: expected null, true or a mapping with keys "
             f"{sorted(defaults)}"
         )
-    unknown = sorted(set(options) - set(defaults))
-    if unknown:
-        raise ConfigError(
-            f"{name} has unknown key(s) {unknown}: allowed keys are {sorted(defaults)}"
-        )
+    validate.keys(name, options, sorted(defaults))
     merged = dict(defaults)
     for key, value in options.items():
         if (
@@ -217,11 +214,7 @@ class PreprocessStep(A.ImageOnlyTransform):
 def _check_crop(crop: Any) -> int | None:
     if crop is None:
         return None
-    if isinstance(crop, bool) or not isinstance(crop, int) or crop < 1:
-        raise ConfigError(
-            f"transforms.crop={crop!r} is invalid: expected null or an integer >= 1 (px)"
-        )
-    return crop
+    return validate.integer("transforms.crop", crop, 1, unit="px (or null)")
 
 
 def build_train_transform(

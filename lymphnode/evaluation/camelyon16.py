@@ -12,16 +12,17 @@ level-0 px — the CAMELYON16 submission format) into ``out_dir``. Which slides 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
 import math
-import os
-import tempfile
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from lymphnode.core import atomic
 from lymphnode.core.errors import ConfigError, EvaluationError
 from lymphnode.evaluation.froc import FP_RATES, FrocResult, SlideFroc, froc
 from lymphnode.evaluation.lesions import (
@@ -203,18 +204,22 @@ def _write_outputs(
     scores: Sequence[float],
     truth: Sequence[int],
 ) -> None:
-    """Write everything into a temp folder beside ``out`` first, then move it in place."""
+    """Write every output into a temp beside its target first (core.atomic), then move them all in
+    place: a failure leaves the previous outputs untouched."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     out.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out, prefix=".evaluation-"))
-    try:
-        (tmp / "detections").mkdir()
+    with contextlib.ExitStack() as stack:
+        tmp = {
+            name: stack.enter_context(atomic.atomic_path(out / name))
+            for name in ("detections", "froc.png", "roc.png", "evaluation.json")
+        }
+        tmp["detections"].mkdir()
         for slide, dets in detections.items():
-            with (tmp / "detections" / f"{slide}.csv").open("w", newline="") as fh:
+            with (tmp["detections"] / f"{slide}.csv").open("w", newline="") as fh:
                 writer = csv.writer(fh)
                 writer.writerow(["probability", "x", "y"])
                 for d in dets:
@@ -233,7 +238,7 @@ def _write_outputs(
         ax.set_title(f"FROC = {froc_value:.3f}" if froc_value is not None else "FROC (no lesions)")
         ax.grid(alpha=0.3)
         fig.tight_layout()
-        fig.savefig(tmp / "froc.png", dpi=110)
+        fig.savefig(tmp["froc.png"], dpi=110, format="png")
         plt.close(fig)
         fig, ax = plt.subplots(figsize=(4, 4))
         fpr, tpr = roc_curve(scores, truth)
@@ -244,17 +249,8 @@ def _write_outputs(
         ax.set_xlabel("false-positive rate")
         ax.set_ylabel("true-positive rate")
         fig.tight_layout()
-        fig.savefig(tmp / "roc.png", dpi=110)
+        fig.savefig(tmp["roc.png"], dpi=110, format="png")
         plt.close(fig)
-        (tmp / "evaluation.json").write_text(json.dumps(summary, indent=2))
-        for name in ("detections", "froc.png", "roc.png", "evaluation.json"):
-            target = out / name
-            if target.is_dir():
-                import shutil
-
-                shutil.rmtree(target)
-            os.replace(tmp / name, target)
-    finally:
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
+        tmp["evaluation.json"].write_text(json.dumps(summary, indent=2))
+        if (out / "detections").is_dir():  # a folder is replaced only once the old one is gone
+            shutil.rmtree(out / "detections")

@@ -15,13 +15,13 @@ selected checkpoint (``metrics``) and of the last one (``metrics_last``), keyed
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from lymphnode.core.errors import LymphnodeError
+from lymphnode.core.records import read_record
 
 #: Inits in column order: the paper puts "without pretraining" first.
 INITS: tuple[str, ...] = ("scratch", "pretrained")
@@ -99,8 +99,10 @@ def _finite_or_none(value: object) -> float | None:
 def _read_result(path: Path, root: Path, checkpoint: str) -> Run | None:
     """One ``results.json`` as a :class:`Run`; None for runs that are not fine-tuning runs."""
     try:
-        result = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        result = read_record(path, what="results.json", error=ReportError)
+        if result is None:  # removed since it was listed
+            raise ReportError(f"{path} does not exist")
+    except ReportError as exc:
         return Run(
             name=_run_name(path, root), init=None, labeled_size=None, fold=None, seed=None,
             status="failed", error=f"unreadable results.json ({exc})",
@@ -129,7 +131,8 @@ def _read_result(path: Path, root: Path, checkpoint: str) -> Run | None:
                 collapsed = recorded
             else:  # older files, or the last checkpoint (the flag is about the selected one)
                 collapsed = metrics["recall"] == 0.0
-    steps = result.get("steps") if isinstance(result.get("steps"), dict) else {}
+    raw_steps = result.get("steps")
+    steps: dict = raw_steps if isinstance(raw_steps, dict) else {}
     baseline = (result.get("metrics") or {}).get(BASELINE_KEY)
     if baseline is None:
         baseline = (result.get("metrics_last") or {}).get(BASELINE_KEY)

@@ -14,9 +14,9 @@ import csv
 import io
 import math
 import os
-import tempfile
 from pathlib import Path
 
+from lymphnode.core import atomic
 from lymphnode.evaluation.runs import INITS, METRICS, Run
 from lymphnode.evaluation.table import Cell, Paired, Report
 
@@ -248,30 +248,9 @@ def plot(report: Report, path: Path, paper: bool = False) -> None:
     axes[0].legend(fontsize=8)
     fig.suptitle("Pretrained vs scratch: mean ± std over folds")
     fig.tight_layout()
-    _atomic_save_fig(fig, path)
+    with atomic.atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _atomic_save_fig(fig, path: Path) -> None:  # type: ignore[no-untyped-def]
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_report(report: Report, out_dir: str | Path, paper: bool = False) -> dict[str, Path]:
@@ -279,8 +258,8 @@ def write_report(report: Report, out_dir: str | Path, paper: bool = False) -> di
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"md": out / "table.md", "csv": out / "table.csv", "plot": out / "f1_vs_labels.png"}
-    _atomic_write(paths["md"], to_markdown(report, paper=paper))
-    _atomic_write(paths["csv"], to_csv(report))
+    atomic.write_text(paths["md"], to_markdown(report, paper=paper))
+    atomic.write_text(paths["csv"], to_csv(report))
     plot(report, paths["plot"], paper=paper)
     return paths
 

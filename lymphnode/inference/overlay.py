@@ -1,9 +1,13 @@
-"""Overlay thumbnails: the slide with its heatmap and annotation outlines, for a human to look at."""
+"""Overlay thumbnails: the slide with its heatmap and annotation outlines, for a human to look at,
+and the PNG file they are written to."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
+from lymphnode.core import atomic
 from lymphnode.inference.heatmap import Heatmap
 from lymphnode.wsi.slide import Slide
 
@@ -38,4 +42,14 @@ def render_overlay(
     return out
 
 
-__all__ = ["render_overlay"]
+def write_overlay(path: str | Path, rgb: np.ndarray) -> None:
+    """Write an RGB (H, W, 3) uint8 overlay as a PNG at ``path``, atomically (core.atomic)."""
+    import cv2
+
+    ok, encoded = cv2.imencode(".png", np.ascontiguousarray(rgb[..., ::-1]))  # OpenCV is BGR
+    if not ok:
+        raise OSError(f"could not encode the overlay for {path} as PNG")
+    atomic.write_bytes(path, encoded.tobytes())
+
+
+__all__ = ["render_overlay", "write_overlay"]

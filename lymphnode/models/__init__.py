@@ -1,5 +1,13 @@
-"""Networks (plain ``nn.Module``, built by ``_target_`` from conf/model/), the preprocessing
-contract and checkpoint reading (no Lightning or Hydra-composed training here)."""
+"""Networks and what a checkpoint says about its input (plain ``nn.Module``; no Lightning training
+or Hydra composition here), one module per job:
+
+- ``registry``: networks by ``_target_`` (what conf/model/*.yaml names and checkpoints record);
+- ``unet``: the paper's UNet (removable top skip, reconstruction and segmentation heads);
+- ``preprocess``: the preprocessing contract (level / mpp, patch size, normalisation, stain state),
+  applied the same way in training and in ``infer``;
+- ``stain``: Macenko and Reinhard stain normalisers and the optical-density table;
+- ``checkpoint``: reading lymphnode checkpoints (pretrain -> fine-tune transfer, inference models).
+"""
 
 from __future__ import annotations
 

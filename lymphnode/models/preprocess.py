@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lymphnode.core import validate
 from lymphnode.core.errors import ConfigError
 from lymphnode.models.stain import (
     MacenkoNormalizer,
@@ -79,14 +80,6 @@ def normalize_stats(normalize: Mapping[str, Sequence[float]] | None) -> dict[str
     return stats
 
 
-def _positive_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
-        raise ConfigError(
-            f"preprocess {name}={value!r} is invalid: expected an integer >= {minimum}"
-        )
-    return int(value)
-
-
 @dataclass(frozen=True)
 class Preprocess:
     """Level, patch size, normalisation and fitted stain state of a network's input.
@@ -117,15 +110,27 @@ class Preprocess:
     _luts: list[np.ndarray] = field(default_factory=list, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "level", _positive_int("level", self.level, 0))
-        object.__setattr__(self, "patch_size", _positive_int("patch_size", self.patch_size, 1))
+        object.__setattr__(
+            self, "level", validate.integer("level", self.level, 0, where="preprocess: ")
+        )
+        object.__setattr__(
+            self,
+            "patch_size",
+            validate.integer("patch_size", self.patch_size, 1, unit="px", where="preprocess: "),
+        )
         stats = normalize_stats({"mean": self.mean, "std": self.std})
         object.__setattr__(self, "mean", tuple(stats["mean"]))
         object.__setattr__(self, "std", tuple(stats["std"]))
         if self.mpp is not None:
-            if isinstance(self.mpp, bool) or not isinstance(self.mpp, int | float) or self.mpp <= 0:
-                raise ConfigError(f"preprocess mpp={self.mpp!r} is invalid: expected > 0 or null")
-            object.__setattr__(self, "mpp", float(self.mpp))
+            mpp = validate.number(
+                "mpp",
+                self.mpp,
+                0.0,
+                strict_minimum=True,
+                unit="µm/px (or null)",
+                where="preprocess: ",
+            )
+            object.__setattr__(self, "mpp", mpp)
         if self.stain is not None:
             normalizer = stain_normalizer_from_state(self.stain)  # ConfigError when invalid
             object.__setattr__(self, "stain", normalizer.state())  # plain, canonical

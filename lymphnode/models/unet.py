@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lymphnode.core import validate
 from lymphnode.core.errors import ConfigError
 
 NORMS = ("batch", "group", "instance")
@@ -74,18 +75,6 @@ def _up_layer(up: str, in_channels: int, out_channels: int) -> nn.Module:
     )
 
 
-def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ConfigError(
-            f"UNet {name}={value!r} is not supported; expected one of {list(allowed)}"
-        )
-
-
-def _check_int(name: str, value: object, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"UNet {name}={value!r} is invalid; expected an integer >= {minimum}")
-
-
 class UNet(nn.Module):
     """Ronneberger UNet with shared decoder, a reconstruction head and a segmentation head.
 
@@ -116,11 +105,11 @@ class UNet(nn.Module):
         top_skip: bool = True,
     ) -> None:
         super().__init__()
-        _check_int("in_channels", in_channels, 1)
-        _check_int("base_width", base_width, 1)
-        _check_int("depth", depth, 1)
-        _check_choice("norm", norm, NORMS)
-        _check_choice("up", up, UP_MODES)
+        validate.integer("in_channels", in_channels, 1, where="UNet: ")
+        validate.integer("base_width", base_width, 1, where="UNet: ")
+        validate.integer("depth", depth, 1, where="UNet: ")
+        validate.choice("norm", norm, NORMS, where="UNet: ")
+        validate.choice("up", up, UP_MODES, where="UNet: ")
         if not isinstance(top_skip, bool):
             raise ConfigError(f"UNet top_skip={top_skip!r} is invalid; expected true or false")
         self.in_channels = in_channels
@@ -236,12 +225,7 @@ def build_unet(config: Mapping[str, Any]) -> UNet:
     """A UNet from a dict of constructor arguments (a checkpoint's ``model`` hyperparameter);
     unknown keys raise ConfigError naming them and the accepted keys."""
     accepted = ("in_channels", "base_width", "depth", "norm", "up", "top_skip")
-    unknown = sorted(set(config) - set(accepted))
-    if unknown:
-        raise ConfigError(
-            f"model config has unknown keys {unknown}; accepted keys: {list(accepted)}"
-        )
-    return UNet(**dict(config))
+    return UNet(**validate.keys("model config", config, accepted))
 
 
 __all__ = ["NORMS", "UP_MODES", "UNet", "UNetOutput", "build_unet"]

@@ -105,10 +105,7 @@ def settings_from_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
     counts = dict(cfg.get("counts") or {})
     for kind in caches:
         counts[kind] = validate.integer(f"counts.{kind}", counts.get(kind), minimum=0)
-    sampling = dict(cfg.get("sampling") or {})
-    extra = sorted(set(sampling) - set(_SAMPLING_KEYS))
-    if extra:
-        raise ConfigError(f"sampling has unknown keys {extra} (expected {list(_SAMPLING_KEYS)})")
+    sampling = validate.keys("sampling", cfg.get("sampling") or {}, _SAMPLING_KEYS)
     mpp, slide_mpp = cfg.get("mpp"), cfg.get("slide_mpp")
     if mpp is not None:
         mpp = validate.number("mpp", mpp, 0, strict_minimum=True, unit="µm/px (or null)")

@@ -8,7 +8,6 @@ split is refused unless forced (the caches' slides would no longer match it).
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ import numpy as np
 
 from lymphnode.core import atomic
 from lymphnode.core.errors import ConfigError
+from lymphnode.core.records import read_record
 from lymphnode.wsi.slide import SLIDE_SUFFIXES
 
 log = logging.getLogger(__name__)
@@ -177,10 +177,10 @@ def write_split(path: Path, record: Mapping[str, Any], force: bool) -> None:
     """Write split.json atomically; refuse to replace a different split unless ``force``."""
     if path.is_file() and not force:
         try:
-            old = json.loads(path.read_text())
-        except (OSError, ValueError):
+            old = read_record(path, what="split file")
+        except ConfigError:  # unreadable: nothing to protect, it is replaced
             old = None
-        if isinstance(old, dict):
+        if old is not None:
             changed = [
                 key
                 for key in ("train", "test")

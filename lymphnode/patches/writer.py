@@ -106,8 +106,6 @@ class _NpyAppender:
 
 
 class _RawSink:
-    FILES = (RAW_IMAGES_FILE,)
-
     def __init__(self, directory: Path, patch_size: int, quality: int | None) -> None:
         self._images = _NpyAppender(directory / RAW_IMAGES_FILE, (patch_size, patch_size, 3))
 
@@ -122,8 +120,6 @@ class _RawSink:
 
 
 class _JpegSink:
-    FILES = (JPEG_IMAGES_FILE, JPEG_OFFSETS_FILE)
-
     def __init__(self, directory: Path, patch_size: int, quality: int | None) -> None:
         self._directory = directory
         self._quality = quality

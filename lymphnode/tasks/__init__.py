@@ -1,17 +1,20 @@
-"""The LightningModules: a shared base, the pretext tasks (reconstruction now), multi-task
-fine-tuning, and training callbacks. Tasks are built by ``_target_`` from conf/task/ and
-conf/pretext/; checkpoint reading lives in :mod:`lymphnode.models.checkpoint` (re-exported here, as
-before the layout change)."""
+"""The LightningModules and what trains them, one module per job (tasks are built by ``_target_``
+from conf/task/ and conf/pretext/):
+
+- ``base``: :class:`TaskModule`, what every task shares (network by ``_target_``, preprocessing
+  contract, optimizer / schedule partials, image logging);
+- ``reconstruction``: the reconstruction pretext task (pretraining);
+- ``multitask``: segmentation + reconstruction fine-tuning (or training from scratch);
+- ``callbacks``: per-depth weight / gradient norms, the non-finite loss guard, the all-tumour
+  baseline;
+- ``checkpointing``: checkpoint selection (``best.ckpt`` by ``selection``, ``last.ckpt`` = last step);
+- ``budget``: a run's step / epoch / time budget and why it stopped (for results.json).
+
+Checkpoint reading lives in :mod:`lymphnode.models.checkpoint`.
+"""
 
 from __future__ import annotations
 
-from lymphnode.models.checkpoint import (
-    InferenceModel,
-    LoadReport,
-    is_lymphnode_checkpoint,
-    load_inference_model,
-    load_pretrained_weights,
-)
 from lymphnode.tasks.base import TaskModule
 from lymphnode.tasks.callbacks import DepthNormLogger, NonFiniteLossError, NonFiniteLossGuard
 from lymphnode.tasks.multitask import MultiTaskModule
@@ -19,14 +22,9 @@ from lymphnode.tasks.reconstruction import ReconstructionModule
 
 __all__ = [
     "DepthNormLogger",
-    "InferenceModel",
-    "LoadReport",
     "MultiTaskModule",
     "NonFiniteLossError",
     "NonFiniteLossGuard",
     "ReconstructionModule",
     "TaskModule",
-    "is_lymphnode_checkpoint",
-    "load_inference_model",
-    "load_pretrained_weights",
 ]

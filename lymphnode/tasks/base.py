@@ -35,6 +35,7 @@ from pytorch_lightning.loggers import TensorBoardLogger, WandbLogger
 from torch import Tensor, nn
 
 import lymphnode
+from lymphnode.core import validate
 from lymphnode.core.errors import ConfigError
 from lymphnode.models.preprocess import Preprocess
 from lymphnode.models.registry import TARGET, build_network
@@ -137,12 +138,6 @@ def _accepts(factory: Callable[..., Any], name: str) -> bool:
         return False
 
 
-def _check_positive_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{name}={value!r} is invalid; expected an integer >= {minimum}")
-    return value
-
-
 def require_keys(batch: Any, keys: Sequence[str], task: str) -> None:
     """ConfigError when the batch is not a dict holding ``keys``."""
     if not isinstance(batch, Mapping) or any(k not in batch for k in keys):
@@ -217,10 +212,10 @@ class TaskModule(pl.LightningModule):
         if not isinstance(channels_last, bool):
             raise ConfigError(f"channels_last={channels_last!r} is invalid; expected true or false")
         self.channels_last = channels_last
-        self.log_images_every_n_epochs = _check_positive_int(
+        self.log_images_every_n_epochs = validate.integer(
             "log_images_every_n_epochs", log_images_every_n_epochs, 0
         )  # 0: never
-        self.n_log_images = _check_positive_int("n_log_images", n_log_images, 1)
+        self.n_log_images = validate.integer("n_log_images", n_log_images, 1)
 
     def _common_hparams(self) -> dict[str, Any]:
         return {

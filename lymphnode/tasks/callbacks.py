@@ -17,6 +17,7 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 
+from lymphnode.core import validate
 from lymphnode.core.errors import ConfigError, LymphnodeError
 
 log = logging.getLogger(__name__)
@@ -35,16 +36,9 @@ class NonFiniteLossGuard(pl.Callback):
     """
 
     def __init__(self, every_n_steps: int = 1) -> None:
-        if (
-            isinstance(every_n_steps, bool)
-            or not isinstance(every_n_steps, int)
-            or every_n_steps < 1
-        ):
-            raise ConfigError(
-                f"NonFiniteLossGuard every_n_steps={every_n_steps!r} is invalid; expected an "
-                "integer >= 1"
-            )
-        self.every_n_steps = every_n_steps
+        self.every_n_steps = validate.integer(
+            "every_n_steps", every_n_steps, 1, where="NonFiniteLossGuard: "
+        )
 
     def on_before_backward(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor
@@ -82,15 +76,9 @@ class DepthNormLogger(pl.Callback):
     """
 
     def __init__(self, every_n_steps: int = 50) -> None:
-        if (
-            isinstance(every_n_steps, bool)
-            or not isinstance(every_n_steps, int)
-            or every_n_steps < 1
-        ):
-            raise ConfigError(
-                f"DepthNormLogger every_n_steps={every_n_steps!r} is invalid; expected an integer >= 1"
-            )
-        self.every_n_steps = every_n_steps
+        self.every_n_steps = validate.integer(
+            "every_n_steps", every_n_steps, 1, where="DepthNormLogger: "
+        )
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any

@@ -26,6 +26,7 @@ from torchmetrics.classification import (
     BinaryRecall,
 )
 
+from lymphnode.core import validate
 from lymphnode.core.errors import ConfigError
 from lymphnode.models.checkpoint import LoadReport, load_pretrained_weights
 from lymphnode.models.preprocess import Preprocess
@@ -71,17 +72,6 @@ def _seg_metrics(stage: str, threshold: float) -> MetricCollection:
         },
         prefix=f"{stage}/seg_",
     )
-
-
-def _number(name: str, value: Any, *, minimum: float, allow_none: bool = False) -> float | None:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or value < minimum:
-        raise ConfigError(
-            f"{name}={value!r} is invalid; expected a number >= {minimum}"
-            + (" or null" if allow_none else "")
-        )
-    return float(value)
 
 
 class MultiTaskModule(TaskModule):
@@ -130,17 +120,17 @@ class MultiTaskModule(TaskModule):
         n_log_images: int = 8,
     ) -> None:
         super().__init__()
-        seg_loss = plain(seg_loss) if seg_loss is not None else {}
-        if not isinstance(seg_loss, Mapping) or set(seg_loss) - set(SEG_LOSS_KEYS):
-            raise ConfigError(
-                f"seg_loss={seg_loss!r} is invalid; expected a dict with keys among "
-                f"{list(SEG_LOSS_KEYS)}"
-            )
-        pos_weight = _number(
-            "seg_loss.pos_weight", seg_loss.get("pos_weight"), minimum=0.0, allow_none=True
+        seg_loss = validate.keys(
+            "seg_loss", plain(seg_loss) if seg_loss is not None else {}, SEG_LOSS_KEYS
         )
-        dice_weight = _number("seg_loss.dice_weight", seg_loss.get("dice_weight", 0.0), minimum=0.0)
-        recon_weight = _number("recon_weight", recon_weight, minimum=0.0)  # type: ignore[assignment]
+        # Non-finite weights pass (as ever): NonFiniteLossGuard stops such a run at its first step.
+        pos_weight = seg_loss.get("pos_weight")  # None: unweighted
+        if pos_weight is not None:
+            pos_weight = validate.number("seg_loss.pos_weight", pos_weight, 0.0, finite=False)
+        dice_weight = validate.number(
+            "seg_loss.dice_weight", seg_loss.get("dice_weight", 0.0), 0.0, finite=False
+        )
+        recon_weight = validate.number("recon_weight", recon_weight, 0.0, finite=False)
         if recon_loss not in RECON_LOSSES:
             raise ConfigError(
                 f"recon_loss={recon_loss!r} is not supported; expected one of {list(RECON_LOSSES)}"

@@ -6,7 +6,7 @@ page halves the previous one. All pages are tiled; pages above level 0 carry ``s
 format). The resolution tags are written in centimetres so that OpenSlide reports
 ``openslide.mpp-x`` / ``openslide.mpp-y`` equal to the ``mpp`` given (µm per level-0 pixel).
 
-Used by :mod:`lymphnode.synth` (synthetic slides), ``python -m lymphnode.annotations to-mask``
+Used by :mod:`lymphnode.synthetic.slide` (synthetic slides), ``python -m lymphnode.annotations to-mask``
 (0/255 lesion masks) and inference (probability heatmaps).
 """
 

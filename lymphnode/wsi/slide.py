@@ -42,7 +42,6 @@ log = logging.getLogger(__name__)
 
 #: OpenSlide property names used here (OpenSlide's own constants).
 PROPERTY_MPP_X = openslide.PROPERTY_NAME_MPP_X
-PROPERTY_MPP_Y = openslide.PROPERTY_NAME_MPP_Y
 PROPERTY_VENDOR = openslide.PROPERTY_NAME_VENDOR
 
 #: File suffixes of the whole-slide formats OpenSlide reads (for finding slides in a folder).
