@@ -12,18 +12,16 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from tiny_runs import PATCH, write_caches
 
-from lymphnode.patches.cache import CacheWriter
 from lymphnode.train import read_results, write_results
 
-PATCH = 32  # px
 # A tiny network and a short schedule: every run takes a few seconds on one CPU core.
 TINY = (
     "trainer=cpu",
@@ -42,46 +40,10 @@ FINETUNE = ("data.labeled_size=10", "data.folds=5")
 SEG_KEYS = ("test/seg_precision", "test/seg_recall", "test/seg_f1", "test/seg_dice", "test/seg_iou")
 
 
-def _patch(rng: np.random.Generator, tumor: bool) -> tuple[np.ndarray, np.ndarray]:
-    """A (P, P, 3) uint8 pink patch and its (P, P) {0,1} mask: tumour = dark purple disc."""
-    image = np.empty((PATCH, PATCH, 3), np.uint8)
-    image[:] = (230, 170, 200)
-    image = np.clip(image + rng.normal(0, 12, image.shape), 0, 255).astype(np.uint8)
-    mask = np.zeros((PATCH, PATCH), np.uint8)
-    if tumor:
-        yy, xx = np.mgrid[:PATCH, :PATCH]
-        cy, cx = rng.integers(8, PATCH - 8, 2)
-        mask[(yy - cy) ** 2 + (xx - cx) ** 2 <= rng.integers(36, 100)] = 1
-        image[mask == 1] = (110, 50, 140)
-    return image, mask
-
-
-def _write_cache(path: Path, slides: Sequence[str], n: int, masks: bool, seed: int) -> None:
-    writer = CacheWriter(
-        path, {"level": 1, "patch_size": PATCH, "source": "tests/test_train.py"},
-        codec="raw", patch_size=PATCH, has_masks=masks,
-    )  # fmt: skip
-    rng = np.random.default_rng(seed)
-    for s, slide in enumerate(slides):
-        with writer.slide(slide, n=n) as shard:
-            for k in range(n):
-                tumor = k % 2 == 1
-                image, mask = _patch(rng, tumor)
-                shard.add(
-                    image, mask if masks else None, x=64 * k, y=64 * s, level=1, label=int(tumor)
-                )
-        writer.commit(slide, shard.info)
-    writer.finalize(list(slides))
-
-
 @pytest.fixture(scope="session")
 def caches(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``<dir>/{unlabeled,labeled,test}``: 48 unlabeled, 24 labeled, 8 test patches."""
-    root = tmp_path_factory.mktemp("caches")
-    _write_cache(root / "unlabeled", ["tumor_001", "normal_001"], 24, masks=False, seed=1)
-    _write_cache(root / "labeled", ["tumor_001", "tumor_002"], 12, masks=True, seed=2)
-    _write_cache(root / "test", ["tumor_003"], 8, masks=True, seed=3)
-    return root
+    return write_caches(tmp_path_factory.mktemp("caches"))
 
 
 def run_cli(*overrides: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:

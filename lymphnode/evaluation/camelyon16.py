@@ -73,14 +73,14 @@ class EvaluationSettings:
             )
 
 
-def _find_heatmaps(heatmaps: str | Path) -> list[Path]:
+def find_heatmaps(heatmaps: str | Path) -> list[Path]:
     """``heatmaps`` itself when it is a file, else every ``*.heatmap.tif`` in the folder."""
     root = Path(heatmaps)
     if root.is_file():
         return [root]
     if not root.is_dir():
         raise EvaluationError(
-            f"heatmaps={root} does not exist (expected a folder of *{HEATMAP_SUFFIX})"
+            f"heatmaps={root} does not exist (expected a folder of *{HEATMAP_SUFFIX} or one file)"
         )
     found = sorted(root.glob(f"*{HEATMAP_SUFFIX}"))
     if not found:
@@ -103,7 +103,7 @@ def evaluate(
     if not annotations_dir.is_dir():
         raise EvaluationError(f"annotations={annotations_dir} is not a folder of ASAP XML files")
     ref = read_reference(reference) if reference else None
-    paths = _find_heatmaps(heatmaps)
+    paths = find_heatmaps(heatmaps)
 
     per_slide: list[dict] = []
     froc_data: list[SlideFroc] = []

@@ -31,8 +31,9 @@ import numpy as np
 
 from lymphnode.core import validate
 from lymphnode.core.errors import ConfigError, EvaluationError
+from lymphnode.evaluation.camelyon16 import find_heatmaps
 from lymphnode.evaluation.lesions import detect_lesions
-from lymphnode.inference.heatmap import HEATMAP_SUFFIX, Heatmap, read_heatmap
+from lymphnode.inference.heatmap import Heatmap, read_heatmap
 from lymphnode.inference.lesions import Lesion, lesion_polygons, validate_thresholds
 from lymphnode.wsi.annotations import write_asap
 from lymphnode.wsi.geojson import (
@@ -121,20 +122,6 @@ def find_slide(slides: str | Path, name: str, heatmap: Path) -> Path:
         f"heatmap {heatmap} has no slide: no {name}.{{{','.join(s[1:] for s in SLIDE_SUFFIXES)}}} "
         f"in slides={root}"
     )
-
-
-def _find_heatmaps(heatmaps: str | Path) -> list[Path]:
-    root = Path(heatmaps)
-    if root.is_file():
-        return [root]
-    if not root.is_dir():
-        raise EvaluationError(
-            f"heatmaps={root} does not exist (expected a folder of *{HEATMAP_SUFFIX} or one file)"
-        )
-    found = sorted(root.glob(f"*{HEATMAP_SUFFIX}"))
-    if not found:
-        raise EvaluationError(f"no *{HEATMAP_SUFFIX} files in heatmaps={root}")
-    return found
 
 
 def _xml_path(out_dir: Path, slide: str, threshold: float, several: bool) -> Path:
@@ -275,7 +262,7 @@ def export(
     """
     settings = settings or ExportSettings()
     jobs: list[tuple[Path, float]] = []  # (heatmap, level-0 µm/px): every one checked first
-    for path in _find_heatmaps(heatmaps):
+    for path in find_heatmaps(heatmaps):
         heatmap = read_heatmap(path)
         jobs.append((path, _check_against_slide(path, heatmap, slides, settings.mpp)))
         del heatmap  # memory: one heatmap at a time, whatever their number
