@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from test_infer import _slide
-from test_train import _write_cache
+from tiny_runs import _write_cache
 
 from lymphnode.inference.heatmap import read_heatmap
 
