@@ -3,8 +3,10 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-# CPU build by default (from local disk here); GPU users: make install TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
-TORCH ?= torch==2.13.0
+# torch + torchvision (lightly, timm and segmentation-models-pytorch need torchvision; PyPI's
+# torchvision does not load beside the local CPU-only torch 2.13.0, so the pair is 2.14.1/0.29.1,
+# CUDA builds that also run on CPU). Other builds: make install TORCH="torch==X torchvision==Y --index-url ..."
+TORCH ?= torch==2.14.1 torchvision==0.29.1
 DEMO := outputs/demo
 export WANDB_MODE ?= offline
 export NO_ALBUMENTATIONS_UPDATE := 1
@@ -17,7 +19,7 @@ help:  ## list the targets
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install $(TORCH)
+	$(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -e '.[dev]'
 	@touch $@
 
