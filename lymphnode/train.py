@@ -68,8 +68,25 @@ def pretrained_if(init: Any, path: Any) -> Any:
     return path if init == "pretrained" else None
 
 
-if not OmegaConf.has_resolver("pretrained_if"):
-    OmegaConf.register_new_resolver("pretrained_if", pretrained_if)
+def pretext_suffix(name: Any) -> str:
+    """The ``pretext_suffix`` resolver: ``""`` for the paper's ``reconstruction`` pretext (its runs
+    keep the folders ``pretrain`` and ``pretrained``), ``"-<name>"`` for any other."""
+    return "" if name in (None, "reconstruction") else f"-{name}"
+
+
+def run_arm(init: Any, pretext: Any) -> str:
+    """The ``run_arm`` resolver: the first folder of a fine-tuning run, ``scratch`` (shared by every
+    pretext), ``pretrained`` (reconstruction) or ``pretrained-<pretext>``."""
+    return "scratch" if init == "scratch" else f"{init}{pretext_suffix(pretext)}"
+
+
+for _name, _resolver in (
+    ("pretrained_if", pretrained_if),
+    ("pretext_suffix", pretext_suffix),
+    ("run_arm", run_arm),
+):
+    if not OmegaConf.has_resolver(_name):
+        OmegaConf.register_new_resolver(_name, _resolver)
 
 
 # --- configuration checks -----------------------------------------------------------------------
@@ -155,9 +172,10 @@ def warn_if_data_differ(pretrained: Path, preprocess: Preprocess) -> list[str]:
 def build_task(
     cfg: DictConfig, datamodule: pl.LightningDataModule, pretrained: Path | None
 ) -> pl.LightningModule:
-    """The LightningModule of ``cfg.task`` (its network nested as ``net``, the pretrained
-    checkpoint by interpolation); warns when ``pretrained``'s preprocessing differs from the
-    data's. The module takes the data's contract itself when fitting starts (its ``setup``)."""
+    """The LightningModule of ``cfg.task`` (pretraining: the pretext's task, conf/task/<pretext>;
+    its network nested as ``net``, the pretrained checkpoint by interpolation); warns when
+    ``pretrained``'s preprocessing differs from the data's. The module takes the data's contract
+    itself when fitting starts (its ``setup``)."""
     if pretrained is not None:
         warn_if_data_differ(pretrained, datamodule.preprocess)  # type: ignore[attr-defined]
     return instantiate(cfg.task)
@@ -438,6 +456,7 @@ def _fit_and_evaluate(cfg: DictConfig, run_dir: Path, results: dict[str, Any]) -
                 results["steps"] = {"selected": None, "last": trainer.global_step}
             raise
         fit_s = time.perf_counter() - start
+        results["pretrained"] = _pretrained_record(module)
         results["fast_dev_run"] = bool(getattr(trainer, "fast_dev_run", False))
         reason = stop_reason(trainer)
         results["budget"]["stopped_by"] = reason
@@ -450,6 +469,21 @@ def _fit_and_evaluate(cfg: DictConfig, run_dir: Path, results: dict[str, Any]) -
         finish_loggers(loggers, failed=True)
         raise
     finish_loggers(loggers, failed=False)
+
+
+def _pretrained_record(module: pl.LightningModule) -> dict[str, Any] | None:
+    """What a fine-tuning run took from its pretraining checkpoint (None without one): the path,
+    ``transfer`` (network | encoder), the checkpoint's task and the tensor counts."""
+    report = getattr(module, "pretrained_report", None)
+    if report is None:
+        return None
+    return {
+        "checkpoint": str(report.path),
+        "task": report.task,
+        "transfer": report.transfer,
+        "loaded": len(report.loaded),
+        "reinitialized": len(report.reinitialized),
+    }
 
 
 def finish_loggers(loggers: Sequence[Logger], failed: bool) -> None:
@@ -493,6 +527,7 @@ def train(cfg: DictConfig) -> float:
         "status": "failed",
         "experiment": experiment_name(cfg) if cfg.stage in STAGES else cfg.stage,
         "init": "pretrain" if cfg.stage == "pretrain" else cfg.init,
+        "pretext": None if cfg.get("init") == "scratch" else cfg.pretext.name,
         "labeled_size": OmegaConf.select(cfg, "data.labeled_size", default=None),
         "fold": OmegaConf.select(cfg, "data.fold", default=None),
         "seed": cfg.seed,

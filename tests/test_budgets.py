@@ -41,7 +41,7 @@ def test_pretraining_budget_is_epochs_or_the_demo_steps() -> None:
     demo = compose_train("experiment=pretrain", "profile=demo")
     assert demo.trainer.max_steps > 0 and demo.trainer.max_epochs == -1
     # the demo's faster fine-tuning LR does not leak into pretraining
-    assert demo.task.optimizer.lr == full.task.optimizer.lr
+    assert demo.task.optimizer.lr == full.task.optimizer.lr == 1e-3
     finetune = compose_train("experiment=finetune", "profile=demo")
     assert finetune.task.optimizer.lr == finetune.demo_budget.finetune.lr
 

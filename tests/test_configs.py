@@ -138,9 +138,35 @@ def test_demo_profile_wins_over_the_experiment_in_either_order() -> None:
 def test_pretext_is_a_config_group_of_pretraining() -> None:
     cfg = compose_train("experiment=pretrain", "pretext=reconstruction")
     assert cfg == compose_train("experiment=pretrain")  # the default pretext
-    assert cfg.task._target_ == "lymphnode.tasks.ReconstructionModule"
-    assert "pretrained" not in cfg.task and "seg_loss" not in cfg.task  # not merged with multitask
+    task = cfg.task
+    assert task._target_ == "lymphnode.tasks.ReconstructionModule"
+    assert "pretrained" not in task and "seg_loss" not in task  # not merged with multitask
     assert cfg.model.top_skip is False
+
+
+@pytest.mark.parametrize(
+    ("pretext", "target", "selection", "views"),
+    [
+        ("masked", "lymphnode.tasks.MaskedModule", "val_loss", 1),
+        ("contrastive", "lymphnode.tasks.ContrastiveModule", "last", 2),
+        ("stain", "lymphnode.tasks.StainModule", "val_loss", 1),
+    ],
+)
+def test_each_pretext_has_its_task_folder_and_checkpoint(
+    pretext: str, target: str, selection: str, views: int
+) -> None:
+    pre = compose_train("experiment=pretrain", f"pretext={pretext}", "profile=demo")
+    OmegaConf.to_container(pre, resolve=True)
+    assert pre.task._target_ == target
+    assert pre.selection == selection and pre.data.views == views
+    assert pre.run_dir == f"outputs/demo/runs/pretrain-{pretext}"
+    assert pre.task.optimizer.lr == pre.demo_budget.pretrain.lr  # the profile reaches it
+    fine = compose_train("experiment=finetune", f"pretext={pretext}", "data.labeled_size=80")
+    assert fine.run_dir == f"outputs/runs/pretrained-{pretext}/size80/fold0/seed0"
+    assert fine.task.pretrained == f"outputs/runs/pretrain-{pretext}/checkpoints/best.ckpt"
+    assert fine.task._target_ == "lymphnode.tasks.MultiTaskModule"  # fine-tuning is unchanged
+    scratch = compose_train("experiment=scratch", f"pretext={pretext}", "data.labeled_size=80")
+    assert scratch.run_dir == "outputs/runs/scratch/size80/fold0/seed0"  # shared by every pretext
 
 
 def test_hydra_run_and_sweep_dirs_are_the_run_dir() -> None:

@@ -1,6 +1,6 @@
 """A new network and a new pretext task are one module + one YAML each, outside lymphnode/.
 
-tests/toy/ holds both (toy_lymphnode.py: ``ToyNet``, ``DenoisePretext``; conf/model/toy.yaml,
+tests/toy/ holds both (toy_lymphnode.py: ``ToyNet``, ``DenoisePretext``; conf/model/toy.yaml, conf/task/toy.yaml,
 conf/pretext/toy.yaml). The real CLIs pretrain with them, fine-tune from that checkpoint and infer
 with the fine-tuned one, with the toy configs reached through ``hydra.searchpath`` and the module
 through PYTHONPATH only.
@@ -54,17 +54,17 @@ def test_toy_network_and_pretext_pretrain_finetune_and_infer(tmp_path: Path) -> 
     paths = (f"paths.root={tmp_path}", f"paths.cache_dir={caches}")
 
     _cli("lymphnode.train", "experiment=pretrain", "pretext=toy", SEARCHPATH, *paths, *RUN)
-    pretrain = tmp_path / "runs" / "pretrain" / "checkpoints" / "best.ckpt"
+    pretrain = tmp_path / "runs" / "pretrain-toy" / "checkpoints" / "best.ckpt"  # pretext's folder
     ckpt = torch.load(pretrain, map_location="cpu", weights_only=True)
     assert ckpt["lymphnode"]["task_target"] == "toy_lymphnode.DenoisePretext"
     assert ckpt["hyper_parameters"]["net"] == {"_target_": "toy_lymphnode.ToyNet", "width": 4}
-    assert "val/denoise_mse" in (tmp_path / "runs" / "pretrain" / "csv" / "metrics.csv").read_text()
+    assert "val/denoise_mse" in (tmp_path / "runs" / "pretrain-toy" / "csv" / "metrics.csv").read_text()
 
-    result = _cli("lymphnode.train", "experiment=finetune", SEARCHPATH, *paths, *RUN,
+    result = _cli("lymphnode.train", "experiment=finetune", "pretext=toy", SEARCHPATH, *paths, *RUN,
                   "data.labeled_size=10", "data.folds=5")  # fmt: skip
     output = result.stdout + result.stderr
     assert "initialised from pretrained" in output and "loaded 6 tensors" in output
-    finetuned = tmp_path / "runs" / "pretrained" / "size10" / "fold0" / "seed0"
+    finetuned = tmp_path / "runs" / "pretrained-toy" / "size10" / "fold0" / "seed0"
     best = finetuned / "checkpoints" / "best.ckpt"
     ckpt = torch.load(best, map_location="cpu", weights_only=True)
     assert ckpt["lymphnode"]["task_target"] == "lymphnode.tasks.multitask.MultiTaskModule"

@@ -11,8 +11,10 @@ seed 0; ``slide``: train on tumor_001 + tumor_004, test on tumor_064), it
    pool images without their masks) under ``<out>/<protocol>/lists/``;
 2. imports them with ``python -m lymphnode.cache import --list ...`` into
    ``<out>/<protocol>/caches/{labeled,test,unlabeled}``;
-3. pretrains (``python -m lymphnode.train experiment=pretrain profile=real_dev``);
-4. runs the table sweep, pretrained and scratch × sizes × folds (``--multirun experiment=table``);
+3. pretrains with every pretext of ``--pretexts`` (``python -m lymphnode.train experiment=pretrain
+   pretext=<p> profile=real_dev``; default reconstruction, masked, contrastive, stain);
+4. runs the table sweep, each pretext's fine-tuning and scratch (once) × sizes × folds
+   (``--multirun experiment=table pretext=<p1>,<p2>,...``);
 5. writes the reports (``python -m lymphnode.report``) into ``<out>/<protocol>/report/`` (the
    selected checkpoint), ``report_val_loss/`` and ``report_last/`` (the other selections).
 
@@ -38,6 +40,7 @@ from PIL import Image
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 PROTOCOLS = ("patch", "slide")
+PRETEXTS = ("reconstruction", "masked", "contrastive", "stain")
 SLIDE_PROTOCOL = {"pool": ("tumor_001", "tumor_004"), "test": ("tumor_064",)}
 TEST_FRACTION = 1 / 3  # patch protocol: the held-out share of each class
 SPLIT_SEED = 0
@@ -125,13 +128,15 @@ def protocol_runs(args: argparse.Namespace, protocol: str) -> None:
         f"paths.root={root}",
         *args.override,
     ]
-    run([*py, "lymphnode.train", "experiment=pretrain", *common])
+    for pretext in args.pretexts:
+        run([*py, "lymphnode.train", "experiment=pretrain", f"pretext={pretext}", *common])
     sizes = ",".join(str(s) for s in args.sizes)
     folds = ",".join(str(k) for k in range(args.folds))
     run(
         [
             *py, "lymphnode.train", "--multirun", "experiment=table", *common,
-            f"data.labeled_size={sizes}", f"data.fold={folds}",
+            f"pretext={','.join(args.pretexts)}", f"data.labeled_size={sizes}",
+            f"data.fold={folds}",
         ]
     )  # fmt: skip
     # the selected checkpoint (selection=val_f1), and what val_loss and the final step would give
@@ -151,6 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--protocols", nargs="+", choices=PROTOCOLS, default=list(PROTOCOLS))
     parser.add_argument("--sizes", nargs="+", type=int, default=[10, 20, 30])
     parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--pretexts", nargs="+", choices=PRETEXTS, default=list(PRETEXTS))
     parser.add_argument(
         "override", nargs="*", help="extra Hydra overrides for every train run (key=value)"
     )

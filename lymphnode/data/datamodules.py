@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 
 CLASSES = (0, 1)  # 0 non-tumor, 1 tumor (the cache's label convention)
 CLASS_NAMES = {0: "non-tumor", 1: "tumor"}
-_TRANSFORM_KEYS = ("d4", "color_jitter", "hed", "crop")
+_TRANSFORM_KEYS = ("d4", "color_jitter", "hed", "crop", "blur", "grayscale")
 FOLD_BY = ("patch", "slide")
 _STAIN_KEYS = ("method", "reference", "reference_cache", "n_patches", "seed", "options")
 _STAIN_DEFAULTS: dict[str, Any] = {
@@ -436,6 +436,12 @@ class PretrainDataModule(_CacheDataModule):
         normalize: ``{"mean", "std"}`` in 0..1 units (None: 0.5/0.5).
         stain_norm: null, or ``{method: macenko|reinhard, reference: image path|null,
             reference_cache: path|null, n_patches: 32, seed: 0, options: {}}``.
+        views: images per patch (1; 2 for a joint-embedding pretext: items then also hold
+            ``image2``, a second independent draw of the augmentations, in training and
+            validation).
+        view_transforms: the views' augmentations when ``views > 1`` (keys as ``transforms``;
+            None: ``transforms``). Their ``crop`` must equal ``transforms.crop`` (the input size
+            the contract records).
     """
 
     def __init__(
@@ -451,6 +457,8 @@ class PretrainDataModule(_CacheDataModule):
         transforms: Mapping[str, Any] | None = None,
         normalize: Mapping[str, Sequence[float]] | None = None,
         stain_norm: Mapping[str, Any] | None = None,
+        views: int = 1,
+        view_transforms: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(
             train_cache=cache_dir,
@@ -470,6 +478,17 @@ class PretrainDataModule(_CacheDataModule):
             raise ConfigError(f"val_fraction={val_fraction!r} is invalid: expected in (0, 1)")
         self.cache_dir = Path(cache_dir)
         self.val_fraction = float(val_fraction)
+        self.views = validate.integer("views", views, 1)
+        self.view_options: dict[str, Any] | None = None
+        if view_transforms is not None:
+            self.view_options = _transform_options(view_transforms)
+            crop = self.transform_options.get("crop")
+            if self.view_options.setdefault("crop", crop) != crop:
+                raise ConfigError(
+                    f"view_transforms.crop={self.view_options['crop']} differs from "
+                    f"transforms.crop={crop}: the views must have the network's input size"
+                )
+            build_train_transform(Preprocess(0, 1), **self.view_options)  # validates them now
 
     def split(self) -> tuple[np.ndarray, np.ndarray]:
         """(train, val) sorted cache positions, from a permutation seeded by ``seed``."""
@@ -488,8 +507,14 @@ class PretrainDataModule(_CacheDataModule):
         if self.train_dataset is not None:
             return
         train, val = self.split()
-        self.train_dataset = CacheDataset(self.cache_dir, train, self.train_transform(), False)
-        self.val_dataset = CacheDataset(self.cache_dir, val, self.eval_transform(), False)
+        if self.views == 1:
+            train_tf, val_tf = self.train_transform(), self.eval_transform()
+        else:  # every view augmented, validation too (identical views would make the loss trivial)
+            options = self.view_options if self.view_options is not None else self.transform_options
+            train_tf = build_train_transform(self.preprocess, **options, seed=self.seed)
+            val_tf = build_train_transform(self.preprocess, **options, seed=self.seed + 1)
+        self.train_dataset = CacheDataset(self.cache_dir, train, train_tf, False, self.views)
+        self.val_dataset = CacheDataset(self.cache_dir, val, val_tf, False, self.views)
         log.info(
             "pretraining data: %d train / %d validation patches of %s",
             len(train),

@@ -18,6 +18,7 @@ import albumentations as A
 import numpy as np
 from torch.utils.data import Dataset, get_worker_info
 
+from lymphnode.core import validate
 from lymphnode.core.errors import CacheError, ConfigError
 from lymphnode.data.transforms import seed_pipeline, to_sample
 from lymphnode.patches.cache import PatchCache
@@ -27,7 +28,9 @@ class CacheDataset(Dataset):
     """Patches ``indices`` of the cache at ``cache_path``, as dicts of tensors.
 
     Items: ``{"image": (3, P, P) float32, "mask": (1, P, P) float32 {0, 1} (only with
-    with_masks), "index": int (the patch's position in the cache)}``; P = the cache's patch size
+    with_masks), "index": int (the patch's position in the cache)}``, plus ``"image2"``,
+    ``"image3"``, ... with ``views > 1`` (further independent draws of ``transform`` from the same
+    patch: the views of a joint-embedding pretext); P = the cache's patch size
     in pixels of the level it was read at. With ``transform=None`` the image is ``uint8 / 255`` in
     0..1 (no normalisation).
 
@@ -36,6 +39,7 @@ class CacheDataset(Dataset):
         indices: cache positions to serve, in this order (None: all patches).
         transform: an albumentations pipeline (``lymphnode.data.transforms.build_*_transform``).
         with_masks: return masks (the cache must have them).
+        views: images per item (1, or 2+ for independent augmented views; not with masks).
 
     Raises:
         CacheError: missing or unreadable cache (from PatchCache), or with_masks on a cache
@@ -49,8 +53,12 @@ class CacheDataset(Dataset):
         indices: Sequence[int] | np.ndarray | None = None,
         transform: A.Compose | None = None,
         with_masks: bool = False,
+        views: int = 1,
     ) -> None:
         self.cache_path = Path(cache_path)
+        self.views = validate.integer("views", views, 1)
+        if self.views > 1 and with_masks:
+            raise ConfigError(f"views={views} with masks is not supported: views are images only")
         cache = PatchCache(self.cache_path)  # validates the manifest; opens no shard file yet
         n = len(cache)
         if with_masks and not cache.has_masks:
@@ -102,6 +110,8 @@ class CacheDataset(Dataset):
         image, mask = self._open()[index]
         tensor, mask_tensor = to_sample(self.transform, image, mask if self.with_masks else None)
         item: dict[str, Any] = {"image": tensor}
+        for view in range(2, self.views + 1):
+            item[f"image{view}"] = to_sample(self.transform, image, None)[0]
         if self.with_masks:
             item["mask"] = mask_tensor
         item["index"] = index

@@ -56,6 +56,10 @@ DEFAULT_COLOR_JITTER: dict[str, float] = {
 }
 # Tellez et al. 2018 used 0.05 ("HED-light"); 0.03 is a milder default (see HEDJitter for units).
 DEFAULT_HED: dict[str, float] = {"sigma": 0.03, "bias": 0.03, "p": 1.0}
+# Gaussian blur (SimCLR's views): sigma in px of the patch's level, applied with probability p.
+DEFAULT_BLUR: dict[str, float] = {"sigma_min": 0.1, "sigma_max": 2.0, "p": 0.5}
+# Greyscale (SimCLR's views): luminance copied to the 3 channels with probability p.
+DEFAULT_GRAYSCALE: dict[str, float] = {"p": 0.2}
 
 
 def hed_perturb(
@@ -224,10 +228,13 @@ def build_train_transform(
     color_jitter: Mapping[str, float] | bool | None = True,
     hed: Mapping[str, float] | bool | None = None,
     crop: int | None = None,
+    blur: Mapping[str, float] | bool | None = None,
+    grayscale: Mapping[str, float] | bool | None = None,
     seed: int | None = None,
 ) -> A.Compose:
     """The training pipeline: [random crop] -> stain norm -> D4 -> [colour jitter] -> [HED] ->
-    normalise -> tensor (the contract's two steps around the augmentations).
+    [blur] -> [greyscale] -> normalise -> tensor (the contract's two steps around the
+    augmentations).
 
     Args:
         preprocess: the preprocessing contract (stain state, normalisation).
@@ -239,6 +246,10 @@ def build_train_transform(
             ``sigma, bias, p`` (:class:`HEDJitter`).
         crop: side in px of a random crop (image and mask together) taken first, or None for the
             whole patch; it must not exceed the cached patch side.
+        blur: None/False (default) for none, True/{} for :data:`DEFAULT_BLUR` (Gaussian, sigma
+            ``sigma_min..sigma_max`` px, probability ``p``), or a mapping overriding those keys.
+        grayscale: None/False (default) for none, True/{} for :data:`DEFAULT_GRAYSCALE`, or
+            ``{p}``: the image becomes its luminance in all 3 channels with probability p.
         seed: seed of the pipeline's random generator (None: fresh entropy). DataLoader workers
             reseed their copy (see :class:`lymphnode.data.datasets.CacheDataset`).
 
@@ -259,6 +270,20 @@ def build_train_transform(
     hed_options = _merge_options("hed", hed, DEFAULT_HED)
     if hed_options is not None:
         steps.append(HEDJitter(**hed_options))
+    blur_options = _merge_options("blur", blur, DEFAULT_BLUR)
+    if blur_options is not None:
+        low, high, p = blur_options["sigma_min"], blur_options["sigma_max"], blur_options["p"]
+        if not (0.0 < low <= high) or not 0.0 <= p <= 1.0:
+            raise ConfigError(
+                f"blur={blur_options} is invalid: expected 0 < sigma_min <= sigma_max (px) and p "
+                "in [0, 1]"
+            )
+        steps.append(A.GaussianBlur(blur_limit=0, sigma_limit=(low, high), p=p))
+    gray_options = _merge_options("grayscale", grayscale, DEFAULT_GRAYSCALE)
+    if gray_options is not None:
+        if not 0.0 <= gray_options["p"] <= 1.0:
+            raise ConfigError(f"grayscale.p={gray_options['p']} is invalid: expected in [0, 1]")
+        steps.append(A.ToGray(num_output_channels=3, p=gray_options["p"]))
     pipeline = A.Compose([*steps, PreprocessStep(preprocess, "normalize")])
     seed_pipeline(pipeline, seed)
     return pipeline
@@ -307,7 +332,9 @@ def to_sample(
 
 
 __all__ = [
+    "DEFAULT_BLUR",
     "DEFAULT_COLOR_JITTER",
+    "DEFAULT_GRAYSCALE",
     "DEFAULT_HED",
     "HEDJitter",
     "PreprocessStep",

@@ -7,7 +7,9 @@ A lymphnode checkpoint is a Lightning checkpoint written by a :class:`lymphnode.
 - ``hyper_parameters["preprocess"]``: the preprocessing contract (:meth:`Preprocess.to_dict`);
 - ``checkpoint["lymphnode"]``: ``task_target`` (the task module's class), ``net_attribute`` (the
   network's attribute, so its weights are ``state_dict["<net_attribute>.*"]``), ``format``,
-  ``version``.
+  ``version``, and ``transfer``: what of the network a fine-tuning run takes from it
+  (``network``, every tensor; ``encoder``, the encoder only — a joint-embedding pretext trains
+  nothing else; absent in older checkpoints: ``network``).
 
 Checkpoints written before the preprocessing contract (format 1: ``hyper_parameters["model"]``
 holding UNet arguments and ``normalize``/``patch_size``/``level``, weights under ``net.``) still load:
@@ -59,6 +61,7 @@ class CheckpointParts:
     task_target: str | None  # import path of the task module class (None: unknown)
     net_attribute: str
     legacy: bool  # written before the preprocessing contract
+    transfer: str = "network"  # what fine-tuning takes: "network" (all) or "encoder"
 
 
 @dataclass
@@ -71,11 +74,13 @@ class LoadReport:
     skipped: list[str] = field(default_factory=list)  # shape mismatches (strict_shapes=False only)
     missing: list[str] = field(default_factory=list)  # in the model, not in the checkpoint
     unexpected: list[str] = field(default_factory=list)  # in the checkpoint, not in the model
+    transfer: str = "network"  # "network": every tensor; "encoder": the encoder's only
+    task: str | None = None  # the checkpoint's task module class (import path)
 
     def summary(self) -> str:
         """One line for the log."""
         return (
-            f"{self.path}: loaded {len(self.loaded)} tensors, re-initialised "
+            f"{self.path}: loaded {len(self.loaded)} tensors ({self.transfer}), re-initialised "
             f"{len(self.reinitialized)}, skipped {len(self.skipped)} (shape), "
             f"{len(self.missing)} missing, {len(self.unexpected)} unexpected"
         )
@@ -197,7 +202,20 @@ def checkpoint_parts(ckpt: Mapping[str, Any], path: str | Path) -> CheckpointPar
         task_target=task_target,
         net_attribute=net_attribute,
         legacy=legacy,
+        transfer=_transfer_of(record, path),
     )
+
+
+TRANSFERS = ("network", "encoder")
+
+
+def _transfer_of(record: Mapping[str, Any], path: Path) -> str:
+    transfer = record.get("transfer", "network")
+    if transfer not in TRANSFERS:
+        raise CheckpointError(
+            f"checkpoint {path}: lymphnode.transfer={transfer!r} is not one of {list(TRANSFERS)}"
+        )
+    return str(transfer)
 
 
 def _preprocess_of(hparams: Mapping[str, Any], path: Path, legacy: bool) -> Preprocess:
@@ -252,22 +270,34 @@ def load_pretrained_weights(
 
     When ``net`` has ``prepare_transfer(source_config)`` (the UNet: a different ``top_skip``
     re-initialises the top decoder block, with a warning), the prefixes it returns are not
-    loaded. Every other tensor must exist on both sides with equal shapes; otherwise
+    loaded. A checkpoint whose ``transfer`` is ``encoder`` (a joint-embedding pretext) gives only
+    the tensors under ``net.encoder_prefix`` (default ``encoder.``); the rest keeps its
+    initialisation and is neither missing nor unexpected. Every other tensor must exist on both sides with equal shapes; otherwise
     CheckpointError lists each mismatched name with its checkpoint and model shapes. With
     ``strict_shapes=False`` the mismatches are skipped (left as initialised) and logged.
     """
     parts = read_parts(ckpt_path)
     path, ckpt_state = parts.path, parts.net_state
-    report = LoadReport(path=path)
+    report = LoadReport(path=path, transfer=parts.transfer, task=parts.task_target)
     model_state = net.state_dict()
     source_args = {k: v for k, v in parts.net_config.items() if k != TARGET}
     prepare = getattr(net, "prepare_transfer", None)
     prefixes: list[str] = list(prepare(source_args)) if callable(prepare) else []
+    encoder_prefix = str(getattr(net, "encoder_prefix", "encoder."))
+    if parts.transfer == "encoder":
+        ckpt_state = {k: v for k, v in ckpt_state.items() if k.startswith(encoder_prefix)}
+        if not ckpt_state:
+            raise CheckpointError(
+                f"checkpoint {path} transfers its encoder, but holds no '{encoder_prefix}*' "
+                f"tensors for {type(net).__name__}"
+            )
 
     def excluded(name: str) -> bool:
+        if parts.transfer == "encoder" and not name.startswith(encoder_prefix):
+            return True  # not transferred: keeps its initialisation
         return any(name.startswith(p) for p in prefixes)
 
-    report.reinitialized = [k for k in model_state if excluded(k)]
+    report.reinitialized = [k for k in model_state if any(k.startswith(p) for p in prefixes)]
     to_load: dict[str, Tensor] = {}
     mismatched: list[str] = []
     for name, value in ckpt_state.items():

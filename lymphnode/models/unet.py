@@ -95,6 +95,10 @@ class UNet(nn.Module):
     ``top_skip=False``, ``self.skips[0]`` is never called.
     """
 
+    encoder_prefix = (
+        "encoder."  # parameter names of the encoder (what an encoder-only pretext transfers)
+    )
+
     def __init__(
         self,
         in_channels: int = 3,
@@ -153,8 +157,21 @@ class UNet(nn.Module):
         instance norm, which cannot normalise a single pixel)."""
         return 2 ** (self.depth + (1 if self.norm == "instance" else 0))
 
-    def forward(self, x: Tensor) -> UNetOutput:
-        """Map images (B, in_channels, H, W) to (recon (B, in_channels, H, W), seg (B, 1, H, W))."""
+    @property
+    def encoder_channels(self) -> int:
+        """Channels of :meth:`encode`'s output (the bottleneck): ``base_width * 2**depth``."""
+        return self.base_width * 2**self.depth
+
+    def encode(self, x: Tensor) -> Tensor:
+        """The bottleneck features (B, base_width * 2**depth, H / 2**depth, W / 2**depth) of
+        normalised images (B, in_channels, H, W) (sizes floored): the encoder alone."""
+        self._check_input(x)
+        h = self.encoder[0](x)
+        for d in range(1, self.depth + 1):
+            h = self.encoder[d](F.max_pool2d(h, 2))
+        return h
+
+    def _check_input(self, x: Tensor) -> None:
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise ConfigError(
                 f"UNet input has shape {tuple(x.shape)}; expected (B, {self.in_channels}, H, W)"
@@ -165,6 +182,10 @@ class UNet(nn.Module):
                 f"{self.min_size} px for depth={self.depth}, norm={self.norm!r}; use larger "
                 "patches or a smaller depth"
             )
+
+    def forward(self, x: Tensor) -> UNetOutput:
+        """Map images (B, in_channels, H, W) to (recon (B, in_channels, H, W), seg (B, 1, H, W))."""
+        self._check_input(x)
         features = []  # depth d: (B, base*2**d, H_d, W_d), H_d = floor(H / 2**d)
         h = self.encoder[0](x)  # (B, base, H, W)
         for d in range(1, self.depth + 1):

@@ -3,7 +3,10 @@ from conf/task/ and conf/pretext/):
 
 - ``base``: :class:`TaskModule`, what every task shares (network by ``_target_``, preprocessing
   contract, optimizer / schedule partials, image logging);
-- ``reconstruction``: the reconstruction pretext task (pretraining);
+- ``reconstruction``: the reconstruction pretext task (pretraining, the paper's);
+- ``masked``: masked-image modelling (hidden blocks restored from their context);
+- ``contrastive``: SimCLR on the encoder with two augmented views (lightly's loss and head);
+- ``stain``: haematoxylin and eosin densities predicted from a greyscale / stain-jittered copy;
 - ``multitask``: segmentation + reconstruction fine-tuning (or training from scratch);
 - ``callbacks``: per-depth weight / gradient norms, the non-finite loss guard, the all-tumour
   baseline;
@@ -17,14 +20,20 @@ from __future__ import annotations
 
 from lymphnode.tasks.base import TaskModule
 from lymphnode.tasks.callbacks import DepthNormLogger, NonFiniteLossError, NonFiniteLossGuard
+from lymphnode.tasks.contrastive import ContrastiveModule
+from lymphnode.tasks.masked import MaskedModule
 from lymphnode.tasks.multitask import MultiTaskModule
 from lymphnode.tasks.reconstruction import ReconstructionModule
+from lymphnode.tasks.stain import StainModule
 
 __all__ = [
+    "ContrastiveModule",
     "DepthNormLogger",
+    "MaskedModule",
     "MultiTaskModule",
     "NonFiniteLossError",
     "NonFiniteLossGuard",
     "ReconstructionModule",
+    "StainModule",
     "TaskModule",
 ]

@@ -145,6 +145,28 @@ def require_keys(batch: Any, keys: Sequence[str], task: str) -> None:
         raise ConfigError(f"{task} batches must be dicts with keys {list(keys)}; got {have}")
 
 
+def stage_log_kwargs(stage: str, batch_size: int) -> dict[str, Any]:
+    """``self.log`` keywords of a loss at ``stage``: per step and epoch in training (not synced),
+    per epoch and synced over DDP ranks in validation/test, on the progress bar except in test."""
+    train = stage == "train"
+    return {
+        "on_step": train,
+        "on_epoch": True,
+        "sync_dist": not train,
+        "batch_size": batch_size,
+        "prog_bar": stage != "test",
+    }
+
+
+def freeze_heads(net: nn.Module, names: Sequence[str]) -> None:
+    """``requires_grad_(False)`` on the network's submodules ``names`` that exist (heads a task
+    does not train get no gradient, which DDP would reject)."""
+    for name in names:
+        module = getattr(net, name, None)
+        if isinstance(module, nn.Module):
+            module.requires_grad_(False)
+
+
 def image_grid(rows: Sequence[Tensor], pad: int = 2) -> np.ndarray:
     """Tile rows of images into one uint8 RGB array on a white background.
 
@@ -173,6 +195,9 @@ class TaskModule(pl.LightningModule):
 
     net: nn.Module
     net_attribute = "net"  # where the network lives; checkpoints record it (state_dict prefix)
+    # What a fine-tuning run takes from this task's checkpoints (checkpoint["lymphnode"]["transfer"]):
+    # "network" (every tensor) or "encoder" (a pretext that trains only the encoder).
+    transfer = "network"
     _optimizer_factory: Callable[..., Any]
     _scheduler_factory: Callable[..., Any] | None
 
@@ -334,6 +359,7 @@ class TaskModule(pl.LightningModule):
             "task": self.task_name,
             "task_target": f"{cls.__module__}.{cls.__qualname__}",
             "net_attribute": self.net_attribute,
+            "transfer": self.transfer,
             "version": lymphnode.__version__,
         }
 
@@ -374,9 +400,11 @@ __all__ = [
     "DEFAULT_SCHEDULER",
     "TaskModule",
     "describe_factory",
+    "freeze_heads",
     "image_grid",
     "plain",
     "require_keys",
     "resolve_factory",
+    "stage_log_kwargs",
     "weights_only_safe",
 ]

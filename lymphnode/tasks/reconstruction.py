@@ -2,8 +2,8 @@
 
 By default without the UNet's top skip, as the paper (otherwise the decoder copies the input
 through it and the deep blocks learn nothing). The pretext is selected by ``pretext=reconstruction``
-(conf/pretext/reconstruction.yaml); another pretext is another :class:`lymphnode.tasks.TaskModule`
-subclass plus a YAML there.
+(conf/pretext/reconstruction.yaml); the others (masked, contrastive, stain) are
+:class:`lymphnode.tasks.TaskModule` subclasses with a YAML there each.
 
 Batches are dicts: ``{"image": (B, 3, H, W) float32, normalised by the preprocessing contract, ...}``.
 """

@@ -1,0 +1,156 @@
+"""Contrastive pretraining (SimCLR) of the network's encoder on two augmented views per patch.
+
+Why SimCLR among the joint-embedding methods: it needs one network and one loss (no momentum
+encoder or teacher as BYOL/DINO, whose extra copies of the network and their schedules double the
+cost and the settings to tune), it has no collapse mode to guard against (the negatives prevent it),
+and with the small batches of a CPU or one GPU it stays well defined (NT-Xent on 2B views). The views
+come from the project's own albumentations pipeline (``pretext.view_transforms``: D4, strong colour
+jitter, HED stain jitter, blur, greyscale, random crops), so the encoder learns invariance to stain
+and orientation, the nuisances that separate centres. The loss (NT-Xent), the projection head and
+the distributed gathering of negatives are lightly's (MIT licence; runs offline).
+
+Only the encoder is trained (the decoder and heads are frozen: no gradient reaches them), and
+checkpoints say ``transfer: encoder``: fine-tuning copies the encoder and keeps its own random
+decoder. The network must have ``encode(x) -> (B, C, h, w)`` (its deepest features) and
+``encoder_channels`` (C): :class:`lymphnode.models.UNet` and :class:`lymphnode.models.SmpUNet`.
+
+Batches are dicts ``{"image": (B, 3, H, W), "image2": (B, 3, H, W), ...}``: two views of the same
+patches (``data.views: 2``, set by conf/pretext/contrastive.yaml).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lightly.loss import NTXentLoss
+from lightly.models.modules import SimCLRProjectionHead
+from torch import Tensor
+
+from lymphnode.core import validate
+from lymphnode.core.errors import ConfigError
+from lymphnode.models.preprocess import Preprocess
+from lymphnode.tasks.base import (
+    DEFAULT_OPTIMIZER,
+    DEFAULT_SCHEDULER,
+    TaskModule,
+    image_grid,
+    require_keys,
+    stage_log_kwargs,
+)
+
+
+def pair_accuracy(z1: Tensor, z2: Tensor) -> Tensor:
+    """Share of rows i whose most similar row of ``z2`` (cosine) is row i: how often a view finds
+    its partner among the batch's other patches. z1, z2 (B, D); a scalar in 0..1."""
+    sim = F.normalize(z1.float(), dim=1) @ F.normalize(z2.float(), dim=1).T  # (B, B)
+    target = torch.arange(z1.shape[0], device=z1.device)
+    return (sim.argmax(dim=1) == target).float().mean()
+
+
+class ContrastiveModule(TaskModule):
+    """SimCLR on the encoder: NT-Xent between the projections of two views of each patch.
+
+    Args:
+        net: the network's config (conf/model/*.yaml); it must provide ``encode`` and
+            ``encoder_channels`` (otherwise ConfigError names the network).
+        temperature: NT-Xent temperature (0.2; SimCLR used 0.1-0.5, lower for small batches).
+        hidden_dim, projection_dim: the projection head's hidden and output widths (an MLP with
+            batch norm, discarded after pretraining).
+        optimizer, scheduler, preprocess, channels_last, log_images_every_n_epochs,
+            n_log_images: as :class:`lymphnode.tasks.ReconstructionModule`.
+
+    Logs ``{stage}/loss`` (NT-Xent) and ``{stage}/pair_acc`` (:func:`pair_accuracy` of the
+    projections; chance is 1 / batch size), and on the first validation batch a grid of the two
+    views.
+    """
+
+    task_name = "contrastive"
+    transfer = "encoder"
+
+    def __init__(
+        self,
+        net: Mapping[str, Any] | None = None,
+        temperature: float = 0.2,
+        hidden_dim: int = 256,
+        projection_dim: int = 128,
+        optimizer: Any = DEFAULT_OPTIMIZER,
+        scheduler: Any = DEFAULT_SCHEDULER,
+        preprocess: Preprocess | Mapping[str, Any] | None = None,
+        channels_last: bool = False,
+        log_images_every_n_epochs: int = 1,
+        n_log_images: int = 8,
+    ) -> None:
+        super().__init__()
+        self.temperature = validate.number("temperature", temperature, 0.0, strict_minimum=True)
+        self.hidden_dim = validate.integer("hidden_dim", hidden_dim, 1)
+        self.projection_dim = validate.integer("projection_dim", projection_dim, 1)
+        self._init_common(
+            net,
+            {},
+            optimizer,
+            scheduler,
+            preprocess,
+            channels_last,
+            log_images_every_n_epochs,
+            n_log_images,
+        )
+        if not callable(getattr(self.net, "encode", None)) or not hasattr(
+            self.net, "encoder_channels"
+        ):
+            raise ConfigError(
+                f"pretext contrastive needs a network with encode() and encoder_channels; "
+                f"{self._net_config.get('_target_')} has none (use model=unet or model=smp_unet)"
+            )
+        prefix = str(getattr(self.net, "encoder_prefix", "encoder."))
+        for name, param in self.net.named_parameters():
+            if not name.startswith(prefix):
+                param.requires_grad_(False)  # decoder and heads: untouched, not transferred
+        self.head = SimCLRProjectionHead(
+            int(self.net.encoder_channels), self.hidden_dim, self.projection_dim
+        )
+        self.criterion = NTXentLoss(temperature=self.temperature, gather_distributed=True)
+        self.save_hyperparameters(
+            {
+                **self._common_hparams(),
+                "temperature": self.temperature,
+                "hidden_dim": self.hidden_dim,
+                "projection_dim": self.projection_dim,
+            }
+        )
+
+    def embed(self, x: Tensor) -> Tensor:
+        """Projections (B, projection_dim) of normalised images (B, C, H, W): encoder ->
+        global average pool -> projection head."""
+        features = self.net.encode(x)  # (B, C, h, w)
+        return self.head(features.mean(dim=(2, 3)))
+
+    def _step(self, batch: Mapping[str, Tensor], stage: str) -> Tensor:
+        require_keys(batch, ["image", "image2"], "contrastive (data.views: 2)")
+        x1, x2 = batch["image"], batch["image2"]
+        z1, z2 = self.embed(x1), self.embed(x2)
+        loss = self.criterion(z1, z2)
+        kwargs = stage_log_kwargs(stage, x1.shape[0])
+        self.log(f"{stage}/loss", loss.detach(), **kwargs)
+        self.log(f"{stage}/pair_acc", pair_accuracy(z1.detach(), z2.detach()), **kwargs)
+        return loss
+
+    def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:
+        self._step(batch, "val")
+        if self._should_log_images(batch_idx):
+            n = self.n_log_images
+            rows = [self.denormalize(batch[k][:n].float()) for k in ("image", "image2")]
+            self.log_image_grid(
+                "val/views", image_grid(rows), f"epoch {self.current_epoch}: view 1, view 2"
+            )
+
+    def test_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:
+        self._step(batch, "test")
+
+
+__all__ = ["ContrastiveModule", "pair_accuracy"]
