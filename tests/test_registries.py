@@ -58,7 +58,10 @@ def test_toy_network_and_pretext_pretrain_finetune_and_infer(tmp_path: Path) -> 
     ckpt = torch.load(pretrain, map_location="cpu", weights_only=True)
     assert ckpt["lymphnode"]["task_target"] == "toy_lymphnode.DenoisePretext"
     assert ckpt["hyper_parameters"]["net"] == {"_target_": "toy_lymphnode.ToyNet", "width": 4}
-    assert "val/denoise_mse" in (tmp_path / "runs" / "pretrain-toy" / "csv" / "metrics.csv").read_text()
+    assert (
+        "val/denoise_mse"
+        in (tmp_path / "runs" / "pretrain-toy" / "csv" / "metrics.csv").read_text()
+    )
 
     result = _cli("lymphnode.train", "experiment=finetune", "pretext=toy", SEARCHPATH, *paths, *RUN,
                   "data.labeled_size=10", "data.folds=5")  # fmt: skip
