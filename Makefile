@@ -8,6 +8,12 @@ PY := $(VENV)/bin/python
 # CUDA builds that also run on CPU). Other builds: make install TORCH="torch==X torchvision==Y --index-url ..."
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 DEMO := outputs/demo
+# Pretext tasks of the demo table (space-separated; each pretrains once, scratch runs once per size
+# and fold): e.g. make demo DEMO_PRETEXTS="reconstruction masked"
+DEMO_PRETEXTS ?= reconstruction
+comma := ,
+empty :=
+space := $(empty) $(empty)
 export WANDB_MODE ?= offline
 export NO_ALBUMENTATIONS_UPDATE := 1
 
@@ -43,9 +49,10 @@ demo: install  ## the whole chain on synthetic slides under outputs/demo (reuses
 	$(PY) -m lymphnode.synth out_dir=$(DEMO)
 	$(PY) -m lymphnode.prepare paths.root=$(DEMO) level=1 patch_size=128 codec=raw \
 		counts.unlabeled=100 counts.labeled=40 counts.test=40
-	@test -f $(DEMO)/runs/pretrain/results.json || \
-		$(PY) -m lymphnode.train experiment=pretrain profile=demo
-	$(PY) -m lymphnode.train --multirun experiment=table profile=demo
+	@for p in $(DEMO_PRETEXTS); do \
+		$(PY) -m lymphnode.train experiment=pretrain profile=demo pretext=$$p || exit 1; done
+	$(PY) -m lymphnode.train --multirun experiment=table profile=demo \
+		pretext=$(subst $(space),$(comma),$(strip $(DEMO_PRETEXTS)))
 	$(PY) -m lymphnode.report $(DEMO)/runs --out $(DEMO)/report --paper
 	$(PY) -m lymphnode.infer checkpoint=$(DEMO)/runs/pretrained/size200/fold0/seed0/checkpoints/best.ckpt \
 		slides=split:$(DEMO)/caches/split.json annotations=$(DEMO)/annotations out_dir=$(DEMO)/wsi

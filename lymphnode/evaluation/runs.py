@@ -2,7 +2,8 @@
 
 A fine-tuning run's ``results.json`` (written by ``lymphnode.train``) holds ``status``
 (``completed`` | ``failed`` | ``interrupted``; anything else counts as failed), ``init``
-(``pretrained`` | ``scratch``), ``labeled_size``, ``fold``, ``seed``, the test metrics of the
+(``pretrained`` | ``scratch``), ``pretext`` (the pretrained runs' pretext task; absent in older
+files: ``reconstruction``), ``labeled_size``, ``fold``, ``seed``, the test metrics of the
 selected checkpoint (``metrics``) and of the last one (``metrics_last``), keyed
 ``test/seg_{precision,recall,f1}`` as fractions. Newer files also hold, and older ones may lack:
 
@@ -25,6 +26,27 @@ from lymphnode.core.records import read_record
 
 #: Inits in column order: the paper puts "without pretraining" first.
 INITS: tuple[str, ...] = ("scratch", "pretrained")
+#: The pretext whose runs are the arm ``pretrained`` (the paper's); another pretext's runs are the
+#: arm ``pretrained-<pretext>``.
+PAPER_PRETEXT = "reconstruction"
+
+
+def arm_of(init: str | None, pretext: str | None) -> str | None:
+    """The table's arm of a run: ``scratch``, ``pretrained`` (reconstruction, or a file that names
+    no pretext) or ``pretrained-<pretext>``; None for anything but a fine-tuning init."""
+    if init not in INITS:
+        return None
+    if init == "scratch" or pretext in (None, PAPER_PRETEXT):
+        return init
+    return f"{init}-{pretext}"
+
+
+def arm_order(arms: Sequence[str]) -> list[str]:
+    """scratch, pretrained (reconstruction), then the other pretexts' arms by name."""
+    rest = sorted(a for a in set(arms) if a not in INITS)
+    return [a for a in INITS if a in arms] + rest
+
+
 #: The metrics of the paper's Figure 3, in column order.
 METRICS: tuple[str, ...] = ("precision", "recall", "f1")
 #: Checkpoints a report can read: the selected one (``metrics``) or the last (``metrics_last``).
@@ -52,7 +74,7 @@ class Run:
     """
 
     name: str
-    init: str | None
+    init: str | None  # the arm (arm_of): scratch | pretrained | pretrained-<pretext>
     labeled_size: int | None
     fold: int | None
     seed: int | None
@@ -107,8 +129,8 @@ def _read_result(path: Path, root: Path, checkpoint: str) -> Run | None:
             name=_run_name(path, root), init=None, labeled_size=None, fold=None, seed=None,
             status="failed", error=f"unreadable results.json ({exc})",
         )  # fmt: skip
-    init = result.get("init")
-    if init not in INITS:  # the pretraining run, or something else: not part of the table
+    init = arm_of(result.get("init"), result.get("pretext"))
+    if init is None:  # the pretraining run, or something else: not part of the table
         return None
     status = result.get("status", "failed")
     if status not in ("completed", "failed", "interrupted"):
@@ -177,10 +199,10 @@ def _orphan_run(run_dir: Path, root: Path) -> Run:
                     return None
         return None
 
-    init = overrides.get("init")
+    init = arm_of(overrides.get("init"), overrides.get("pretext"))
     return Run(
         name=str(run_dir.relative_to(root)) if run_dir.is_relative_to(root) else str(run_dir),
-        init=init if init in INITS else None,
+        init=init,
         labeled_size=pick("data.labeled_size"),
         fold=pick("data.fold"),
         seed=pick("seed"),
@@ -217,7 +239,7 @@ def expected_missing(runs: list[Run]) -> list[Run]:
     sizes = sorted({r.labeled_size for r in known})  # type: ignore[type-var]
     folds = sorted({r.fold for r in known})  # type: ignore[type-var]
     seeds = sorted({r.seed for r in known}, key=lambda s: -1 if s is None else s)
-    inits = [i for i in INITS if any(r.init == i for r in known)]
+    inits = arm_order([r.init for r in known if r.init])
     present = {(r.labeled_size, r.fold, r.init, r.seed) for r in known}
     out = []
     for size in sizes:
@@ -227,7 +249,7 @@ def expected_missing(runs: list[Run]) -> list[Run]:
                     if (size, fold, init, seed) not in present:
                         out.append(
                             Run(
-                                name=f"{init}/size{size}/fold{fold}/seed{seed}",
+                                name=f"{init}/size{size}/fold{fold}/seed{seed}",  # run_arm's folder
                                 init=init,
                                 labeled_size=size,
                                 fold=fold,

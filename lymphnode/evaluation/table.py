@@ -10,11 +10,18 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from lymphnode.evaluation.runs import INITS, METRICS, ReportError, Run, expected_missing
+from lymphnode.evaluation.runs import (
+    INITS,
+    METRICS,
+    ReportError,
+    Run,
+    arm_order,
+    expected_missing,
+)
 
 #: Paired differences whose spread is at most this (in fractions) count as constant: a t-test on
 #: them has no p-value (its statistic divides by their zero standard deviation).
@@ -75,6 +82,9 @@ class Report:
     baseline: dict[int, Cell]
     selections: dict[str | None, int]
     group_selections: dict[tuple[int, str], tuple[str, ...]]
+    arms: list[str] = field(default_factory=lambda: list(INITS))
+    # (size, metric, arm, reference): every other pretext's arm - scratch and - pretrained
+    paired_arms: dict[tuple[int, str, str, str], Paired] = field(default_factory=dict)
 
 
 def _cell(values: list[float], collapsed: int = 0) -> Cell:
@@ -144,13 +154,15 @@ def summarize(runs: Iterable[Run], checkpoint: str = "best") -> Report:
         )
     missing = _unique_missing([r for r in runs if r.status == "missing"] + expected_missing(runs))
     sizes = sorted({r.labeled_size for r in completed if r.labeled_size is not None})
+    arms = arm_order([r.init for r in completed if r.init])
+    paired_arms: dict[tuple[int, str, str, str], Paired] = {}
     cells: dict[tuple[int, str, str], Cell] = {}
     paired: dict[tuple[int, str], Paired] = {}
     steps: dict[tuple[int, str], Steps] = {}
     baseline: dict[int, Cell] = {}
     for size in sizes:
         at_size = [r for r in completed if r.labeled_size == size]
-        for init in INITS:
+        for init in arms:
             group = [r for r in at_size if r.init == init]
             if group:
                 steps[(size, init)] = Steps(
@@ -164,7 +176,7 @@ def summarize(runs: Iterable[Run], checkpoint: str = "best") -> Report:
             baseline[size] = _cell(base)
         for metric in METRICS:
             by_init: dict[str, dict[tuple, float]] = {}
-            for init in INITS:
+            for init in arms:
                 chosen = {(r.fold, r.seed): r for r in at_size if r.init == init}
                 values = {key: r.metrics[metric] for key, r in chosen.items()}
                 by_init[init] = values
@@ -172,9 +184,16 @@ def summarize(runs: Iterable[Run], checkpoint: str = "best") -> Report:
                     cells[(size, init, metric)] = _cell(
                         list(values.values()), collapsed=sum(r.collapsed for r in chosen.values())
                     )
-            pair = paired_difference(by_init["scratch"], by_init["pretrained"])
+            pair = paired_difference(by_init.get("scratch", {}), by_init.get("pretrained", {}))
             if pair is not None:
                 paired[(size, metric)] = pair
+            for arm in arms:
+                if arm in INITS:
+                    continue
+                for reference in INITS:
+                    pair = paired_difference(by_init.get(reference, {}), by_init[arm])
+                    if pair is not None:
+                        paired_arms[(size, metric, arm, reference)] = pair
     return Report(
         sizes=sizes,
         cells=cells,
@@ -200,4 +219,6 @@ def summarize(runs: Iterable[Run], checkpoint: str = "best") -> Report:
             )
             for (size, init) in steps
         },
+        arms=arms,
+        paired_arms=paired_arms,
     )

@@ -5,7 +5,9 @@ percent, with ``, k collapsed`` when k of its runs predicted no tumour. Under th
 checkpoint the metrics are from (``selection``), the median optimizer steps, why a p-value is n/a,
 and the collapsed, failed, interrupted and missing runs by name. CSV rows are (labeled_size, init,
 metric) in fractions; paired differences have init ``pretrained-scratch``, the all-tumour baseline
-init ``all_tumour_baseline``.
+init ``all_tumour_baseline``. A sweep over several pretext tasks adds one arm per pretext beyond
+reconstruction (``pretrained-<pretext>``: its own Markdown table, CSV rows and plot line) and the paired
+differences ``pretrained-<pretext>-scratch`` and ``pretrained-<pretext>-pretrained`` (to reconstruction).
 """
 
 from __future__ import annotations
@@ -21,6 +23,14 @@ from lymphnode.evaluation.runs import INITS, METRICS, Run
 from lymphnode.evaluation.table import Cell, Paired, Report
 
 INIT_TITLES = {"scratch": "Without pretraining", "pretrained": "With pretraining"}
+
+
+def arm_title(arm: str) -> str:
+    """``Without pretraining``, ``With pretraining`` (reconstruction) or ``Pretrained: <pretext>``."""
+    if arm in INIT_TITLES:
+        return INIT_TITLES[arm]
+    return f"Pretrained: {arm.partition('-')[2] or arm}"
+
 
 #: The paper's published Figure 3 (percent), for ``--paper``: size -> init -> metric -> value.
 PAPER_TABLE: dict[int, dict[str, dict[str, float]]] = {
@@ -129,6 +139,7 @@ def to_markdown(report: Report, paper: bool = False) -> str:
                 value = PAPER_TABLE.get(size, {}).get(init, {}).get("f1")
                 row.append("–" if value is None else f"{value:.2f}")
         lines.append("| " + " | ".join(row) + " |")
+    lines += _other_arms_lines(report)
     lines.append("")
     lines.append(
         f"Test-set pixel metrics of the {report.checkpoint} checkpoint, mean ± sample std over folds "
@@ -157,6 +168,35 @@ def to_markdown(report: Report, paper: bool = False) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _other_arms_lines(report: Report) -> list[str]:
+    """The pretexts beyond reconstruction: one row per (size, pretext) with P/R/F1 and the paired
+    F1 differences to scratch and to reconstruction (empty when the sweep has none)."""
+    others = [a for a in report.arms if a not in INITS]
+    if not others:
+        return []
+    header = ["Labeled patches", "Pretext", "Precision (%)", "Recall (%)", "F1 (%)"]
+    header += ["Δ F1 − scratch (paired t-test)", "Δ F1 − reconstruction (paired t-test)"]
+    lines = ["", "Other pretext tasks (the same folds and seeds):", ""]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for size in sorted(report.sizes, reverse=True):
+        for arm in ["pretrained", *others]:
+            if (size, arm, "f1") not in report.cells:
+                continue
+            row = [str(size), arm_title(arm).removeprefix("Pretrained: ")]
+            if arm == "pretrained":
+                row[1] = "reconstruction"
+            row += [_fmt_cell(report.cells.get((size, arm, m))) for m in METRICS]
+            if arm == "pretrained":
+                row += [_fmt_paired(report.paired.get((size, "f1"))), "–"]
+            else:
+                row += [
+                    _fmt_paired(report.paired_arms.get((size, "f1", arm, "scratch"))),
+                    _fmt_paired(report.paired_arms.get((size, "f1", arm, "pretrained"))),
+                ]
+            lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
 def _selection_of(report: Report, size: int, init: str) -> str:
     """The selections of the runs behind a (size, init) cell, ';'-joined ('' when unrecorded)."""
     return ";".join(report.group_selections.get((size, init), ()))
@@ -170,7 +210,7 @@ def to_csv(report: Report) -> str:
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(CSV_COLUMNS)
     for size in report.sizes:
-        for init in INITS:
+        for init in report.arms:
             steps = report.steps.get((size, init))
             for metric in METRICS:
                 cell = report.cells.get((size, init, metric))
@@ -193,6 +233,16 @@ def to_csv(report: Report) -> str:
                         pair.n, p, pair.p_note or "", "", "", "", "",
                     ]
                 )  # fmt: skip
+        for (at, metric, arm, reference), pair in sorted(report.paired_arms.items()):
+            if at != size:
+                continue
+            p = "" if pair.p_value is None else f"{pair.p_value:.6g}"
+            writer.writerow(
+                [
+                    size, f"{arm}-{reference}", metric, f"{pair.mean:.6f}", f"{pair.std:.6f}",
+                    pair.n, p, pair.p_note or "", "", "", "", "",
+                ]
+            )  # fmt: skip
         base = report.baseline.get(size)
         if base is not None:
             writer.writerow(
@@ -214,9 +264,12 @@ def plot(report: Report, path: Path, paper: bool = False) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharex=True)
+    palette = ["tab:blue", "tab:green", "tab:purple", "tab:orange", "tab:brown", "tab:pink"]
     colours = {"scratch": "tab:gray", "pretrained": "tab:red"}
+    for i, arm in enumerate(a for a in report.arms if a not in colours):
+        colours[arm] = palette[i % len(palette)]
     for ax, metric in zip(axes, ("f1", "recall")):
-        for init in INITS:
+        for init in report.arms:
             sizes = [s for s in report.sizes if (s, init, metric) in report.cells]
             if not sizes:
                 continue
@@ -228,9 +281,9 @@ def plot(report: Report, path: Path, paper: bool = False) -> None:
                 marker="o",
                 capsize=4,
                 color=colours[init],
-                label=INIT_TITLES[init].lower(),
+                label=arm_title(init).lower(),
             )
-            if paper:
+            if paper and init in INITS:
                 ps = sorted(PAPER_TABLE)
                 ax.plot(
                     ps,
@@ -270,7 +323,7 @@ def log_to_wandb(report: Report, paths: dict[str, Path], project: str = "lymphno
 
     rows = []
     for size in report.sizes:
-        for init in INITS:
+        for init in report.arms:
             for metric in METRICS:
                 cell = report.cells.get((size, init, metric))
                 if cell is not None:
