@@ -339,7 +339,11 @@ def _evaluate_checkpoints(
     """Evaluate the last (final-step) and the selected checkpoint into ``results``: ``metrics``
     (selected), ``metrics_last``, ``checkpoints``, ``steps``, ``selection``, ``collapsed``."""
     callback = trainer.checkpoint_callback
-    shadows = [ShadowBest.of(c) for c in trainer.callbacks if isinstance(c, ShadowSelection)]
+    shadows = [
+        ShadowBest.of(c)
+        for c in getattr(trainer, "callbacks", [])
+        if isinstance(c, ShadowSelection)
+    ]
     # The last checkpoint first, the selected one second: loggers keep the selected one's values
     # as the final test/* (wandb summary), and the module ends with those weights.
     if isinstance(callback, SelectionCheckpoint):

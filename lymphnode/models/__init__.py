@@ -3,6 +3,8 @@ or Hydra composition here), one module per job:
 
 - ``registry``: networks by ``_target_`` (what conf/model/*.yaml names and checkpoints record);
 - ``unet``: the paper's UNet (removable top skip, reconstruction and segmentation heads);
+- ``smp_unet``: segmentation-models-pytorch's UNet with a timm/torchvision encoder and the same
+  two heads (``model=smp_unet``; local encoder weights only);
 - ``preprocess``: the preprocessing contract (level / mpp, patch size, normalisation, stain state),
   applied the same way in training and in ``infer``;
 - ``stain``: Macenko and Reinhard stain normalisers and the optical-density table;
@@ -12,6 +14,7 @@ or Hydra composition here), one module per job:
 from __future__ import annotations
 
 from lymphnode.models.preprocess import Preprocess, normalize_stats
+from lymphnode.models.smp_unet import SmpUNet
 from lymphnode.models.unet import UNet, UNetOutput, build_unet
 
-__all__ = ["Preprocess", "UNet", "UNetOutput", "build_unet", "normalize_stats"]
+__all__ = ["Preprocess", "SmpUNet", "UNet", "UNetOutput", "build_unet", "normalize_stats"]

@@ -184,6 +184,9 @@ def checkpoint_parts(ckpt: Mapping[str, Any], path: str | Path) -> CheckpointPar
                 "config with _target_"
             )
         net_config = dict(hparams["net"])
+        if net_config.get("encoder_weights") is not None:
+            # the checkpoint's state dict holds the weights: the file it started from is not needed
+            net_config["encoder_weights"] = None
         task_target = record.get("task_target")
     net_attribute = str(record.get("net_attribute", "net"))
     prefix = f"{net_attribute}."

