@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lymphnode.patches.format import CODECS
-from lymphnode.patches.importer import DEFAULT_PATTERN, import_patches
+from lymphnode.patches.importer import DEFAULT_MAX_PIXELS, DEFAULT_PATTERN, import_patches
 from lymphnode.patches.reader import PatchCache
 
 
@@ -78,6 +78,14 @@ def parser() -> argparse.ArgumentParser:
         help="label -1 (unknown) instead of 1 when a mask has tumor pixels",
     )
     imp.add_argument("--force", action="store_true", help="rebuild a cache built differently")
+    imp.add_argument(
+        "--max-pixels",
+        type=int,
+        default=DEFAULT_MAX_PIXELS,
+        metavar="N",
+        help="refuse images of more than N px (width x height; 0: no limit; default "
+        f"{DEFAULT_MAX_PIXELS}, Pillow's decompression-bomb limit)",
+    )
     info = commands.add_parser("info", help="summarise a cache")
     info.add_argument("cache", type=Path)
     info.add_argument("--verify", action="store_true", help="check every file's SHA-256")
@@ -100,6 +108,7 @@ def run(args: argparse.Namespace) -> str:
             label_from_mask=args.label_from_mask,
             quality=args.quality,
             force=args.force,
+            max_pixels=args.max_pixels,
         )
     else:
         cache = PatchCache(args.cache, verify=args.verify)

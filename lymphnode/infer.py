@@ -25,7 +25,7 @@ import hydra
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from lymphnode.core.boundary import EXIT_USER_ERROR, config_dir, hydra_boundary
-from lymphnode.core.errors import ConfigError, LymphnodeError
+from lymphnode.core.errors import CheckpointError, ConfigError, LymphnodeError
 from lymphnode.core.records import read_record
 from lymphnode.inference.heatmap import heatmap_path, write_heatmap
 from lymphnode.inference.overlay import render_overlay, write_overlay
@@ -96,6 +96,24 @@ def _split_test_slides(path: Path) -> list[Path]:
     return paths
 
 
+def check_segmentation_task(task: object, checkpoint: str | Path) -> None:
+    """CheckpointError when ``task`` (the checkpoint's task module) predicts no tumour
+    probabilities: a pretraining (pretext) checkpoint has an untrained segmentation head, and
+    its heatmap would be noise. Names the task found and the task infer needs."""
+    from lymphnode.tasks.base import TaskModule
+
+    cls = type(task)
+    if getattr(cls, "probabilities", None) is TaskModule.probabilities:  # not overridden
+        name = getattr(task, "task_name", cls.__name__)
+        raise CheckpointError(
+            f"checkpoint={checkpoint} was written by the task {cls.__module__}.{cls.__qualname__} "
+            f"({name}: pretraining), which predicts no tumour probabilities; infer needs a "
+            "fine-tuned checkpoint of lymphnode.tasks.MultiTaskModule (segmentation: a run of "
+            "experiment=finetune or experiment=scratch, <runs_dir>/<init>/size<N>/fold<K>/"
+            "seed<S>/checkpoints/best.ckpt)"
+        )
+
+
 def run_inference(
     checkpoint: str | Path,
     slides: Sequence[Path],
@@ -117,6 +135,7 @@ def run_inference(
 
     settings = settings or InferenceSettings()
     model = load_inference_model(checkpoint)  # CheckpointError before any slide is touched
+    check_segmentation_task(model.task, checkpoint)
     if settings.patch_size and settings.patch_size != model.patch_size:
         log.warning(
             "patch_size=%d differs from the %d px the network was trained on (checkpoint %s)",

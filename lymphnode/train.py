@@ -21,6 +21,7 @@ so a rerun of a completed run returns its recorded metric without training (``sk
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -41,8 +42,8 @@ from pytorch_lightning.utilities import rank_zero_only
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from lymphnode.core.boundary import config_dir, hydra_boundary
-from lymphnode.core.errors import CheckpointError, ConfigError, LymphnodeError
-from lymphnode.models.checkpoint import read_preprocess
+from lymphnode.core.errors import CacheError, CheckpointError, ConfigError, LymphnodeError
+from lymphnode.models.checkpoint import check_task, read_preprocess
 from lymphnode.models.preprocess import Preprocess
 from lymphnode.tasks.budget import budget_of, is_interrupted, stop_reason
 from lymphnode.tasks.checkpointing import (
@@ -139,7 +140,31 @@ def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> Path | None:
             f"ckpt_path={cfg.ckpt_path!r}: {path} not found; expected a checkpoint of this run "
             f"(e.g. {run_dir / 'checkpoints' / 'last.ckpt'}) or null for a fresh run"
         )
+    # Read with weights_only=True before Lightning sees it: a truncated, foreign or other-task
+    # file is one clean line (and fit loads it with weights_only=True as well).
+    hint = "" if cfg.stage != "finetune" else (
+        " (ckpt_path resumes this run; a fine-tuning run starts from a pretraining checkpoint "
+        "with init=pretrained pretrained_ckpt=<path>)"
+    )  # fmt: skip
+    check_task(
+        path, str(OmegaConf.select(cfg, "task._target_")), key="ckpt_path",
+        needed_by=f"resuming this {experiment_name(cfg)} run{hint}",
+    )  # fmt: skip
     return path
+
+
+def check_run(cfg: DictConfig) -> None:
+    """What can be refused before the run writes anything (no results.json, and the CLI removes
+    the run dir Hydra made for it): stage/init, the data (``fold``, ``folds``, ``labeled_size``,
+    also against the labeled cache's size) and the ``ckpt_path`` to resume from. A missing or
+    damaged cache is left to the run, which records it in results.json."""
+    check_config(cfg)
+    resume_checkpoint(cfg, run_dir_of(cfg))
+    datamodule = build_datamodule(cfg)  # fold / folds / labeled_size ranges
+    fold_indices = getattr(datamodule, "fold_indices", None)
+    if callable(fold_indices):
+        with contextlib.suppress(CacheError):  # the run records a missing / bad cache
+            fold_indices()  # labeled_size against the labeled cache
 
 
 # --- objects from config ------------------------------------------------------------------------
@@ -243,14 +268,23 @@ def run_dir_of(cfg: DictConfig) -> Path:
 
 
 def read_results(path: Path) -> dict[str, Any] | None:
-    """A results.json as a dict; None when it does not exist or cannot be read."""
+    """A results.json as a dict; None when it does not exist or is corrupt (truncated, not JSON,
+    not an object: a warning names it; the run then trains again and replaces it)."""
     try:
-        return json.loads(path.read_text())
+        results = json.loads(path.read_text())
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as err:
-        log.warning("ignoring unreadable %s (%s)", path, err)
+        log.warning("corrupt results.json %s (%s); the run trains again", path, err)
         return None
+    if not isinstance(results, dict):
+        log.warning(
+            "corrupt results.json %s (a JSON %s, expected an object); the run trains again",
+            path,
+            type(results).__name__,
+        )
+        return None
+    return results
 
 
 def write_results(path: Path, results: Mapping[str, Any]) -> None:
@@ -308,12 +342,16 @@ def evaluate(
     """Metrics of one checkpoint (None: the module's current weights): validation, plus the test
     set when fine-tuning."""
     metrics = _plain_metrics(
-        trainer.validate(module, datamodule=datamodule, ckpt_path=ckpt, verbose=False)
+        trainer.validate(
+            module, datamodule=datamodule, ckpt_path=ckpt, verbose=False, weights_only=True
+        )
     )
     if stage == "finetune":
         metrics.update(
             _plain_metrics(
-                trainer.test(module, datamodule=datamodule, ckpt_path=ckpt, verbose=False)
+                trainer.test(
+                    module, datamodule=datamodule, ckpt_path=ckpt, verbose=False, weights_only=True
+                )
             )
         )
     return metrics
@@ -449,9 +487,10 @@ def _fit_and_evaluate(cfg: DictConfig, run_dir: Path, results: dict[str, Any]) -
         log.info("fitting %s into %s", experiment_name(cfg), run_dir)
         results["budget"] = budget_of(trainer)
         try:
-            trainer.fit(
-                module, datamodule=datamodule, ckpt_path=None if resume is None else str(resume)
-            )
+            trainer.fit(  # weights_only=True: whatever TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD says
+                module, datamodule=datamodule, ckpt_path=None if resume is None else str(resume),
+                weights_only=True,
+            )  # fmt: skip
         except BaseException as err:
             reason = _interruption(trainer, err)
             if reason is not None:  # a signal: record the step reached; last.ckpt holds it
@@ -516,6 +555,8 @@ def train(cfg: DictConfig) -> float:
     run_dir = run_dir_of(cfg)
     results_path = run_dir / RESULTS_FILE
     previous = read_results(results_path)
+    if not (cfg.get("skip_if_done") and (previous or {}).get("status") == "completed"):
+        check_run(cfg)  # bad input before anything is written: no results.json
     if cfg.get("skip_if_done") and previous is not None:
         if previous.get("status") == "completed":
             log.info("%s is completed; skipping (skip_if_done=false trains again)", results_path)

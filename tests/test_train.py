@@ -202,9 +202,9 @@ def test_sweep_runs_get_their_own_dirs_wandb_runs_and_csv_logs(
         assert len(offline) == 1 and list(offline[0].glob("*.wandb"))  # one wandb run per job
         assert "test/seg_f1" in (run_dir / "csv" / "metrics.csv").read_text()
         assert "labeled_size: 10" in (run_dir / "csv" / "hparams.yaml").read_text()  # full config
-        failed = results_of(tmp_path / "runs" / "scratch" / "size995" / f"fold{fold}" / "seed0")
-        assert failed["status"] == "failed"
-        assert "labeled_size=995 is larger than the labeled cache" in failed["error"]
+        # refused before it started (issue 11): named on stderr, no run dir left behind
+        assert not (tmp_path / "runs" / "scratch" / "size995" / f"fold{fold}").exists()
+    assert "labeled_size=995 is larger than the labeled cache" in result.stdout + result.stderr
     rerun = run_cli(*args)
     assert rerun.returncode == 1  # the failed runs are tried again (and fail again)
     assert (rerun.stdout + rerun.stderr).count("is completed; skipping") == 2

@@ -23,8 +23,10 @@ module inside their ``main`` only.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import functools
 import logging
+import shutil
 import sys
 import traceback
 import warnings
@@ -67,11 +69,17 @@ _RANK_ZERO_LOGGERS = ("pytorch_lightning.utilities.rank_zero", "lightning.pytorc
 
 T = TypeVar("T")
 
+#: Config sections whose entries the user names (a ``+`` key below them is a new entry, not a
+#: typo): callbacks and loggers by name, the Trainer's keyword arguments (any Lightning Trainer
+#: argument), and Hydra's own settings.
+OPEN_SECTIONS = ("callbacks", "logger", "trainer", "hydra")
+
 __all__ = [
     "EXIT_BUG",
     "EXIT_INTERRUPTED",
     "EXIT_USER_ERROR",
     "SweepJobError",
+    "check_added_keys",
     "cli_boundary",
     "config_dir",
     "configure_logging",
@@ -197,20 +205,151 @@ def _in_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
+def _flat_keys(node: Any, prefix: str = "") -> list[str]:
+    """Dotted keys of every mapping entry below ``node`` (plain containers; lists are leaves)."""
+    keys: list[str] = []
+    if isinstance(node, dict):
+        for key, value in node.items():
+            dotted = f"{prefix}.{key}" if prefix else str(key)
+            keys.append(dotted)
+            keys += _flat_keys(value, dotted)
+    return keys
+
+
+def closest_keys(key: str, known: list[str], n: int = 3) -> list[str]:
+    """The keys of ``known`` closest to ``key`` (difflib), compared whole and by their last
+    component, so that ``paterh_size`` finds ``data.patch_size`` as well as ``patch_size``."""
+    leaf = key.rsplit(".", 1)[-1]
+    by_leaf: dict[str, list[str]] = {}
+    for k in known:
+        by_leaf.setdefault(k.rsplit(".", 1)[-1], []).append(k)
+    out: list[str] = []
+
+    def similarity(k: str) -> float:
+        return difflib.SequenceMatcher(None, key, k).ratio()
+
+    for name in difflib.get_close_matches(leaf, list(by_leaf), n=n, cutoff=0.6):
+        out += sorted((k for k in by_leaf[name] if k not in out), key=similarity, reverse=True)
+    out += [k for k in difflib.get_close_matches(key, known, n=n, cutoff=0.6) if k not in out]
+    return out[:n]
+
+
+def check_added_keys(
+    cfg: Any, overrides: list[str], config_name: str, groups_dir: str | Path
+) -> None:
+    """ConfigError for a ``+key=value`` override that adds a key the composed config does not
+    otherwise have (a typo such as ``+paterh_size=64``: Hydra would accept it silently), naming
+    the closest known keys.
+
+    Allowed: ``+group=option`` for a config group of ``groups_dir`` (``+experiment=``,
+    ``+hydra/launcher=``...), keys below :data:`OPEN_SECTIONS` that the config has (``+callbacks.
+    recorder._target_=...``, ``+trainer.max_time=...``), and ``++key=value`` (add-or-set, on
+    purpose). ``cfg`` is the composed config, ``overrides`` Hydra's task overrides.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import OverrideType
+    from omegaconf import OmegaConf
+
+    parsed = OverridesParser.create().parse_overrides(list(overrides))
+    added = [o for o in parsed if o.type == OverrideType.ADD and o.package is None]
+    if not added:
+        return
+    container = OmegaConf.to_container(cfg, resolve=False) if OmegaConf.is_config(cfg) else cfg
+    root = container if isinstance(container, dict) else {}
+    added_keys = {o.key_or_group for o in added}
+    for override in added:
+        key = override.key_or_group
+        if (Path(groups_dir) / key).is_dir() or key.split("/")[0] == "hydra":
+            continue  # a config group (Hydra checks the option)
+        first = key.split(".")[0]
+        section = root.get(first)
+        own = isinstance(section, dict) and any(
+            f"{first}.{k}" not in added_keys for k in section
+        )  # the section is the config's, not made by the `+` keys alone
+        if first in OPEN_SECTIONS and "." in key and (own or first == "hydra"):
+            continue
+        known = [k for k in _flat_keys(root) if k not in added_keys and not any(
+            k.startswith(f"{a}.") for a in added_keys
+        )]  # fmt: skip
+        near = closest_keys(key, known)
+        hint = f"did you mean {' or '.join(repr(k) for k in near)}?" if near else (
+            "no key of the config is close to it"
+        )  # fmt: skip
+        open_here = [s for s in OPEN_SECTIONS if isinstance(root.get(s), dict) or s == "hydra"]
+        raise ConfigError(
+            f"+{key}={override.get_value_element_as_str()} adds the key {key!r}, which the "
+            f"{config_name} config does not have; {hint} (`+` adds a key; set an existing one "
+            f"without `+`; new keys are accepted below {', '.join(open_here)})"
+        )
+
+
+def _check_hydra_overrides(cfg: Any) -> None:
+    """:func:`check_added_keys` for the running Hydra app (nothing outside a Hydra app)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return
+    hydra_cfg = HydraConfig.get()
+    check_added_keys(
+        cfg, list(hydra_cfg.overrides.task), str(hydra_cfg.job.config_name), config_dir()
+    )
+
+
+def _discard_unstarted_output_dir() -> None:
+    """Remove the Hydra output (run) directory of a job refused before it wrote anything: it holds
+    only Hydra's own ``<output_subdir>/`` (config.yaml, hydra.yaml, overrides.yaml) and the job's
+    ``*.log``. A directory with anything else (results.json, checkpoints, the user's files), the
+    working directory, or a job without an output subdir is left alone. Parents left empty are
+    removed too, up to Hydra's sweep dir when the run dir lies below it (train: the runs dir)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return
+    hydra_cfg = HydraConfig.get()
+    subdir = hydra_cfg.output_subdir
+    out = Path(str(hydra_cfg.runtime.output_dir))
+    if subdir is None or not out.is_dir() or out.resolve() == Path.cwd().resolve():
+        return
+    own_files = {"config.yaml", "hydra.yaml", "overrides.yaml"}
+    for entry in out.iterdir():
+        if entry.name == str(subdir) and entry.is_dir():
+            if any(f.name not in own_files or not f.is_file() for f in entry.iterdir()):
+                return
+        elif not (entry.is_file() and entry.suffix == ".log"):
+            return
+    shutil.rmtree(out, ignore_errors=True)
+    try:
+        top = Path(str(hydra_cfg.sweep.dir)).resolve()
+    except Exception:  # an unresolvable sweep dir: keep the parents
+        return
+    parent = out.resolve().parent
+    while parent != top and parent.is_relative_to(top) and parent != Path.cwd().resolve():
+        try:
+            parent.rmdir()  # only when empty
+        except OSError:
+            break
+        parent = parent.parent
+
+
 def hydra_boundary(task: Callable[[Any], T]) -> Callable[[Any], T]:
     """Decorate a Hydra task function (below ``@hydra.main``): it logs through tqdm; a single run
     exits 1 with one ``error:`` line on a LymphnodeError and 2 with the traceback on a bug; a job of
     a ``--multirun`` sweep prints the same and re-raises, so that Hydra runs the other jobs and the
     sweep exits non-zero at the end. The task's return value (the metric a sweeper optimises) is
-    passed on."""
+    passed on. Before the task, ``+key`` overrides that add unknown keys are refused
+    (:func:`check_added_keys`); a job refused on bad input before it wrote anything leaves no
+    run directory behind (:func:`_discard_unstarted_output_dir`)."""
 
     @functools.wraps(task)
     def wrapper(cfg: Any) -> T:
         quiet_third_party()
         try:
             with _logs_through_tqdm():
+                _check_hydra_overrides(cfg)
                 return task(cfg)
         except Exception as exc:
+            if user_error_of(exc) is not None:
+                _discard_unstarted_output_dir()
             if not _in_multirun():
                 sys.exit(_exit_code(exc))
             error = user_error_of(exc)

@@ -71,6 +71,23 @@ class EvaluationSettings:
                 f"detection_threshold={self.detection_threshold} must be in (0, 1] (a probability "
                 "above 0: at 0 every background pixel is a local maximum)"
             )
+        rates = self.fp_rates
+        if (
+            isinstance(rates, str)
+            or not rates
+            or not all(
+                isinstance(r, int | float)
+                and not isinstance(r, bool)
+                and math.isfinite(r)
+                and r > 0
+                for r in rates
+            )
+        ):
+            raise ConfigError(
+                f"fp_rates={list(rates) if not isinstance(rates, str) else rates!r} must be a "
+                "non-empty list of positive false positives per slide (CAMELYON16: [0.25, 0.5, "
+                "1, 2, 4, 8]); the FROC score is the mean sensitivity at them"
+            )
 
 
 def find_heatmaps(heatmaps: str | Path) -> list[Path]:

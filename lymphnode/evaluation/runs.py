@@ -17,6 +17,7 @@ selected checkpoint (``metrics``) and of the last one (``metrics_last``), keyed
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,9 +126,14 @@ def _read_result(path: Path, root: Path, checkpoint: str) -> Run | None:
         if result is None:  # removed since it was listed
             raise ReportError(f"{path} does not exist")
     except ReportError as exc:
+        init, size, fold, seed = _identity_of(path.parent)
+        if init is not None and init not in INITS:
+            return None  # a corrupt pretraining record: not part of the table either
         return Run(
-            name=_run_name(path, root), init=None, labeled_size=None, fold=None, seed=None,
-            status="failed", error=f"unreadable results.json ({exc})",
+            name=_run_name(path, root), init=init, labeled_size=size, fold=fold, seed=seed,
+            status="failed",
+            error=f"unreadable results.json ({exc}); the file is corrupt: train the run again "
+            "(skip_if_done trains it again)",
         )  # fmt: skip
     init = arm_of(result.get("init"), result.get("pretext"))
     if init is None:  # the pretraining run, or something else: not part of the table
@@ -173,6 +179,41 @@ def _read_result(path: Path, root: Path, checkpoint: str) -> Run | None:
         collapsed=collapsed,
         baseline_f1=_finite_or_none(baseline) if status == "completed" else None,
     )
+
+
+_RUN_PATH = re.compile(
+    r"(?:^|/)(?P<init>[^/]+)/size(?P<size>\d+)/fold(?P<fold>\d+)/seed(?P<seed>\d+)$"
+)
+
+
+def _identity_of(run_dir: Path) -> tuple[str | None, int | None, int | None, int | None]:
+    """(init, labeled_size, fold, seed) of a run folder whose results.json is corrupt: from the
+    config Hydra saved beside it (``.hydra/config.yaml``), else from the run name
+    ``<init>/size<N>/fold<K>/seed<S>``; Nones when neither tells. So that the run is counted
+    once, as failed, and not also as missing from the grid."""
+    config = run_dir / ".hydra" / "config.yaml"
+    if config.is_file():
+        try:
+            from omegaconf import OmegaConf
+
+            cfg = OmegaConf.load(config)
+
+            def pick(key: str) -> object:
+                return OmegaConf.select(cfg, key, default=None)
+
+            init = "pretrain" if pick("stage") == "pretrain" else pick("init")
+            return (
+                None if init is None else str(init),
+                _int_or_none(pick("data.labeled_size")),
+                _int_or_none(pick("data.fold")),
+                _int_or_none(pick("seed")),
+            )
+        except Exception:  # an unreadable saved config: fall back to the folder's name
+            pass
+    match = _RUN_PATH.search(run_dir.as_posix())
+    if match is None:
+        return None, None, None, None
+    return match["init"], int(match["size"]), int(match["fold"]), int(match["seed"])
 
 
 def _int_or_none(value: object) -> int | None:

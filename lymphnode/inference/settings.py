@@ -6,7 +6,11 @@ from dataclasses import dataclass
 
 import torch
 
+from lymphnode.core import validate
 from lymphnode.core.errors import ConfigError
+
+MAX_PATCH_SIZE = 8192  # px: one tile of 8192² is 0.8 GiB of float32 input per batch item
+BLENDS = ("mean", "hann")
 
 
 @dataclass(frozen=True)
@@ -40,8 +44,21 @@ class InferenceSettings:
     num_threads: int | None = None
 
     def __post_init__(self) -> None:
+        """ConfigError naming the setting, its value and the allowed range, before any slide or
+        checkpoint is read (the device too: ``cuda`` needs a visible GPU)."""
         if self.num_threads is not None and self.num_threads < 1:
             raise ConfigError(f"num_threads={self.num_threads} must be >= 1 (or null: automatic)")
+        where = "infer: "
+        if self.patch_size is not None:
+            validate.integer("patch_size", self.patch_size, 1, MAX_PATCH_SIZE, unit="px (or null: the checkpoint's)", where=where)  # fmt: skip
+        if self.stride is not None:
+            validate.integer("stride", self.stride, 1, unit="px (or null: patch_size)", where=where)
+        validate.number("downsample", self.downsample, 1.0, unit="level-0 px per heatmap px", where=where)  # fmt: skip
+        validate.choice("blend", self.blend, BLENDS, where=where)
+        validate.integer("batch_size", self.batch_size, 1, where=where)
+        validate.integer("num_workers", self.num_workers, 0, where=where)
+        validate.number("min_tissue_fraction", self.min_tissue_fraction, 0.0, 1.0, where=where)
+        resolve_device(self.device)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -49,11 +66,24 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(device)
+        resolved = torch.device(device)
     except RuntimeError as exc:
         raise ConfigError(
             f"device={device!r} is not a torch device (expected auto|cpu|cuda[:N])"
         ) from exc
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(
+                f"device={device!r} but torch sees no CUDA GPU (torch.cuda.is_available() is "
+                "False); expected device=cpu or device=auto"
+            )
+        if resolved.index is not None and resolved.index >= count:
+            raise ConfigError(
+                f"device={device!r} but torch sees {count} CUDA GPU(s): expected cuda:0.."
+                f"cuda:{count - 1}"
+            )
+    return resolved
 
 
 __all__ = ["InferenceSettings", "resolve_device"]

@@ -126,14 +126,17 @@ class InferenceModel:
         return self.preprocess.normalize(stained, device)
 
 
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """The checkpoint dict (``weights_only=True``, on the CPU); CheckpointError when unreadable."""
+def read_checkpoint(path: str | Path, *, mmap: bool = False) -> dict[str, Any]:
+    """The checkpoint dict (``weights_only=True`` always, whatever
+    ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` says: an explicit argument wins over it; on the CPU);
+    CheckpointError when unreadable. ``mmap``: memory-map the tensors instead of reading them
+    (a quick check of a large file)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist (or is not a file)")
     try:
         with torch.serialization.safe_globals([pathlib.PosixPath, pathlib.WindowsPath]):
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
         raise CheckpointError(
             f"checkpoint {path} is not a torch checkpoint readable with weights_only=True "
@@ -252,9 +255,41 @@ def _preprocess_of(hparams: Mapping[str, Any], path: Path, legacy: bool) -> Prep
     return preprocess
 
 
-def read_parts(path: str | Path) -> CheckpointParts:
-    """:func:`checkpoint_parts` of the file at ``path``."""
-    return checkpoint_parts(read_checkpoint(path), path)
+def read_parts(path: str | Path, *, mmap: bool = False) -> CheckpointParts:
+    """:func:`checkpoint_parts` of the file at ``path`` (``mmap``: as :func:`read_checkpoint`)."""
+    return checkpoint_parts(read_checkpoint(path, mmap=mmap), path)
+
+
+def check_task(
+    path: str | Path, expected_target: str, *, key: str, needed_by: str
+) -> CheckpointParts:
+    """The parts of the lymphnode checkpoint at ``path`` when it was written by the task module
+    ``expected_target`` (an import path; aliases such as ``lymphnode.tasks.MultiTaskModule`` and
+    ``lymphnode.tasks.multitask.MultiTaskModule`` are the same class).
+
+    Read with ``weights_only=True`` (memory-mapped), so a hostile file runs no code and a
+    truncated or foreign one is refused before Lightning or a network sees it.
+
+    Raises:
+        CheckpointError: unreadable, not a lymphnode checkpoint, or written by another task; the
+            message starts with ``<key>=<path>`` and names the task found and the one
+            ``needed_by`` needs.
+    """
+    try:
+        parts = read_parts(path, mmap=True)
+        found = _task_class(parts.task_target, parts.path)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{key}={str(path)!r}: {exc}") from exc
+    try:
+        expected = network_class(expected_target)
+    except ConfigError as exc:
+        raise CheckpointError(f"{key}={str(path)!r}: the task {expected_target!r}: {exc}") from exc
+    if found is not expected:
+        raise CheckpointError(
+            f"{key}={str(path)!r} is a checkpoint of the task {parts.task_target}; "
+            f"{needed_by} needs one of {expected.__module__}.{expected.__qualname__}"
+        )
+    return parts
 
 
 def is_lymphnode_checkpoint(path: str | Path) -> bool:
@@ -438,6 +473,7 @@ __all__ = [
     "CheckpointParts",
     "InferenceModel",
     "LoadReport",
+    "check_task",
     "checkpoint_parts",
     "is_lymphnode_checkpoint",
     "load_inference_model",

@@ -46,7 +46,7 @@ from lymphnode.patches.split import (
     write_split,
 )
 from lymphnode.patches.writer import CacheWriter
-from lymphnode.wsi.annotations import Annotations, read_asap
+from lymphnode.wsi.annotations import Annotations, AsapGroups, read_asap
 from lymphnode.wsi.geojson import QupathClasses, read_qupath
 from lymphnode.wsi.slide import open_slide
 from lymphnode.wsi.tissue import tissue_mask
@@ -147,6 +147,7 @@ def settings_from_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
         "test_slides": list(test_slides) if test_slides is not None else None,
         "test_fraction": float(split.get("test_fraction", 0.2)),
         "qupath": QupathClasses.from_config(cfg.get("qupath")),
+        "asap": AsapGroups.from_config(cfg.get("asap")),
     }
 
 
@@ -175,6 +176,7 @@ class SlideJob:
     qupath: QupathClasses = field(
         default_factory=QupathClasses
     )  # class mapping of <slide>.geojson annotations
+    asap: AsapGroups = field(default_factory=AsapGroups)  # group mapping of <slide>.xml
 
 
 @dataclass
@@ -210,13 +212,16 @@ def _fit(mask: np.ndarray, size: int) -> np.ndarray:
     return out
 
 
-def read_annotations(source: SlideSource, qupath: QupathClasses) -> Annotations | None:
-    """The annotations of a slide: ASAP XML, or QuPath GeoJSON mapped with ``qupath``."""
+def read_annotations(
+    source: SlideSource, qupath: QupathClasses, asap: AsapGroups | None = None
+) -> Annotations | None:
+    """The annotations of a slide: ASAP XML mapped with ``asap`` (default: the CAMELYON groups),
+    or QuPath GeoJSON mapped with ``qupath``; a group or class neither maps is an error."""
     if source.annotations is None:
         return None
     if source.annotations.suffix.lower() == ".geojson":
         return read_qupath(source.annotations, qupath, slide=source.path)
-    return read_asap(source.annotations)
+    return read_asap(source.annotations, groups=asap or AsapGroups(), slide=source.path)
 
 
 def process_slide(job: SlideJob) -> SlideResult:
@@ -227,7 +232,7 @@ def process_slide(job: SlideJob) -> SlideResult:
         with open_slide(source.path, mpp=patch.slide_mpp) as slide:
             level = _read_level(slide, patch, source)
             ds = float(slide.level_downsamples[level])
-            annotations = read_annotations(source, job.qupath)
+            annotations = read_annotations(source, job.qupath, job.asap)
             if annotations is not None:
                 annotations.validate_within(*slide.dimensions, path=source.path)
             tissue = tissue_mask(slide, downsample=patch.tissue_downsample)
@@ -306,6 +311,17 @@ def _cache_config(
             "exclusion_classes": list(q.exclusion),
             "ignored_classes": list(q.ignored),
         }
+    groups: AsapGroups = settings["asap"]
+    if (
+        kind != "unlabeled"
+        and not groups.is_default
+        and any(s.annotations is not None and not _is_geojson(s) for s in slides)
+    ):  # recorded when changed only, so caches built before the asap keys still resume
+        config["asap"] = {
+            "tumor_groups": list(groups.tumor),
+            "exclusion_groups": list(groups.exclusion),
+            "ignored_groups": list(groups.ignored),
+        }
     return config
 
 
@@ -359,10 +375,11 @@ def build_caches(
         len(test),
     )
 
-    # QuPath files are checked before anything is written: an unknown class stops the build here.
+    # Annotations are checked before anything is written: an unknown QuPath class or ASAP group
+    # stops the build here.
     for source in sources:
-        if _is_geojson(source) and any(source in members[k] for k in settings["caches"]):
-            read_annotations(source, settings["qupath"])
+        if source.annotations is not None and any(source in members[k] for k in settings["caches"]):
+            read_annotations(source, settings["qupath"], settings["asap"])
 
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
@@ -400,7 +417,14 @@ def build_caches(
         )
         if shards:
             jobs.append(
-                SlideJob(source, shards, settings["patch"], settings["seed"], settings["qupath"])
+                SlideJob(
+                    source,
+                    shards,
+                    settings["patch"],
+                    settings["seed"],
+                    settings["qupath"],
+                    settings["asap"],
+                )
             )
     skipped = len(sources) - len(jobs)
     if skipped:

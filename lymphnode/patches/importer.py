@@ -14,13 +14,15 @@ expression with the named groups ``slide`` and, optionally, ``x`` and ``y``.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import glob
 import hashlib
 import logging
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -38,6 +40,9 @@ DEFAULT_PATTERN = r"^(?P<slide>.+)_(?P<x>\d+)_(?P<y>\d+)\.[^.]+$"
 #: Names without coordinates: ``<slide>[_<n>].<ext>``, x and y unknown.
 FALLBACK_PATTERN = r"^(?P<slide>.+?)(?:_\d+)?\.[^.]+$"
 _GLOB_CHARS = re.compile(r"[*?[]")
+#: Largest image (width x height, px) imported by default: Pillow's own decompression-bomb limit
+#: (about 9459² px); patches are far smaller. ``max_pixels`` / ``--max-pixels`` raise it.
+DEFAULT_MAX_PIXELS = 89_478_485
 
 __all__ = [
     "DEFAULT_PATTERN",
@@ -49,12 +54,36 @@ __all__ = [
 ]
 
 
-def _read_rgb(path: Path) -> np.ndarray:
+@contextlib.contextmanager
+def _open_image(path: Path, max_pixels: int | None) -> Iterator[Any]:
+    """``PIL.Image.open(path)`` with our size check in place of Pillow's decompression-bomb
+    error: CacheError naming the file, its size and the option that raises the limit, before
+    any pixel is decoded. ``max_pixels``: None or 0 = no limit."""
+    from PIL import Image
+
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None  # checked here instead, with a message that names the option
+    try:
+        with Image.open(path) as im:
+            width, height = im.size
+            if max_pixels and width * height > max_pixels:
+                raise CacheError(
+                    f"image {path} is {width}x{height} px ({width * height:,} px), more than "
+                    f"max_pixels={max_pixels:,} (the guard against decompression bombs; patches "
+                    f"are small squares). If the file is meant, raise the limit: cache import "
+                    f"--max-pixels {width * height} (import_patches(max_pixels=...); 0: no limit)"
+                )
+            yield im
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
+def _read_rgb(path: Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """An image file as (H, W, 3) uint8 RGB; alpha is composited on white."""
     from PIL import Image
 
     try:
-        with Image.open(path) as im:
+        with _open_image(path, max_pixels) as im:
             if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
                 raise CacheError(f"{path}: {im.mode} images are not supported (expected 8-bit)")
             if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
@@ -65,12 +94,10 @@ def _read_rgb(path: Path) -> np.ndarray:
         raise CacheError(f"cannot read image {path}: {exc}") from exc
 
 
-def _read_mask(path: Path) -> np.ndarray:
+def _read_mask(path: Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """A 0/255 (or 0/1) mask file as (H, W) uint8 {0, 1}."""
-    from PIL import Image
-
     try:
-        with Image.open(path) as im:
+        with _open_image(path, max_pixels) as im:
             array = np.asarray(im.convert("RGB") if im.mode not in ("1", "L") else im)
     except OSError as exc:
         raise CacheError(f"cannot read mask {path}: {exc}") from exc
@@ -86,11 +113,10 @@ def _read_mask(path: Path) -> np.ndarray:
     return (array > 0).astype(np.uint8)
 
 
-def _image_size(path: Path) -> tuple[int, int]:
-    from PIL import Image
-
+def _image_size(path: Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
+    """(width, height) px of an image file, read from its header."""
     try:
-        with Image.open(path) as im:
+        with _open_image(path, max_pixels) as im:
             return im.size  # (width, height)
     except OSError as exc:
         raise CacheError(f"cannot read image {path}: {exc}") from exc
@@ -293,6 +319,7 @@ def import_patches(
     label_from_mask: bool = True,
     quality: int = 90,
     force: bool = False,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> PatchCache:
     """Turn patch images (PNG/JPEG/TIFF squares of one size) into a patch cache.
 
@@ -303,7 +330,9 @@ def import_patches(
     needs a mask of the same name (or the same stem with ``.png``) holding 0/255 (or 0/1); the
     label is 1 when the mask has a tumor pixel (``label_from_mask``), else 0; without masks or
     ``label_from_mask`` the label is -1 (unknown); level is 0. Rerunning resumes an interrupted
-    import; the config records the inputs, filters, file list digest and pattern.
+    import; the config records the inputs, filters, file list digest and pattern. An image (or
+    mask) of more than ``max_pixels`` px (width x height; None or 0: no limit) is refused before
+    it is decoded.
 
     Returns:
         the finished cache, opened.
@@ -320,6 +349,8 @@ def import_patches(
         raise CacheError(f"masks folder not found: {masks_path}")
     pattern = _compile(slide_pattern)
     validate.choice("cache codec", codec, CODECS)
+    if max_pixels is not None:
+        validate.integer("max_pixels", max_pixels, 0, unit="px (0: no limit)")
     if codec == "jpeg":
         validate.integer("JPEG quality", quality, 1, 100)
     files = collect_images(entries, list_file=list_file, include=include, exclude=exclude)
@@ -330,7 +361,7 @@ def import_patches(
     for path in files:
         slide_id, x, y, fell_back = parse_name(path.name, pattern, coordinates=coordinates)
         fallbacks += fell_back
-        size = _image_size(path)
+        size = _image_size(path, max_pixels)
         if first_size is None:
             first_size = size
             if size[0] != size[1]:
@@ -343,7 +374,7 @@ def import_patches(
         mask_file = None
         if masks_path is not None:
             mask_file = _find_mask(masks_path, path)
-            mask_size = _image_size(mask_file)
+            mask_size = _image_size(mask_file, max_pixels)
             if mask_size != size:
                 raise CacheError(
                     f"mask {mask_file} is {mask_size[0]}x{mask_size[1]} px but its image {path} is "
@@ -389,9 +420,10 @@ def import_patches(
             continue
         with writer.slide(slide_id, n=len(items)) as shard:
             for image_path, mask_path, x, y in items:
-                mask = _read_mask(mask_path) if mask_path is not None else None
+                mask = _read_mask(mask_path, max_pixels) if mask_path is not None else None
                 label = int(mask.any()) if mask is not None and label_from_mask else -1
-                shard.add(_read_rgb(image_path), mask, x=x, y=y, level=0, label=label)
+                image = _read_rgb(image_path, max_pixels)
+                shard.add(image, mask, x=x, y=y, level=0, label=label)
         writer.commit(slide_id, shard.info)
     writer.finalize(list(by_slide))
     return PatchCache(out)

@@ -25,7 +25,7 @@ import math
 import tempfile
 import xml.etree.ElementTree as StdET
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,7 +34,7 @@ import defusedxml.ElementTree as SafeET
 import numpy as np
 
 from lymphnode.core import atomic, validate
-from lymphnode.core.errors import AnnotationError, SlideError
+from lymphnode.core.errors import AnnotationError, ConfigError, SlideError
 
 log = logging.getLogger(__name__)
 
@@ -320,11 +320,71 @@ def _as_polygon(p: np.ndarray, name: str) -> np.ndarray:
 # --------------------------------------------------------------------------------------------------
 # Reading and writing ASAP XML
 
+ASAP_GROUP_KEYS = ("tumor_groups", "exclusion_groups", "ignored_groups")
+
+
+@dataclass(frozen=True)
+class AsapGroups:
+    """How ASAP ``PartOfGroup`` names map to tumor / exclusion / ignored (the ``asap.*`` keys of
+    ``conf/prepare.yaml``). With it, :func:`read_asap` refuses a group in none of the three
+    (``ignored`` may be empty: every group must then be tumor or exclusion)."""
+
+    tumor: tuple[str, ...] = TUMOR_GROUPS
+    exclusion: tuple[str, ...] = EXCLUSION_GROUPS
+    ignored: tuple[str, ...] = ()
+    key: str = "asap"  # the config prefix named in messages
+
+    def __post_init__(self) -> None:
+        seen: dict[str, str] = {}
+        for name, values in zip(ASAP_GROUP_KEYS, (self.tumor, self.exclusion, self.ignored)):
+            if isinstance(values, str) or not all(isinstance(v, str) for v in values):
+                raise ConfigError(
+                    f"{self.key}.{name} must be a list of group names, got {values!r}"
+                )
+            for v in values:
+                if v in seen and seen[v] != name:
+                    raise ConfigError(
+                        f"group {v!r} is in both {self.key}.{seen[v]} and {self.key}.{name}"
+                    )
+                seen[v] = name
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, object] | None, key: str = "asap") -> AsapGroups:
+        """From a ``{tumor_groups, exclusion_groups, ignored_groups}`` mapping (defaults for
+        missing keys, null = none; unknown keys refused)."""
+        cfg = dict(cfg or {})
+        extra = sorted(set(cfg) - set(ASAP_GROUP_KEYS))
+        if extra:
+            raise ConfigError(f"{key} has unknown keys {extra} (expected {list(ASAP_GROUP_KEYS)})")
+
+        def names(k: str, default: tuple[str, ...]) -> tuple[str, ...]:
+            v = cfg.get(k, default)
+            if v is None:
+                return ()
+            if isinstance(v, str) or not isinstance(v, Sequence):
+                raise ConfigError(f"{key}.{k} must be a list of group names, got {v!r}")
+            return tuple(v)  # type: ignore[arg-type]
+
+        return cls(
+            tumor=names("tumor_groups", TUMOR_GROUPS),
+            exclusion=names("exclusion_groups", EXCLUSION_GROUPS),
+            ignored=names("ignored_groups", ()),
+            key=key,
+        )
+
+    @property
+    def is_default(self) -> bool:
+        """Whether this is the CAMELYON mapping (nothing ignored)."""
+        return (self.tumor, self.exclusion, self.ignored) == (TUMOR_GROUPS, EXCLUSION_GROUPS, ())
+
 
 def read_asap(
     path: str | Path,
     tumor_groups: Sequence[str] = TUMOR_GROUPS,
     exclusion_groups: Sequence[str] = EXCLUSION_GROUPS,
+    *,
+    groups: AsapGroups | None = None,
+    slide: str | Path | None = None,
 ) -> Annotations:
     """Read an ASAP XML annotation file (CAMELYON16/17) into tumor and exclusion polygons.
 
@@ -332,12 +392,17 @@ def read_asap(
         path: the XML file.
         tumor_groups: ``PartOfGroup`` values whose annotations are tumor.
         exclusion_groups: ``PartOfGroup`` values whose annotations are cut out of the tumor.
+        groups: the strict mapping (``prepare``'s ``asap.*`` keys; replaces ``tumor_groups``
+            and ``exclusion_groups``): a group in none of its lists is an error, since its
+            tumour would otherwise be labelled non-tumour.
+        slide: the slide the file annotates, named in the messages.
 
     Polygon, Rectangle and Spline annotations enclose an area and become polygons. A Spline is
     taken as the polygon through its vertices, without curve interpolation, as ASAP's own
     annotation-to-mask converter does (CAMELYON's reference masks were made that way). Dot,
     Measurement and PointSet annotations enclose no area and are skipped (counted in a debug log).
-    Annotations of other groups are skipped with one warning that names those groups. Vertices are
+    Without ``groups``, annotations of other groups are skipped with one warning that names
+    those groups; with ``groups``, those of ``groups.ignored`` are skipped. Vertices are
     sorted by their ``Order`` attribute; a decimal comma (``"12,5"``, written by some ASAP builds)
     is accepted.
 
@@ -345,9 +410,12 @@ def read_asap(
         AnnotationError: the file is missing or unreadable, is not XML, declares entities or
             external references (refused: billion-laughs and XXE), has no ``Annotations`` element,
             or an area annotation has a non-numeric coordinate, an unknown type or fewer than 3
-            vertices. The message names the file and the annotation.
+            vertices; with ``groups``, a group it does not map. The message names the file and
+            the annotation (or the slide, the groups found and the config keys).
     """
     path = Path(path)
+    if groups is not None:
+        tumor_groups, exclusion_groups = groups.tumor, groups.exclusion
     tumor_set, exclusion_set = set(tumor_groups), set(exclusion_groups)
     both = tumor_set & exclusion_set
     if both:
@@ -386,7 +454,21 @@ def read_asap(
             )
         polygons.append(_read_vertices(element, path, name))
         names.append(name)
-    if other_groups:
+    if other_groups and groups is not None:
+        unknown = sorted(set(other_groups) - set(groups.ignored))
+        if unknown:
+            found = Counter(e.get("PartOfGroup") or "None" for e in container.iter("Annotation"))
+            prefix = groups.key
+            raise AnnotationError(
+                f"{path}" + (f" (slide {slide})" if slide is not None else "")
+                + f": annotation group(s) {unknown} are not mapped; groups found: "
+                + ", ".join(f"{g!r} ({n})" for g, n in sorted(found.items()))
+                + f". Map each group with {prefix}.tumor_groups {list(groups.tumor)}, "
+                f"{prefix}.exclusion_groups {list(groups.exclusion)} or {prefix}.ignored_groups "
+                f"{list(groups.ignored)} (conf/prepare.yaml; e.g. {prefix}.tumor_groups="
+                f"[{','.join([*groups.tumor, unknown[0]])}])"
+            )  # fmt: skip
+    elif other_groups:
         listed = ", ".join(f"{g!r} ({n})" for g, n in sorted(other_groups.items()))
         log.warning(
             "%s: ignored %d annotation(s) in groups that are neither tumor %s nor exclusion %s: %s",
