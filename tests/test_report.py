@@ -86,12 +86,12 @@ def test_failed_and_missing_runs_are_listed_by_name(sweep: Path) -> None:
 
 def test_paired_difference_uses_only_folds_both_inits_completed(sweep: Path) -> None:
     report = summarize(collect_runs([sweep]))
-    pair40 = report.paired[(40, "f1")]
+    pair40 = report.paired[(40, "pretrained", "scratch", "f1")]
     assert pair40.n == 3
     assert pair40.mean == pytest.approx(0.1)
     assert pair40.p_value is None  # a constant difference: no t-test, no invented p
     assert "zero variance" in pair40.p_note
-    pair80 = report.paired[(80, "f1")]
+    pair80 = report.paired[(80, "pretrained", "scratch", "f1")]
     assert pair80.n == 2
     assert pair80.mean == pytest.approx(((0.70 - 0.55) + (0.72 - 0.65)) / 2)
     assert 0.0 < pair80.p_value < 1.0
