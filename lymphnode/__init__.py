@@ -15,7 +15,10 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 # reads the global settings, not the run's mode).
 os.environ.setdefault("WANDB_MODE", "offline")
 
+from lymphnode.core import resolvers as _resolvers
 from lymphnode.core.errors import LymphnodeError
+
+_resolvers.register()  # the ${run_arm:...} etc. of conf/*.yaml resolve wherever they are composed
 
 __all__ = ["LymphnodeError", "__version__"]
 __version__ = "0.1.0"

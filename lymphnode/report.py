@@ -3,19 +3,24 @@
 ``python -m lymphnode.report <sweep dir>... [--out DIR] [--paper] [--checkpoint best|last] [--wandb]``
 
 Reads every run's ``results.json`` below the given folders, groups the fine-tuning runs by labeled
-size and init (pretrained / scratch), and writes into ``--out``:
+size and arm — ``scratch``, ``pretrained`` (the reconstruction pretext; also every older run that
+names no pretext) and ``pretrained-<pretext>`` for each other pretext task (masked, contrastive,
+stain, ...) — and writes into ``--out``:
 
-- ``table.md`` and ``table.csv``: rows = labeled size; precision, recall and F1 (percent) without and
-  with pretraining as mean ± sample std over folds with n (and how many of them collapsed: test
-  recall 0), plus the paired difference (pretrained − scratch, over the folds both inits completed)
-  with a paired t-test p-value ("n/a", with the reason, when the test has none), and the all-tumour
-  baseline F1 when the runs recorded it; under the table the checkpoint selection and the median
-  optimizer steps;
-- ``f1_vs_labels.png``: F1 and recall vs labeled size for both inits with std error bars.
+- ``table.md`` and ``table.csv``: rows = labeled size; precision, recall and F1 (percent) per arm
+  (scratch, reconstruction, then the other pretexts by name) as mean ± sample std over folds with
+  n (and how many of them collapsed: test recall 0), plus the paired F1 difference of every
+  pretext to scratch and of every other pretext to reconstruction (over the folds and seeds both
+  arms completed) with a paired t-test p-value ("n/a", with the reason, when the test has none),
+  and the all-tumour baseline F1 when the runs recorded it; under the table the checkpoint
+  selection and the median optimizer steps per arm. With only reconstruction and scratch runs the
+  table is the paper's two-arm one; ``--paper`` adds the paper's F1 of those two arms;
+- ``f1_vs_labels.png``: F1 and recall vs labeled size, one line per arm with std error bars.
 
 Runs that failed or were interrupted, and runs that the grid expects but that never wrote a
-``results.json`` (a killed sweep, a run directory left without results), are listed by name under
-the table and never averaged. The logic lives in :mod:`lymphnode.evaluation.runs` (reading),
+``results.json`` (a killed sweep, a run directory left without results, a run that the sweep's
+``multirun.yaml`` defines and no folder holds), are listed by name under the table and never
+averaged. The logic lives in :mod:`lymphnode.evaluation.runs` (reading),
 :mod:`~lymphnode.evaluation.table` (figures) and :mod:`~lymphnode.evaluation.table_output` (files).
 """
 
@@ -45,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _main(argv: Sequence[str] | None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m lymphnode.report",
-        description="The results table (pretrained vs scratch by labeled size) of a sweep.",
+        description="The results table (scratch and each pretext task by labeled size) of a sweep.",
     )
     parser.add_argument("sweep_dirs", nargs="+", help="folders holding the runs' results.json")
     parser.add_argument("--out", default=None, help="output folder (default: <first dir>/report)")

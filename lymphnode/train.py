@@ -61,33 +61,8 @@ log = logging.getLogger(__name__)
 STAGES = ("pretrain", "finetune")  # which half of the method a run is
 INITS = ("pretrained", "scratch")  # how a fine-tuning run's weights start
 RESULTS_FILE = "results.json"
-
-
-def pretrained_if(init: Any, path: Any) -> Any:
-    """The ``pretrained_if`` resolver: ``path`` when ``init`` is ``pretrained``, else None (so
-    that ``init=scratch`` fine-tunes the same config from random weights)."""
-    return path if init == "pretrained" else None
-
-
-def pretext_suffix(name: Any) -> str:
-    """The ``pretext_suffix`` resolver: ``""`` for the paper's ``reconstruction`` pretext (its runs
-    keep the folders ``pretrain`` and ``pretrained``), ``"-<name>"`` for any other."""
-    return "" if name in (None, "reconstruction") else f"-{name}"
-
-
-def run_arm(init: Any, pretext: Any) -> str:
-    """The ``run_arm`` resolver: the first folder of a fine-tuning run, ``scratch`` (shared by every
-    pretext), ``pretrained`` (reconstruction) or ``pretrained-<pretext>``."""
-    return "scratch" if init == "scratch" else f"{init}{pretext_suffix(pretext)}"
-
-
-for _name, _resolver in (
-    ("pretrained_if", pretrained_if),
-    ("pretext_suffix", pretext_suffix),
-    ("run_arm", run_arm),
-):
-    if not OmegaConf.has_resolver(_name):
-        OmegaConf.register_new_resolver(_name, _resolver)
+# The ${pretrained_if:...}, ${pretext_suffix:...} and ${run_arm:...} resolvers of conf/ are
+# registered when lymphnode is imported (lymphnode.core.resolvers).
 
 
 # --- configuration checks -----------------------------------------------------------------------

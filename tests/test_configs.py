@@ -207,8 +207,9 @@ def test_resume_checkpoint_last_means_this_runs_last_ckpt(tmp_path: Path) -> Non
     with pytest.raises(CheckpointError, match=r"ckpt_path='last'.*checkpoints/last.ckpt not found"):
         train_mod.resume_checkpoint(cfg, tmp_path)
     (tmp_path / "checkpoints").mkdir()
-    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"")
-    assert train_mod.resume_checkpoint(cfg, tmp_path) == tmp_path / "checkpoints" / "last.ckpt"
+    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"")  # found, but not a checkpoint
+    with pytest.raises(CheckpointError, match=r"last.ckpt is not a torch checkpoint"):
+        train_mod.resume_checkpoint(cfg, tmp_path)
     assert train_mod.resume_checkpoint(compose_train(), tmp_path) is None
 
 

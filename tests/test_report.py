@@ -86,12 +86,12 @@ def test_failed_and_missing_runs_are_listed_by_name(sweep: Path) -> None:
 
 def test_paired_difference_uses_only_folds_both_inits_completed(sweep: Path) -> None:
     report = summarize(collect_runs([sweep]))
-    pair40 = report.paired[(40, "f1")]
+    pair40 = report.paired[(40, "pretrained", "scratch", "f1")]
     assert pair40.n == 3
     assert pair40.mean == pytest.approx(0.1)
     assert pair40.p_value is None  # a constant difference: no t-test, no invented p
     assert "zero variance" in pair40.p_note
-    pair80 = report.paired[(80, "f1")]
+    pair80 = report.paired[(80, "pretrained", "scratch", "f1")]
     assert pair80.n == 2
     assert pair80.mean == pytest.approx(((0.70 - 0.55) + (0.72 - 0.65)) / 2)
     assert 0.0 < pair80.p_value < 1.0
@@ -285,60 +285,3 @@ def test_zero_variance_difference_prints_n_a_and_why(sweep: Path, tmp_path: Path
     diff = next(r for r in rows if r["init"] == "pretrained-scratch" and r["labeled_size"] == "40"
                 and r["metric"] == "f1")  # fmt: skip
     assert diff["p_value"] == "" and "zero variance" in diff["p_note"]
-
-
-def test_a_sweep_over_pretexts_gets_one_arm_per_pretext_and_paired_differences(
-    tmp_path: Path,
-) -> None:
-    from scipy.stats import ttest_rel
-
-    from lymphnode.evaluation.table_output import to_csv
-
-    f1 = {  # (arm, size) -> F1 of folds 0..2
-        ("scratch", 10): [0.40, 0.50, 0.45], ("scratch", 30): [0.60, 0.62, 0.70],
-        ("pretrained", 10): [0.42, 0.55, 0.44], ("pretrained", 30): [0.61, 0.66, 0.69],
-        ("pretrained-masked", 10): [0.50, 0.58, 0.56], ("pretrained-masked", 30): [0.65, 0.70, 0.71],
-    }  # fmt: skip
-    for (arm, size), values in f1.items():
-        for fold, value in enumerate(values):
-            init, _, pretext = arm.partition("-")
-            run_dir = _write_run(
-                tmp_path / ("staging" if pretext else "runs"), init, size, fold, value
-            )
-            if pretext:  # the folder of run_arm, and the pretext field train writes
-                target = tmp_path / "runs" / arm / f"size{size}" / f"fold{fold}" / "seed0"
-                target.parent.mkdir(parents=True, exist_ok=True)
-                record = json.loads((run_dir / "results.json").read_text())
-                run_dir.rename(target)
-                record["pretext"] = pretext
-                (target / "results.json").write_text(json.dumps(record))
-    report = summarize(collect_runs([tmp_path / "runs"]))
-    assert report.arms == ["scratch", "pretrained", "pretrained-masked"]
-    assert not report.missing  # scratch once per size and fold, not once per pretext
-    cell = report.cells[(10, "pretrained-masked", "f1")]
-    assert cell.mean == pytest.approx(np.mean([0.50, 0.58, 0.56]))
-    assert cell.std == pytest.approx(np.std([0.50, 0.58, 0.56], ddof=1))
-    for reference in ("scratch", "pretrained"):
-        pair = report.paired_arms[(10, "f1", "pretrained-masked", reference)]
-        ours, theirs = f1[("pretrained-masked", 10)], f1[(reference, 10)]
-        assert pair.mean == pytest.approx(np.mean(np.subtract(ours, theirs)))
-        assert pair.p_value == pytest.approx(ttest_rel(ours, theirs).pvalue)
-    assert report.paired[(10, "f1")].mean == pytest.approx(np.mean([0.02, 0.05, -0.01]))
-    markdown = to_markdown(report)
-    assert "Other pretext tasks" in markdown and "| 10 | masked |" in markdown
-    rows = list(csv.DictReader(to_csv(report).splitlines()))
-    names = {r["init"] for r in rows}
-    assert {
-        "pretrained-masked",
-        "pretrained-masked-scratch",
-        "pretrained-masked-pretrained",
-    } <= names
-    assert "pretrained-scratch" in names  # the reconstruction row keeps its name
-
-
-def test_a_results_json_without_pretext_counts_as_reconstruction(tmp_path: Path) -> None:
-    for fold in range(2):
-        _write_run(tmp_path, "pretrained", 10, fold, 0.5)
-        _write_run(tmp_path, "scratch", 10, fold, 0.4)
-    report = summarize(collect_runs([tmp_path]))
-    assert report.arms == ["scratch", "pretrained"] and not report.paired_arms

@@ -7,47 +7,44 @@ files: ``reconstruction``), ``labeled_size``, ``fold``, ``seed``, the test metri
 selected checkpoint (``metrics``) and of the last one (``metrics_last``), keyed
 ``test/seg_{precision,recall,f1}`` as fractions. Newer files also hold, and older ones may lack:
 
+- ``pretext``: the pretext task a pretrained run started from (``reconstruction``, ``masked``,
+  ``contrastive``, ``stain``, ...); null for scratch runs; absent in older files, where a pretrained
+  run is ``reconstruction`` (the only pretext there was);
+
 - ``selection``: ``val_f1`` | ``val_loss`` | ``last``, which checkpoint ``metrics`` are from;
 - ``steps``: ``{"selected": int | null, "last": int | null}``, the optimizer step of each checkpoint;
 - ``collapsed``: true when the selected checkpoint predicts no tumour (test recall 0); derived from
   the metrics when absent;
 - ``metrics["test/baseline_all_tumour_f1"]``: F1 of predicting tumour on every test pixel.
+
+Runs are grouped into **arms**, named as their run folders (``lymphnode.train``'s ``run_arm``):
+``scratch`` (one run per size/fold/seed, shared by every pretext), ``pretrained`` (the paper's
+reconstruction pretext) and ``pretrained-<pretext>`` for any other pretext.
+
+The grid a report expects (to list the runs it lacks) is the product of the sizes, folds, seeds
+and arms seen in the runs, united with the grid that each sweep's own ``multirun.yaml`` (Hydra's
+record of a ``--multirun`` of the basic sweeper: ``hydra.sweeper.params`` and the command line's
+``hydra.overrides.task``, the latter winning) defines over ``data.labeled_size``, ``data.fold``,
+``seed``, ``init`` and ``pretext``.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import yaml
 
 from lymphnode.core.errors import LymphnodeError
 from lymphnode.core.records import read_record
 
 #: Inits in column order: the paper puts "without pretraining" first.
 INITS: tuple[str, ...] = ("scratch", "pretrained")
-#: The pretext whose runs are the arm ``pretrained`` (the paper's); another pretext's runs are the
-#: arm ``pretrained-<pretext>``.
-PAPER_PRETEXT = "reconstruction"
-
-
-def arm_of(init: str | None, pretext: str | None) -> str | None:
-    """The table's arm of a run: ``scratch``, ``pretrained`` (reconstruction, or a file that names
-    no pretext) or ``pretrained-<pretext>``; None for anything but a fine-tuning init."""
-    if init not in INITS:
-        return None
-    if init == "scratch" or pretext in (None, PAPER_PRETEXT):
-        return init
-    return f"{init}-{pretext}"
-
-
-def arm_order(arms: Sequence[str]) -> list[str]:
-    """scratch, pretrained (reconstruction), then the other pretexts' arms by name."""
-    rest = sorted(a for a in set(arms) if a not in INITS)
-    return [a for a in INITS if a in arms] + rest
-
-
+#: The paper's pretext task: a pretrained run whose results.json names no pretext used it.
+RECONSTRUCTION = "reconstruction"
 #: The metrics of the paper's Figure 3, in column order.
 METRICS: tuple[str, ...] = ("precision", "recall", "f1")
 #: Checkpoints a report can read: the selected one (``metrics``) or the last (``metrics_last``).
@@ -71,11 +68,12 @@ class Run:
     empty when the run failed, was interrupted or never finished. ``selection`` is the checkpoint
     the metrics are from (None when the file does not say), ``steps_selected`` / ``steps_last`` the
     optimizer steps of the selected and the last checkpoint, ``collapsed`` whether the reported
-    checkpoint predicted no tumour at all, ``baseline_f1`` the all-tumour baseline's test F1.
+    checkpoint predicted no tumour at all, ``baseline_f1`` the all-tumour baseline's test F1,
+    ``pretext`` the pretext task a pretrained run started from (None for scratch runs).
     """
 
     name: str
-    init: str | None  # the arm (arm_of): scratch | pretrained | pretrained-<pretext>
+    init: str | None
     labeled_size: int | None
     fold: int | None
     seed: int | None
@@ -87,6 +85,50 @@ class Run:
     steps_last: int | None = None
     collapsed: bool = False
     baseline_f1: float | None = None
+    pretext: str | None = None
+
+    @property
+    def arm(self) -> str | None:
+        """The run's arm (its run folder's first part): ``scratch``, ``pretrained``
+        (reconstruction) or ``pretrained-<pretext>``; None when the init is unknown."""
+        return None if self.init is None else arm_name(self.init, self.pretext)
+
+
+def arm_name(init: str, pretext: str | None) -> str:
+    """The arm of a fine-tuning run of ``init`` from ``pretext``, as ``lymphnode.train`` names its
+    run folder: ``scratch`` whatever the pretext, ``pretrained`` for reconstruction (or no pretext
+    recorded), ``pretrained-<pretext>`` otherwise."""
+    if init == "scratch":
+        return "scratch"
+    return init if pretext in (None, RECONSTRUCTION) else f"{init}-{pretext}"
+
+
+def arm_pretext(arm: str) -> str | None:
+    """The pretext task of an arm: None for ``scratch``, ``reconstruction`` for ``pretrained``,
+    ``<pretext>`` for ``pretrained-<pretext>``."""
+    if arm == "scratch":
+        return None
+    return arm.split("-", 1)[1] if "-" in arm else RECONSTRUCTION
+
+
+def order_arms(arms: Iterable[str]) -> list[str]:
+    """Arms in table order: ``scratch``, ``pretrained`` (reconstruction), then the other pretexts
+    by name — the same order whichever runs happen to be listed first."""
+    unique = set(arms)
+    head = [a for a in ("scratch", "pretrained") if a in unique]
+    return head + sorted(unique - set(head))
+
+
+def _pretext_error(value: object) -> str | None:
+    """Why a results.json's ``pretext`` value cannot name an arm (None when it can)."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value or "/" in value or value == "scratch":
+        return (
+            f"pretext={value!r} is not a pretext name (expected a non-empty string without '/' "
+            "other than 'scratch', e.g. 'masked', or null for reconstruction)"
+        )
+    return None
 
 
 def _metric_block(result: dict, checkpoint: str) -> dict:
@@ -127,16 +169,21 @@ def _read_result(path: Path, root: Path, checkpoint: str) -> Run | None:
             raise ReportError(f"{path} does not exist")
     except ReportError as exc:
         init, size, fold, seed = _identity_of(path.parent)
+        folder_pretext = None
+        if init is not None and init.startswith("pretrained-"):  # run_arm's folder of a pretext
+            init, folder_pretext = "pretrained", init.partition("-")[2]
         if init is not None and init not in INITS:
             return None  # a corrupt pretraining record: not part of the table either
+        if init == "pretrained" and folder_pretext is None:
+            folder_pretext = RECONSTRUCTION
         return Run(
             name=_run_name(path, root), init=init, labeled_size=size, fold=fold, seed=seed,
-            status="failed",
+            pretext=folder_pretext, status="failed",
             error=f"unreadable results.json ({exc}); the file is corrupt: train the run again "
             "(skip_if_done trains it again)",
         )  # fmt: skip
-    init = arm_of(result.get("init"), result.get("pretext"))
-    if init is None:  # the pretraining run, or something else: not part of the table
+    init = result.get("init")
+    if init not in INITS:  # the pretraining run, or something else: not part of the table
         return None
     status = result.get("status", "failed")
     if status not in ("completed", "failed", "interrupted"):
@@ -144,6 +191,12 @@ def _read_result(path: Path, root: Path, checkpoint: str) -> Run | None:
     metrics: dict[str, float] = {}
     error = result.get("error")
     collapsed = False
+    pretext = None if init == "scratch" else result.get("pretext")
+    pretext_problem = _pretext_error(pretext)
+    if pretext_problem is not None:  # not averaged into a made-up arm, listed as failed
+        status, error, pretext = "failed", f"{pretext_problem} in {path}", None
+    elif init == "pretrained" and pretext is None:
+        pretext = RECONSTRUCTION  # older files: reconstruction was the only pretext
     if status == "completed":
         block = _metric_block(result, checkpoint)
         for metric in METRICS:
@@ -178,6 +231,7 @@ def _read_result(path: Path, root: Path, checkpoint: str) -> Run | None:
         steps_last=_int_or_none(steps.get("last")),
         collapsed=collapsed,
         baseline_f1=_finite_or_none(baseline) if status == "completed" else None,
+        pretext=pretext,
     )
 
 
@@ -220,43 +274,187 @@ def _int_or_none(value: object) -> int | None:
     return None if value is None else int(value)  # type: ignore[call-overload]
 
 
+def _plain(value: object) -> object:
+    """A config value as written, or None when it is an unresolved interpolation (``${...}``)."""
+    return None if isinstance(value, str) and "${" in value else value
+
+
+def _dig(tree: object, dotted: str) -> object:
+    """``tree["a"]["b"]`` for ``"a.b"`` in nested dicts; None where a part is absent."""
+    for part in dotted.split("."):
+        if not isinstance(tree, dict):
+            return None
+        tree = tree.get(part)
+    return tree
+
+
+def _load_yaml(path: Path, what: str) -> dict:
+    """A YAML mapping (Hydra's ``multirun.yaml``, a job's ``.hydra/config.yaml``), interpolations
+    left as written."""
+    try:
+        tree = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ReportError(f"{what} {path} is not readable YAML ({exc})") from exc
+    if not isinstance(tree, dict):
+        raise ReportError(
+            f"{what} {path} holds a {type(tree).__name__}, expected a mapping (a Hydra config)"
+        )
+    return tree
+
+
 def _orphan_run(run_dir: Path, root: Path) -> Run:
-    """A Hydra run folder (``.hydra/`` present) that never wrote results.json: a killed run."""
+    """A Hydra run folder (``.hydra/`` present) that never wrote results.json: a killed run.
+
+    Its grid point comes from the job's ``overrides.yaml`` and, for what that does not name (a
+    value the sweep did not vary, e.g. ``seed``), from the job's composed ``config.yaml``.
+    """
     overrides: dict[str, str] = {}
     overrides_file = run_dir / ".hydra" / "overrides.yaml"
     if overrides_file.is_file():
         for line in overrides_file.read_text().splitlines():
             item = line.strip().lstrip("-").strip().strip("'\"")
             if "=" in item:
-                key, value = item.split("=", 1)
-                overrides[key.lstrip("+~")] = value
+                key, raw = item.split("=", 1)
+                overrides[key.lstrip("+~")] = raw
+    try:
+        config = _load_yaml(run_dir / ".hydra" / "config.yaml", "the job config")
+    except ReportError:
+        config = {}  # the orphan is listed as missing all the same, with what overrides say
 
-    def pick(*keys: str) -> int | None:
-        for key in keys:
-            if key in overrides:
-                try:
-                    return int(overrides[key])
-                except ValueError:
-                    return None
-        return None
+    def setting(key: str) -> object:
+        return overrides[key] if key in overrides else _plain(_dig(config, key))
 
-    init = arm_of(overrides.get("init"), overrides.get("pretext"))
+    def pick(key: str) -> int | None:
+        try:
+            return _int_or_none(setting(key))
+        except (TypeError, ValueError):
+            return None
+
+    init = setting("init")
+    # the group override (pretext=masked) names the pretext; else the composed pretext.name
+    pretext = overrides["pretext"] if "pretext" in overrides else setting("pretext.name")
+    if init not in INITS:
+        init = None
+    if init == "scratch" or not isinstance(pretext, str) or _pretext_error(pretext):
+        pretext = None
+    if init == "pretrained" and pretext is None:
+        pretext = RECONSTRUCTION
     return Run(
         name=str(run_dir.relative_to(root)) if run_dir.is_relative_to(root) else str(run_dir),
-        init=init,
+        init=init,  # type: ignore[arg-type]
         labeled_size=pick("data.labeled_size"),
         fold=pick("data.fold"),
         seed=pick("seed"),
         status="missing",
         error="no results.json (the run was killed or never finished)",
+        pretext=pretext,
     )
 
 
-def collect_runs(dirs: Sequence[str | Path], checkpoint: str = "best") -> list[Run]:
-    """Every fine-tuning run below ``dirs``, completed, failed or left without results.json."""
+#: The config keys of a sweep that span the table's grid, and the override that sets each one.
+_GRID_KEYS = {
+    "size": "data.labeled_size",
+    "fold": "data.fold",
+    "seed": "seed",
+    "init": "init",
+    "pretext": "pretext",  # the config group; its option is the pretext's name
+}
+
+
+def sweep_grid(path: str | Path) -> list[tuple[str, int, int, int]]:
+    """The fine-tuning runs a sweep's ``multirun.yaml`` defines: (arm, labeled size, fold, seed).
+
+    Hydra's basic sweeper runs the product of ``hydra.sweeper.params`` and the command line's
+    ``hydra.overrides.task`` (a key on the command line replaces the same key of the params); an
+    axis that neither sweeps takes its value from the composed config. Scratch runs count once per
+    (size, fold, seed) however many pretexts the sweep names, as they share one run folder. Empty
+    for a sweep of another sweeper (its params are not a grid), of pretraining, or whose grid
+    values are interpolations (then the runs seen define the grid). A file that is not YAML, or
+    overrides that do not parse, are a :class:`ReportError` naming the file.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    path = Path(path)
+    tree = _load_yaml(path, "sweep definition")
+    sweeper = _dig(tree, "hydra.sweeper._target_")
+    if not (isinstance(sweeper, str) and sweeper.endswith("BasicSweeper")):
+        return []
+    params = _dig(tree, "hydra.sweeper.params") or {}
+    task = _dig(tree, "hydra.overrides.task") or []
+    if not isinstance(params, dict) or not isinstance(task, list):
+        raise ReportError(
+            f"sweep definition {path}: hydra.sweeper.params must be a mapping and "
+            f"hydra.overrides.task a list, got {type(params).__name__} and {type(task).__name__}"
+        )
+    lines = [f"{key}={value}" for key, value in params.items()] + [str(t) for t in task]
+    try:
+        overrides = OverridesParser.create().parse_overrides(lines)
+    except HydraException as exc:
+        raise ReportError(f"sweep definition {path}: overrides do not parse ({exc})") from exc
+    swept: dict[str, list[str]] = {}
+    for override in overrides:
+        if override.is_delete():
+            continue
+        if override.is_sweep_override():
+            if not override.is_discrete_sweep():
+                return []  # the basic sweeper refuses these; no grid to read
+            swept[override.key_or_group] = list(override.sweep_string_iterator())
+        else:
+            swept[override.key_or_group] = [override.get_value_element_as_str()]
+    if swept.get("stage", [_dig(tree, "stage")]) != ["finetune"]:
+        return []
+    base = {
+        "size": _dig(tree, "data.labeled_size"),
+        "fold": _dig(tree, "data.fold"),
+        "seed": _dig(tree, "seed"),
+        "init": _dig(tree, "init"),
+        "pretext": _dig(tree, "pretext.name") if isinstance(tree.get("pretext"), dict) else None,
+    }
+    axes: dict[str, list] = {}
+    for axis, key in _GRID_KEYS.items():
+        values = swept.get(key, [base[axis]])
+        if axis == "pretext" and "pretext.name" in swept:
+            values = swept["pretext.name"]
+        if any(_plain(v) is None and axis != "pretext" for v in values):
+            return []
+        axes[axis] = values
+    try:
+        sizes, folds, seeds = (sorted({int(v) for v in axes[a]}) for a in ("size", "fold", "seed"))
+    except (TypeError, ValueError):
+        return []
+    arms: set[str] = set()
+    for init in axes["init"]:
+        if init not in INITS:
+            continue
+        for pretext in axes["pretext"]:
+            name = None if pretext in (None, "null") else str(pretext)
+            if init == "pretrained" and _pretext_error(name) is not None:
+                continue
+            arms.add(arm_name(init, name))
+    return [
+        (arm, size, fold, seed)
+        for arm in order_arms(arms)
+        for size in sizes
+        for fold in folds
+        for seed in seeds
+    ]
+
+
+def _grid_key(run: Run) -> tuple:
+    return (run.arm, run.labeled_size, run.fold, run.seed)
+
+
+def collect_runs(
+    dirs: Sequence[str | Path], checkpoint: str = "best", sweeps: bool = True
+) -> list[Run]:
+    """Every fine-tuning run below ``dirs``, completed, failed or left without results.json; with
+    ``sweeps``, also (status ``missing``) the runs that a ``multirun.yaml`` below ``dirs``
+    defines and that no run folder accounts for (see :func:`sweep_grid`)."""
     if checkpoint not in CHECKPOINTS:
         raise ReportError(f"checkpoint={checkpoint!r} is not one of {', '.join(CHECKPOINTS)}")
     runs: list[Run] = []
+    definitions: list[tuple[Path, Path]] = []
     for d in dirs:
         root = Path(d)
         if not root.is_dir():
@@ -271,32 +469,60 @@ def collect_runs(dirs: Sequence[str | Path], checkpoint: str = "best") -> list[R
             run_dir = hydra_dir.parent
             if run_dir not in done_dirs and (hydra_dir / "config.yaml").is_file():
                 runs.append(_orphan_run(run_dir, root))
+        definitions += [(root, p) for p in sorted(root.rglob("multirun.yaml"))]
+    if sweeps:
+        present = {_grid_key(r) for r in runs}
+        for root, path in definitions:
+            prefix = path.parent.relative_to(root)
+            for arm, size, fold, seed in sweep_grid(path):
+                if (arm, size, fold, seed) in present:
+                    continue
+                present.add((arm, size, fold, seed))
+                pretext = arm_pretext(arm)
+                runs.append(
+                    Run(
+                        name=str(prefix / arm / f"size{size}" / f"fold{fold}" / f"seed{seed}"),
+                        init="scratch" if pretext is None else "pretrained",
+                        labeled_size=size,
+                        fold=fold,
+                        seed=seed,
+                        status="missing",
+                        error=f"defined by the sweep {path}, no run folder found",
+                        pretext=pretext,
+                    )
+                )
     return runs
 
 
 def expected_missing(runs: list[Run]) -> list[Run]:
-    """Grid points (size × fold × init × seed seen anywhere) that no run folder accounts for."""
-    known = [r for r in runs if r.labeled_size is not None and r.fold is not None and r.init]
+    """Grid points (size × fold × arm × seed seen anywhere) that no run folder accounts for.
+
+    The scratch arm is one grid axis value like any pretext's: a sweep over pretexts expects one
+    scratch run per (size, fold, seed), not one per pretext.
+    """
+    known = [r for r in runs if r.labeled_size is not None and r.fold is not None and r.arm]
     sizes = sorted({r.labeled_size for r in known})  # type: ignore[type-var]
     folds = sorted({r.fold for r in known})  # type: ignore[type-var]
     seeds = sorted({r.seed for r in known}, key=lambda s: -1 if s is None else s)
-    inits = arm_order([r.init for r in known if r.init])
-    present = {(r.labeled_size, r.fold, r.init, r.seed) for r in known}
+    arms = order_arms(r.arm for r in known if r.arm is not None)
+    present = {_grid_key(r) for r in known}
     out = []
     for size in sizes:
         for fold in folds:
-            for init in inits:
+            for arm in arms:
                 for seed in seeds:
-                    if (size, fold, init, seed) not in present:
+                    if (arm, size, fold, seed) not in present:
+                        pretext = arm_pretext(arm)
                         out.append(
                             Run(
-                                name=f"{init}/size{size}/fold{fold}/seed{seed}",  # run_arm's folder
-                                init=init,
+                                name=f"{arm}/size{size}/fold{fold}/seed{seed}",
+                                init="scratch" if pretext is None else "pretrained",
                                 labeled_size=size,
                                 fold=fold,
                                 seed=seed,
                                 status="missing",
                                 error="expected by the grid, no run folder found",
+                                pretext=pretext,
                             )
                         )
     return out

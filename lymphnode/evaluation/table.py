@@ -1,6 +1,12 @@
-"""The results table's figures: per (labeled size, init, metric) mean ± sample std over folds, the
-paired pretrained − scratch difference with its t-test, collapse counts, checkpoint steps, and the
-all-tumour baseline — from :class:`~lymphnode.evaluation.runs.Run` records, as fractions (0..1).
+"""The results table's figures: per (labeled size, arm, metric) mean ± sample std over folds, the
+paired differences with their t-tests (every pretext − scratch, and every other pretext −
+reconstruction), collapse counts, checkpoint steps, and the all-tumour baseline — from
+:class:`~lymphnode.evaluation.runs.Run` records, as fractions (0..1).
+
+An arm is ``scratch`` or one pretext, named as its run folders: ``pretrained`` (reconstruction, the
+paper's), ``pretrained-<pretext>`` (see :mod:`lymphnode.evaluation.runs`). The table always has
+the ``scratch`` and ``pretrained`` arms (the paper's two columns, "–" when a sweep lacks one) and
+the reconstruction − scratch comparison, then the other arms the runs hold.
 
 Completed runs are averaged (collapsed ones too, but counted in every cell they enter and listed by
 name); failed, interrupted and missing runs never are, and are listed by name.
@@ -10,18 +16,21 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
 from lymphnode.evaluation.runs import (
-    INITS,
     METRICS,
     ReportError,
     Run,
-    arm_order,
+    arm_pretext,
     expected_missing,
+    order_arms,
 )
+
+#: The arms every table shows (the paper's two columns), in this order before any other.
+BASE_ARMS: tuple[str, ...] = ("scratch", "pretrained")
 
 #: Paired differences whose spread is at most this (in fractions) count as constant: a t-test on
 #: them has no p-value (its statistic divides by their zero standard deviation).
@@ -41,7 +50,8 @@ class Cell:
 
 @dataclass(frozen=True)
 class Paired:
-    """Pretrained − scratch over the folds both completed: mean/std of the difference, t-test p.
+    """One arm − a reference arm over the (fold, seed) pairs both completed: mean/std of the
+    difference, paired t-test p.
 
     ``p_value`` is None when a paired t-test has none; ``p_note`` then says why (one pair only, or
     differences without variance).
@@ -65,13 +75,15 @@ class Steps:
 
 @dataclass
 class Report:
-    """Everything the table shows: cells by (size, init, metric), paired differences by (size,
-    metric), steps by (size, init), baseline F1 by size, the checkpoint selections seen (name → run
-    count, None = not recorded; and the recorded ones by (size, init)), and the runs to list: failed, interrupted, missing, collapsed."""
+    """Everything the table shows: the arms (table order) and the comparisons (arm, reference arm)
+    made, cells by (size, arm, metric), paired differences by (size, arm, reference, metric), steps
+    by (size, arm), baseline F1 by size, the checkpoint selections seen (name → run count, None =
+    not recorded; and the recorded ones by (size, arm)), and the runs to list: failed,
+    interrupted, missing, collapsed."""
 
     sizes: list[int]
     cells: dict[tuple[int, str, str], Cell]
-    paired: dict[tuple[int, str], Paired]
+    paired: dict[tuple[int, str, str, str], Paired]
     failed: list[Run]
     missing: list[Run]
     checkpoint: str
@@ -82,9 +94,13 @@ class Report:
     baseline: dict[int, Cell]
     selections: dict[str | None, int]
     group_selections: dict[tuple[int, str], tuple[str, ...]]
-    arms: list[str] = field(default_factory=lambda: list(INITS))
-    # (size, metric, arm, reference): every other pretext's arm - scratch and - pretrained
-    paired_arms: dict[tuple[int, str, str, str], Paired] = field(default_factory=dict)
+    arms: list[str]
+    comparisons: list[tuple[str, str]]
+
+    @property
+    def pretexts(self) -> list[str]:
+        """The pretext tasks of the arms, in table order (``reconstruction`` first)."""
+        return [p for p in (arm_pretext(a) for a in self.arms) if p is not None]
 
 
 def _cell(values: list[float], collapsed: int = 0) -> Cell:
@@ -93,22 +109,26 @@ def _cell(values: list[float], collapsed: int = 0) -> Cell:
     return Cell(mean=float(arr.mean()), std=std, n=int(arr.size), collapsed=collapsed)
 
 
-def paired_difference(scratch: dict[tuple, float], pretrained: dict[tuple, float]) -> Paired | None:
-    """Pretrained − scratch over the keys (fold, seed) both have; None when they share none.
+def paired_difference(
+    reference: dict[tuple, float], arm: dict[tuple, float], both: str = "inits"
+) -> Paired | None:
+    """``arm`` − ``reference`` (e.g. pretrained − scratch) over the keys (fold, seed) both have;
+    None when they share none. ``both`` names the two in a note ("inits", or "pretexts" when
+    both arms are pretrained).
 
     The p-value is the paired t-test's (scipy ``ttest_rel``), or None with a note when the test is
     undefined: a single pair, or differences that are all equal (to :data:`ZERO_SPREAD`) — a
     constant difference, however large, is no evidence about its variance, so no p is invented.
     """
-    keys = sorted(set(scratch) & set(pretrained), key=str)
+    keys = sorted(set(reference) & set(arm), key=str)
     if not keys:
         return None
-    diff = np.asarray([pretrained[k] - scratch[k] for k in keys], dtype=np.float64)
+    diff = np.asarray([arm[k] - reference[k] for k in keys], dtype=np.float64)
     std = float(diff.std(ddof=1)) if diff.size > 1 else float("nan")
     p_value: float | None = None
     note: str | None = None
     if diff.size < 2:
-        note = "one fold completed by both inits: a paired t-test needs two"
+        note = f"one fold completed by both {both}: a paired t-test needs two"
     elif float(np.ptp(diff)) <= ZERO_SPREAD:
         note = (
             f"the {diff.size} paired differences are all equal (zero variance): "
@@ -117,7 +137,7 @@ def paired_difference(scratch: dict[tuple, float], pretrained: dict[tuple, float
     else:
         from scipy.stats import ttest_rel
 
-        p = float(ttest_rel([pretrained[k] for k in keys], [scratch[k] for k in keys]).pvalue)
+        p = float(ttest_rel([arm[k] for k in keys], [reference[k] for k in keys]).pvalue)
         if np.isfinite(p):
             p_value = p
         else:
@@ -135,15 +155,25 @@ def _unique_missing(missing: list[Run]) -> list[Run]:
     seen: set[tuple] = set()
     out = []
     for r in missing:
-        key = (r.init, r.labeled_size, r.fold, r.seed) if r.labeled_size is not None else (r.name,)
+        key = (r.arm, r.labeled_size, r.fold, r.seed) if r.labeled_size is not None else (r.name,)
         if key not in seen:
             seen.add(key)
             out.append(r)
     return out
 
 
+def comparisons_of(arms: list[str]) -> list[tuple[str, str]]:
+    """The paired comparisons (arm, reference) of a table's arms, in column order: every pretext
+    arm − scratch, then every pretext other than reconstruction − reconstruction (``pretrained``)."""
+    pretext_arms = [a for a in arms if a != "scratch"]
+    out = [(a, "scratch") for a in pretext_arms]
+    if "pretrained" in arms:
+        out += [(a, "pretrained") for a in pretext_arms if a != "pretrained"]
+    return out
+
+
 def summarize(runs: Iterable[Run], checkpoint: str = "best") -> Report:
-    """Group runs into the table: mean ± std over folds per (size, init, metric), paired diffs."""
+    """Group runs into the table: mean ± std over folds per (size, arm, metric), paired diffs."""
     runs = list(runs)
     completed = [r for r in runs if r.status == "completed" and r.labeled_size is not None]
     if not completed:
@@ -154,18 +184,18 @@ def summarize(runs: Iterable[Run], checkpoint: str = "best") -> Report:
         )
     missing = _unique_missing([r for r in runs if r.status == "missing"] + expected_missing(runs))
     sizes = sorted({r.labeled_size for r in completed if r.labeled_size is not None})
-    arms = arm_order([r.init for r in completed if r.init])
-    paired_arms: dict[tuple[int, str, str, str], Paired] = {}
+    arms = order_arms([*BASE_ARMS, *(r.arm for r in completed if r.arm is not None)])
+    comparisons = comparisons_of(arms)
     cells: dict[tuple[int, str, str], Cell] = {}
-    paired: dict[tuple[int, str], Paired] = {}
+    paired: dict[tuple[int, str, str, str], Paired] = {}
     steps: dict[tuple[int, str], Steps] = {}
     baseline: dict[int, Cell] = {}
     for size in sizes:
         at_size = [r for r in completed if r.labeled_size == size]
-        for init in arms:
-            group = [r for r in at_size if r.init == init]
+        for arm in arms:
+            group = [r for r in at_size if r.arm == arm]
             if group:
-                steps[(size, init)] = Steps(
+                steps[(size, arm)] = Steps(
                     selected=_median(
                         [r.steps_selected for r in group if r.steps_selected is not None]
                     ),
@@ -175,25 +205,20 @@ def summarize(runs: Iterable[Run], checkpoint: str = "best") -> Report:
         if base:
             baseline[size] = _cell(base)
         for metric in METRICS:
-            by_init: dict[str, dict[tuple, float]] = {}
-            for init in arms:
-                chosen = {(r.fold, r.seed): r for r in at_size if r.init == init}
+            by_arm: dict[str, dict[tuple, float]] = {}
+            for arm in arms:
+                chosen = {(r.fold, r.seed): r for r in at_size if r.arm == arm}
                 values = {key: r.metrics[metric] for key, r in chosen.items()}
-                by_init[init] = values
+                by_arm[arm] = values
                 if values:
-                    cells[(size, init, metric)] = _cell(
+                    cells[(size, arm, metric)] = _cell(
                         list(values.values()), collapsed=sum(r.collapsed for r in chosen.values())
                     )
-            pair = paired_difference(by_init.get("scratch", {}), by_init.get("pretrained", {}))
-            if pair is not None:
-                paired[(size, metric)] = pair
-            for arm in arms:
-                if arm in INITS:
-                    continue
-                for reference in INITS:
-                    pair = paired_difference(by_init.get(reference, {}), by_init[arm])
-                    if pair is not None:
-                        paired_arms[(size, metric, arm, reference)] = pair
+            for arm, reference in comparisons:
+                both = "inits" if reference == "scratch" else "pretexts"
+                pair = paired_difference(by_arm[reference], by_arm[arm], both=both)
+                if pair is not None:
+                    paired[(size, arm, reference, metric)] = pair
     return Report(
         sizes=sizes,
         cells=cells,
@@ -208,17 +233,17 @@ def summarize(runs: Iterable[Run], checkpoint: str = "best") -> Report:
         baseline=baseline,
         selections=dict(Counter(r.selection for r in completed)),
         group_selections={
-            (size, init): tuple(
+            (size, arm): tuple(
                 sorted(
                     {
                         r.selection
                         for r in completed
-                        if r.labeled_size == size and r.init == init and r.selection is not None
+                        if r.labeled_size == size and r.arm == arm and r.selection is not None
                     }
                 )
             )
-            for (size, init) in steps
+            for (size, arm) in steps
         },
         arms=arms,
-        paired_arms=paired_arms,
+        comparisons=comparisons,
     )

@@ -1,13 +1,19 @@
 """The results table's files: ``table.md``, ``table.csv``, ``f1_vs_labels.png`` (and wandb).
 
-Markdown rows are labeled sizes (200 first, as the paper); a cell is ``mean ± std (n=folds)`` in
-percent, with ``, k collapsed`` when k of its runs predicted no tumour. Under the table: which
-checkpoint the metrics are from (``selection``), the median optimizer steps, why a p-value is n/a,
-and the collapsed, failed, interrupted and missing runs by name. CSV rows are (labeled_size, init,
-metric) in fractions; paired differences have init ``pretrained-scratch``, the all-tumour baseline
-init ``all_tumour_baseline``. A sweep over several pretext tasks adds one arm per pretext beyond
-reconstruction (``pretrained-<pretext>``: its own Markdown table, CSV rows and plot line) and the paired
-differences ``pretrained-<pretext>-scratch`` and ``pretrained-<pretext>-pretrained`` (to reconstruction).
+Markdown rows are labeled sizes (200 first, as the paper); one column group (precision, recall,
+F1) per arm — without pretraining, with (reconstruction) pretraining, then one per other pretext —
+then the paired F1 difference of every pretext to scratch and of every other pretext to
+reconstruction. A cell is ``mean ± std (n=folds)`` in percent, with ``, k collapsed`` when k of its
+runs predicted no tumour. Under the table: which checkpoint the metrics are from (``selection``),
+the median optimizer steps, why a p-value is n/a, and the collapsed, failed, interrupted and
+missing runs by name. With only the reconstruction pretext the table is the paper's two-arm one.
+
+CSV rows are (labeled_size, init, metric) in fractions, ``init`` being the arm as its run folders
+name it: ``scratch``, ``pretrained`` (reconstruction), ``pretrained-<pretext>``; paired differences
+have init ``pretrained-scratch`` (reconstruction − scratch, the name older readers know),
+``<pretext>-scratch`` and ``<pretext>-reconstruction``; the all-tumour baseline has init
+``all_tumour_baseline``. The last column, ``pretext``, names the pretext of a row's arm (of the
+arm compared, for a difference; empty for scratch and the baseline).
 """
 
 from __future__ import annotations
@@ -17,20 +23,19 @@ import io
 import math
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lymphnode.core import atomic
-from lymphnode.evaluation.runs import INITS, METRICS, Run
+from lymphnode.evaluation.runs import INITS, METRICS, Run, arm_pretext
 from lymphnode.evaluation.table import Cell, Paired, Report
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
 INIT_TITLES = {"scratch": "Without pretraining", "pretrained": "With pretraining"}
-
-
-def arm_title(arm: str) -> str:
-    """``Without pretraining``, ``With pretraining`` (reconstruction) or ``Pretrained: <pretext>``."""
-    if arm in INIT_TITLES:
-        return INIT_TITLES[arm]
-    return f"Pretrained: {arm.partition('-')[2] or arm}"
-
+#: Line colours of the plot: the paper's two arms, then the other pretexts in table order.
+ARM_COLOURS = {"scratch": "tab:gray", "pretrained": "tab:red"}
+OTHER_COLOURS = ("tab:blue", "tab:green", "tab:purple", "tab:orange", "tab:brown", "tab:olive")
 
 #: The paper's published Figure 3 (percent), for ``--paper``: size -> init -> metric -> value.
 PAPER_TABLE: dict[int, dict[str, dict[str, float]]] = {
@@ -56,8 +61,43 @@ PAPER_TABLE: dict[int, dict[str, dict[str, float]]] = {
 #: CSV columns, in order (the first seven are the original ones).
 CSV_COLUMNS: tuple[str, ...] = (
     "labeled_size", "init", "metric", "mean", "std", "n", "p_value",
-    "p_note", "collapsed", "selection", "median_selected_step", "median_last_step",
+    "p_note", "collapsed", "selection", "median_selected_step", "median_last_step", "pretext",
 )  # fmt: skip
+
+
+def _two_arm(report: Report) -> bool:
+    """Only the paper's arms (scratch, reconstruction): the table reads as it always did."""
+    return all(arm in INITS for arm in report.arms)
+
+
+def arm_title(report: Report, arm: str) -> str:
+    """An arm's column title: "Without pretraining", "With pretraining" (reconstruction; "With
+    reconstruction pretraining" beside other pretexts), "With <pretext> pretraining"."""
+    if arm in INIT_TITLES and (arm == "scratch" or _two_arm(report)):
+        return INIT_TITLES[arm]
+    return f"With {arm_pretext(arm)} pretraining"
+
+
+def _arm_word(report: Report, arm: str) -> str:
+    """An arm in a difference's label: scratch, pretrained (two arms) or its pretext's name."""
+    if arm == "scratch" or (arm == "pretrained" and _two_arm(report)):
+        return arm
+    return str(arm_pretext(arm))
+
+
+def comparison_label(report: Report, arm: str, reference: str) -> str:
+    """A paired difference in words: "pretrained − scratch" (two arms), "masked − scratch",
+    "masked − reconstruction"."""
+    return f"{_arm_word(report, arm)} − {_arm_word(report, reference)}"
+
+
+def csv_comparison_name(arm: str, reference: str) -> str:
+    """A paired difference's CSV ``init``: ``pretrained-scratch`` for reconstruction − scratch
+    (the name older readers know), ``<pretext>-scratch``, ``<pretext>-reconstruction``."""
+    if (arm, reference) == ("pretrained", "scratch"):
+        return "pretrained-scratch"
+    other = "scratch" if reference == "scratch" else arm_pretext(reference)
+    return f"{arm_pretext(arm)}-{other}"
 
 
 def _fmt_cell(cell: Cell | None) -> str:
@@ -95,10 +135,10 @@ def _steps_lines(report: Report) -> list[str]:
     lines = ["Median optimizer step (selected / last checkpoint):"]
     for size in sorted(report.sizes, reverse=True):
         groups = [
-            f"{init} {_fmt_step(report.steps[(size, init)].selected)} / "
-            f"{_fmt_step(report.steps[(size, init)].last)}"
-            for init in INITS
-            if (size, init) in report.steps
+            f"{arm} {_fmt_step(report.steps[(size, arm)].selected)} / "
+            f"{_fmt_step(report.steps[(size, arm)].last)}"
+            for arm in report.arms
+            if (size, arm) in report.steps
         ]
         lines.append(f"- {size}: " + ", ".join(groups))
     return lines
@@ -113,14 +153,17 @@ def _run_list(title: str, runs: list[Run], default: str) -> list[str]:
 
 
 def to_markdown(report: Report, paper: bool = False) -> str:
-    """The table as Markdown (percent), followed by its notes and the runs not averaged."""
+    """The table as Markdown (percent), followed by its notes and the runs not averaged.
+
+    ``paper`` adds the paper's published F1 without and with (reconstruction) pretraining."""
     header = ["Labeled patches"]
-    for init in INITS:
+    for arm in report.arms:
         for metric in METRICS:
             header.append(
-                f"{INIT_TITLES[init]}: {metric.capitalize() if metric != 'f1' else 'F1'} (%)"
+                f"{arm_title(report, arm)}: {metric.capitalize() if metric != 'f1' else 'F1'} (%)"
             )
-    header.append("Δ F1 pretrained − scratch (paired t-test)")
+    for arm, reference in report.comparisons:
+        header.append(f"Δ F1 {comparison_label(report, arm, reference)} (paired t-test)")
     if report.baseline:
         header.append("All-tumour baseline F1 (%)")
     if paper:
@@ -128,10 +171,11 @@ def to_markdown(report: Report, paper: bool = False) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for size in sorted(report.sizes, reverse=True):  # the paper lists 200 first
         row = [str(size)]
-        for init in INITS:
+        for arm in report.arms:
             for metric in METRICS:
-                row.append(_fmt_cell(report.cells.get((size, init, metric))))
-        row.append(_fmt_paired(report.paired.get((size, "f1"))))
+                row.append(_fmt_cell(report.cells.get((size, arm, metric))))
+        for arm, reference in report.comparisons:
+            row.append(_fmt_paired(report.paired.get((size, arm, reference, "f1"))))
         if report.baseline:
             row.append(_fmt_cell(report.baseline.get(size)))
         if paper:
@@ -139,7 +183,6 @@ def to_markdown(report: Report, paper: bool = False) -> str:
                 value = PAPER_TABLE.get(size, {}).get(init, {}).get("f1")
                 row.append("–" if value is None else f"{value:.2f}")
         lines.append("| " + " | ".join(row) + " |")
-    lines += _other_arms_lines(report)
     lines.append("")
     lines.append(
         f"Test-set pixel metrics of the {report.checkpoint} checkpoint, mean ± sample std over folds "
@@ -147,9 +190,11 @@ def to_markdown(report: Report, paper: bool = False) -> str:
     )
     lines.append(_selection_line(report))
     for size in sorted(report.sizes, reverse=True):
-        pair = report.paired.get((size, "f1"))
-        if pair is not None and pair.p_note:
-            lines.append(f"p = n/a at {size}: {pair.p_note}.")
+        for arm, reference in report.comparisons:
+            pair = report.paired.get((size, arm, reference, "f1"))
+            if pair is not None and pair.p_note:
+                which = "" if _two_arm(report) else f" ({comparison_label(report, arm, reference)})"
+                lines.append(f"p = n/a at {size}{which}: {pair.p_note}.")
     steps = _steps_lines(report)
     if steps:
         lines += ["", *steps]
@@ -168,86 +213,51 @@ def to_markdown(report: Report, paper: bool = False) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _other_arms_lines(report: Report) -> list[str]:
-    """The pretexts beyond reconstruction: one row per (size, pretext) with P/R/F1 and the paired
-    F1 differences to scratch and to reconstruction (empty when the sweep has none)."""
-    others = [a for a in report.arms if a not in INITS]
-    if not others:
-        return []
-    header = ["Labeled patches", "Pretext", "Precision (%)", "Recall (%)", "F1 (%)"]
-    header += ["Δ F1 − scratch (paired t-test)", "Δ F1 − reconstruction (paired t-test)"]
-    lines = ["", "Other pretext tasks (the same folds and seeds):", ""]
-    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for size in sorted(report.sizes, reverse=True):
-        for arm in ["pretrained", *others]:
-            if (size, arm, "f1") not in report.cells:
-                continue
-            row = [str(size), arm_title(arm).removeprefix("Pretrained: ")]
-            if arm == "pretrained":
-                row[1] = "reconstruction"
-            row += [_fmt_cell(report.cells.get((size, arm, m))) for m in METRICS]
-            if arm == "pretrained":
-                row += [_fmt_paired(report.paired.get((size, "f1"))), "–"]
-            else:
-                row += [
-                    _fmt_paired(report.paired_arms.get((size, "f1", arm, "scratch"))),
-                    _fmt_paired(report.paired_arms.get((size, "f1", arm, "pretrained"))),
-                ]
-            lines.append("| " + " | ".join(row) + " |")
-    return lines
-
-
-def _selection_of(report: Report, size: int, init: str) -> str:
-    """The selections of the runs behind a (size, init) cell, ';'-joined ('' when unrecorded)."""
-    return ";".join(report.group_selections.get((size, init), ()))
+def _selection_of(report: Report, size: int, arm: str) -> str:
+    """The selections of the runs behind a (size, arm) cell, ';'-joined ('' when unrecorded)."""
+    return ";".join(report.group_selections.get((size, arm), ()))
 
 
 def to_csv(report: Report) -> str:
-    """One row per (size, init, metric) with mean, std, n in fractions; paired rows with
-    init=pretrained-scratch (p_value, or p_note when there is none); baseline rows with
-    init=all_tumour_baseline; per (size, init) the collapsed count, selection and median steps."""
+    """One row per (size, arm, metric) with mean, std, n in fractions (init = the arm's folder
+    name); paired rows per comparison (init = :func:`csv_comparison_name`; p_value, or p_note
+    when there is none); baseline rows with init=all_tumour_baseline; per (size, arm) the
+    collapsed count, selection and median steps; ``pretext``: the arm's pretext task."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(CSV_COLUMNS)
     for size in report.sizes:
-        for init in report.arms:
-            steps = report.steps.get((size, init))
+        for arm in report.arms:
+            steps = report.steps.get((size, arm))
             for metric in METRICS:
-                cell = report.cells.get((size, init, metric))
+                cell = report.cells.get((size, arm, metric))
                 if cell is not None:
                     writer.writerow(
                         [
-                            size, init, metric, f"{cell.mean:.6f}", f"{cell.std:.6f}", cell.n, "",
-                            "", cell.collapsed, _selection_of(report, size, init),
+                            size, arm, metric, f"{cell.mean:.6f}", f"{cell.std:.6f}", cell.n, "",
+                            "", cell.collapsed, _selection_of(report, size, arm),
                             _fmt_csv_step(steps.selected if steps else None),
                             _fmt_csv_step(steps.last if steps else None),
+                            arm_pretext(arm) or "",
                         ]
                     )  # fmt: skip
-        for metric in METRICS:
-            pair = report.paired.get((size, metric))
-            if pair is not None:
-                p = "" if pair.p_value is None else f"{pair.p_value:.6g}"
-                writer.writerow(
-                    [
-                        size, "pretrained-scratch", metric, f"{pair.mean:.6f}", f"{pair.std:.6f}",
-                        pair.n, p, pair.p_note or "", "", "", "", "",
-                    ]
-                )  # fmt: skip
-        for (at, metric, arm, reference), pair in sorted(report.paired_arms.items()):
-            if at != size:
-                continue
-            p = "" if pair.p_value is None else f"{pair.p_value:.6g}"
-            writer.writerow(
-                [
-                    size, f"{arm}-{reference}", metric, f"{pair.mean:.6f}", f"{pair.std:.6f}",
-                    pair.n, p, pair.p_note or "", "", "", "", "",
-                ]
-            )  # fmt: skip
+        for arm, reference in report.comparisons:
+            for metric in METRICS:
+                pair = report.paired.get((size, arm, reference, metric))
+                if pair is not None:
+                    p = "" if pair.p_value is None else f"{pair.p_value:.6g}"
+                    writer.writerow(
+                        [
+                            size, csv_comparison_name(arm, reference), metric, f"{pair.mean:.6f}",
+                            f"{pair.std:.6f}", pair.n, p, pair.p_note or "", "", "", "", "",
+                            arm_pretext(arm),
+                        ]
+                    )  # fmt: skip
         base = report.baseline.get(size)
         if base is not None:
             writer.writerow(
                 [size, "all_tumour_baseline", "f1", f"{base.mean:.6f}", f"{base.std:.6f}", base.n,
-                 "", "", "", "", "", ""]
+                 "", "", "", "", "", "", ""]
             )  # fmt: skip
     return buf.getvalue()
 
@@ -256,54 +266,70 @@ def _fmt_csv_step(value: float | None) -> str:
     return "" if value is None else f"{value:g}"
 
 
-def plot(report: Report, path: Path, paper: bool = False) -> None:
-    """F1 and recall (percent) vs labeled size for both inits with std error bars."""
+def arm_colour(report: Report, arm: str) -> str:
+    """The plot colour of an arm: grey scratch, red reconstruction, then one per other pretext."""
+    if arm in ARM_COLOURS:
+        return ARM_COLOURS[arm]
+    others = [a for a in report.arms if a not in ARM_COLOURS]
+    return OTHER_COLOURS[others.index(arm) % len(OTHER_COLOURS)]
+
+
+def make_figure(report: Report, paper: bool = False) -> Figure:
+    """F1 (left axes) and recall (right) in percent vs labeled size: one line per arm with std
+    error bars (an ``ErrorbarContainer`` labeled by the arm's title, lower-case), and with
+    ``paper`` the paper's two arms dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharex=True)
-    palette = ["tab:blue", "tab:green", "tab:purple", "tab:orange", "tab:brown", "tab:pink"]
-    colours = {"scratch": "tab:gray", "pretrained": "tab:red"}
-    for i, arm in enumerate(a for a in report.arms if a not in colours):
-        colours[arm] = palette[i % len(palette)]
     for ax, metric in zip(axes, ("f1", "recall")):
-        for init in report.arms:
-            sizes = [s for s in report.sizes if (s, init, metric) in report.cells]
+        for arm in report.arms:
+            sizes = [s for s in report.sizes if (s, arm, metric) in report.cells]
             if not sizes:
                 continue
-            cells = [report.cells[(s, init, metric)] for s in sizes]
+            cells = [report.cells[(s, arm, metric)] for s in sizes]
             ax.errorbar(
                 sizes,
                 [100 * c.mean for c in cells],
                 yerr=[0.0 if math.isnan(c.std) else 100 * c.std for c in cells],
                 marker="o",
                 capsize=4,
-                color=colours[init],
-                label=arm_title(init).lower(),
+                color=arm_colour(report, arm),
+                label=arm_title(report, arm).lower(),
             )
-            if paper and init in INITS:
+            if paper and arm in INITS:
                 ps = sorted(PAPER_TABLE)
                 ax.plot(
                     ps,
-                    [PAPER_TABLE[s][init][metric] for s in ps],
+                    [PAPER_TABLE[s][arm][metric] for s in ps],
                     linestyle="--",
                     marker="x",
-                    color=colours[init],
+                    color=arm_colour(report, arm),
                     alpha=0.6,
-                    label=f"paper, {INIT_TITLES[init].lower()}",
+                    label=f"paper, {INIT_TITLES[arm].lower()}",
                 )
         ax.set_xlabel("labeled patches")
         ax.set_ylabel(f"test pixel {'F1' if metric == 'f1' else metric} (%)")
         ax.set_xticks(report.sizes)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle("Pretrained vs scratch: mean ± std over folds")
+    what = "Pretrained vs scratch" if _two_arm(report) else "Pretext tasks vs scratch"
+    fig.suptitle(f"{what}: mean ± std over folds")
     fig.tight_layout()
+    return fig
+
+
+def plot(report: Report, path: Path, paper: bool = False) -> Figure:
+    """Write :func:`make_figure` to ``path`` (PNG, atomically); returns the (closed) figure."""
+    import matplotlib.pyplot as plt
+
+    fig = make_figure(report, paper=paper)
     with atomic.atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
+    return fig
 
 
 def write_report(report: Report, out_dir: str | Path, paper: bool = False) -> dict[str, Path]:
@@ -323,11 +349,11 @@ def log_to_wandb(report: Report, paths: dict[str, Path], project: str = "lymphno
 
     rows = []
     for size in report.sizes:
-        for init in report.arms:
+        for arm in report.arms:
             for metric in METRICS:
-                cell = report.cells.get((size, init, metric))
+                cell = report.cells.get((size, arm, metric))
                 if cell is not None:
-                    rows.append([size, init, metric, cell.mean, cell.std, cell.n])
+                    rows.append([size, arm, metric, cell.mean, cell.std, cell.n])
     run = wandb.init(
         project=project,
         job_type="report",

@@ -1,0 +1,51 @@
+"""The OmegaConf resolvers conf/*.yaml use, registered when :mod:`lymphnode` is imported (so any
+composition of lymphnode's configs resolves, inside a CLI or not).
+
+- ``${pretrained_if:${init},${path}}``: ``path`` when init is ``pretrained``, else None (so that
+  ``init=scratch`` fine-tunes the same config from random weights);
+- ``${pretext_suffix:${pretext.name}}``: ``""`` for the paper's reconstruction pretext (its runs keep
+  the folders ``pretrain`` and ``pretrained``), ``"-<name>"`` for any other;
+- ``${run_arm:${init},${pretext.name}}``: the first folder of a fine-tuning run, ``scratch`` (shared
+  by every pretext), ``pretrained`` (reconstruction) or ``pretrained-<pretext>``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+PAPER_PRETEXT = "reconstruction"
+
+
+def pretrained_if(init: Any, path: Any) -> Any:
+    """``path`` when ``init`` is ``pretrained``, else None."""
+    return path if init == "pretrained" else None
+
+
+def pretext_suffix(name: Any) -> str:
+    """``""`` for reconstruction (or no pretext), ``"-<name>"`` for any other pretext."""
+    return "" if name in (None, PAPER_PRETEXT) else f"-{name}"
+
+
+def run_arm(init: Any, pretext: Any) -> str:
+    """``scratch``, ``pretrained`` (reconstruction) or ``pretrained-<pretext>``."""
+    return "scratch" if init == "scratch" else f"{init}{pretext_suffix(pretext)}"
+
+
+RESOLVERS: dict[str, Callable[..., Any]] = {
+    "pretrained_if": pretrained_if,
+    "pretext_suffix": pretext_suffix,
+    "run_arm": run_arm,
+}
+
+
+def register() -> None:
+    """Register :data:`RESOLVERS` with OmegaConf (idempotent)."""
+    from omegaconf import OmegaConf
+
+    for name, resolver in RESOLVERS.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, resolver)
+
+
+__all__ = ["RESOLVERS", "pretext_suffix", "pretrained_if", "register", "run_arm"]
