@@ -59,6 +59,9 @@ COMMANDS: dict[str, Command] = {
     "export": Command(
         "lymphnode.export", "hydra", "heatmaps -> lesion outlines as QuPath GeoJSON / ASAP XML"
     ),
+    "select": Command(
+        "lymphnode.select", "hydra", "checkpoint + slides -> the k patches worth labelling (QuPath)"
+    ),
     "cache": Command(
         "lymphnode.cache", "argparse", "patch caches: import a folder of patches, info / verify"
     ),
