@@ -19,7 +19,6 @@ import torch
 from shapely.geometry import shape
 
 from lymphnode.core.errors import (
-    AnnotationError,
     CheckpointError,
     ConfigError,
     SlideError,
@@ -458,9 +457,9 @@ def test_cli_selects_spread_squares_on_tissue_and_the_loop_closes(
             and m[4 + 30, 4 + 30] == 0
             and m.sum() == pytest.approx(36 * 36 / 2, rel=0.1)
         )
-    # with prepare's default classes the squares' class is unknown and refused, by name
-    with pytest.raises(AnnotationError, match=r"unknown QuPath classes 'To label' \(6\)"):
-        read_annotations(source, QupathClasses())
+    # prepare's default classes ignore the squares themselves: the same tumour regions
+    again = read_annotations(source, QupathClasses())
+    assert again is not None and len(again.tumor) == 6 and not again.exclusion
 
 
 def test_cli_bad_input_exits_1_with_one_error_line_and_writes_nothing(

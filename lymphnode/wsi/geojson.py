@@ -65,7 +65,8 @@ UNCLASSIFIED = "Unclassified"  # the class name of a Feature without a classific
 TUMOR_CLASSES: tuple[str, ...] = ("Tumor",)  # QuPath's built-in tumour class
 # Non-tumour tissue of QuPath's built-in classes: inside a tumour outline it cuts the tumour out.
 EXCLUSION_CLASSES: tuple[str, ...] = ("Exclusion", "Stroma", "Necrosis", "Immune cells", "Other")
-IGNORED_CLASSES: tuple[str, ...] = ("Region*", "Ignore*")  # say nothing about tumour
+# say nothing about tumour; "To label": the squares `select` asks a pathologist to annotate
+IGNORED_CLASSES: tuple[str, ...] = ("Region*", "Ignore*", "To label")
 AREA_OBJECT_TYPES = frozenset({"annotation"})  # what prepare reads; detections/cells/tiles skipped
 # QuPath 0.2 names the object type in the Feature's id instead of properties.objectType.
 _V02_TYPES = {
