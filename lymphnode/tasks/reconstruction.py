@@ -27,6 +27,7 @@ from lymphnode.tasks.base import (
     TaskModule,
     image_grid,
     require_keys,
+    stage_log_kwargs,
 )
 
 log = logging.getLogger(__name__)
@@ -103,23 +104,12 @@ class ReconstructionModule(TaskModule):
         if self.loss_name == "l1":
             l1 = F.l1_loss(recon, x)
             loss = l1
-            self.log(f"{stage}/recon_l1", l1, **self._log_kwargs(stage, x))
+            self.log(f"{stage}/recon_l1", l1, **stage_log_kwargs(stage, x.shape[0]))
         else:
             loss = mse
-        self.log(f"{stage}/recon_mse", mse.detach(), **self._log_kwargs(stage, x))
-        self.log(f"{stage}/loss", loss.detach(), **self._log_kwargs(stage, x))
+        self.log(f"{stage}/recon_mse", mse.detach(), **stage_log_kwargs(stage, x.shape[0]))
+        self.log(f"{stage}/loss", loss.detach(), **stage_log_kwargs(stage, x.shape[0]))
         return loss, x, recon
-
-    @staticmethod
-    def _log_kwargs(stage: str, x: Tensor) -> dict[str, Any]:
-        train = stage == "train"
-        return {
-            "on_step": train,
-            "on_epoch": True,
-            "sync_dist": not train,
-            "batch_size": x.shape[0],
-            "prog_bar": stage != "test",
-        }
 
     def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
         return self._step(batch, "train")[0]
