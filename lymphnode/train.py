@@ -342,6 +342,18 @@ def _interruption(trainer: pl.Trainer, err: BaseException) -> str | None:
     return None
 
 
+def _checkpoints_written(trainer: pl.Trainer) -> dict[str, str | None]:
+    """``best`` / ``last``: the absolute paths of the checkpoints the checkpoint callback has
+    written so far that exist on disk (None for one that does not), for an interrupted run."""
+    callback = trainer.checkpoint_callback
+    found: dict[str, str | None] = {"best": None, "last": None}
+    for key, attr in (("best", "best_model_path"), ("last", "last_model_path")):
+        path = getattr(callback, attr, "") or ""
+        if path and Path(path).is_file():
+            found[key] = str(Path(path).resolve())
+    return found
+
+
 def _evaluate_checkpoints(
     cfg: DictConfig,
     trainer: pl.Trainer,
@@ -472,6 +484,7 @@ def _fit_and_evaluate(cfg: DictConfig, run_dir: Path, results: dict[str, Any]) -
                 results["interrupted"] = reason
                 results["budget"]["stopped_by"] = reason
                 results["steps"] = {"selected": None, "last": trainer.global_step}
+                results["checkpoints"] = _checkpoints_written(trainer)
             raise
         fit_s = time.perf_counter() - start
         results["pretrained"] = _pretrained_record(module)

@@ -127,6 +127,9 @@ def test_sigterm_is_interrupted_with_the_step_reached(tmp_path: Path, caches: Pa
     assert results["status"] == "interrupted" and results["steps"]["last"] == 3
     assert "interrupted (sigterm) at step 3" in results["error"]
     last = Path(results["config"]["run_dir"]) / "checkpoints" / "last.ckpt"
+    assert results["checkpoints"]["last"] == str(last.resolve())  # the record names what exists
+    best = results["checkpoints"]["best"]
+    assert best is None or Path(best).is_file()
     assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 3
     # resumable: the rerun continues from step 3 to the budget
     outcome, resumed = run(
