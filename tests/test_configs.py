@@ -16,6 +16,7 @@ import pytorch_lightning as pl
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, WandbLogger
@@ -133,6 +134,23 @@ def test_demo_profile_wins_over_the_experiment_in_either_order() -> None:
     assert demo.pretrained_ckpt == "outputs/demo/runs/pretrain/checkpoints/best.ckpt"
     finetune = compose_train("experiment=scratch", "profile=demo")
     assert finetune.trainer.max_steps == finetune.demo_budget.finetune.max_steps
+
+
+@pytest.mark.parametrize("pretext", ["reconstruction", "contrastive"])
+def test_demo_profile_sizes_each_network_and_keeps_command_line_overrides(pretext: str) -> None:
+    unet = compose_train("experiment=pretrain", f"pretext={pretext}", "profile=demo")
+    assert (unet.model.base_width, unet.model.depth) == (8, 3)
+    smp = compose_train(
+        "experiment=pretrain", f"pretext={pretext}", "profile=demo", "model=smp_unet"
+    )
+    assert "base_width" not in smp.model and "depth" not in smp.model  # UNet-only keys
+    assert list(smp.model.decoder_channels) == [64, 32, 16, 8, 8]
+    net = instantiate(smp.model)  # builds: no unexpected UNet keyword
+    assert net(torch.zeros(1, 3, 64, 64)).seg.shape == (1, 1, 64, 64)
+    wider = compose_train("experiment=pretrain", "profile=demo", "model.base_width=16")
+    assert wider.model.base_width == 16  # the command line wins over profile_model
+    full = compose_train("experiment=pretrain", "model=smp_unet")
+    assert full.model.decoder_channels is None  # no profile: the network's own defaults
 
 
 def test_pretext_is_a_config_group_of_pretraining() -> None:
