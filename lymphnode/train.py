@@ -43,6 +43,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from lymphnode.core.boundary import config_dir, hydra_boundary
 from lymphnode.core.errors import CacheError, CheckpointError, ConfigError, LymphnodeError
+from lymphnode.core.locks import run_lock
 from lymphnode.models.checkpoint import check_task, read_preprocess
 from lymphnode.models.preprocess import Preprocess
 from lymphnode.tasks.budget import budget_of, is_interrupted, stop_reason
@@ -538,9 +539,20 @@ def train(cfg: DictConfig) -> float:
     smoke test. Also ``selection``, ``steps`` (``selected``/``last``: the optimizer step of each
     checkpoint), ``collapsed`` (test recall 0) and ``budget`` (max_steps / max_epochs /
     max_time_s / val_check_interval / stopped_by). With ``skip_if_done`` a run dir whose
-    results.json says completed is not trained again: its recorded metric is returned.
+    results.json says completed is not trained again: its recorded metric is returned. One
+    process trains a run dir at a time (:func:`lymphnode.core.locks.run_lock`): another job of a
+    sweep aimed at the same folder (the scratch runs shared by several pretexts, a resubmitted
+    job) waits for it, then skips it when it completed.
     """
     run_dir = run_dir_of(cfg)
+    if not _is_rank_zero():  # DDP ranks > 0 run inside rank 0's lock (they write nothing)
+        return _train_run(cfg, run_dir)
+    with run_lock(run_dir):  # one process per run folder: a second one waits, then skips
+        return _train_run(cfg, run_dir)
+
+
+def _train_run(cfg: DictConfig, run_dir: Path) -> float:
+    """:func:`train` for ``run_dir`` (under its run lock on rank 0)."""
     results_path = run_dir / RESULTS_FILE
     previous = read_results(results_path)
     if not (cfg.get("skip_if_done") and (previous or {}).get("status") == "completed"):

@@ -37,6 +37,7 @@ from typing import Any, TypeVar
 from hydra.errors import CompactHydraException
 
 from lymphnode.core.errors import ConfigError, LymphnodeError
+from lymphnode.core.locks import LOCK_FILE
 
 EXIT_USER_ERROR = 1  # bad input: a LymphnodeError, one line on stderr
 EXIT_BUG = 2  # anything else: the traceback on stderr
@@ -297,8 +298,8 @@ def _check_hydra_overrides(cfg: Any) -> None:
 
 def _discard_unstarted_output_dir() -> None:
     """Remove the Hydra output (run) directory of a job refused before it wrote anything: it holds
-    only Hydra's own ``<output_subdir>/`` (config.yaml, hydra.yaml, overrides.yaml) and the job's
-    ``*.log``. A directory with anything else (results.json, checkpoints, the user's files), the
+    only Hydra's own ``<output_subdir>/`` (config.yaml, hydra.yaml, overrides.yaml), the job's
+    ``*.log`` and train's run lock (:mod:`lymphnode.core.locks`). A directory with anything else (results.json, checkpoints, the user's files), the
     working directory, or a job without an output subdir is left alone. Parents left empty are
     removed too, up to Hydra's sweep dir when the run dir lies below it (train: the runs dir)."""
     from hydra.core.hydra_config import HydraConfig
@@ -315,7 +316,7 @@ def _discard_unstarted_output_dir() -> None:
         if entry.name == str(subdir) and entry.is_dir():
             if any(f.name not in own_files or not f.is_file() for f in entry.iterdir()):
                 return
-        elif not (entry.is_file() and entry.suffix == ".log"):
+        elif not (entry.is_file() and (entry.suffix == ".log" or entry.name == LOCK_FILE)):
             return
     shutil.rmtree(out, ignore_errors=True)
     try:
