@@ -16,7 +16,9 @@ network or pretext task is a module plus a YAML in conf/model/ or conf/pretext/.
 evaluates both the selected (best) and the last checkpoint and writes
 ``<run_dir>/results.json`` — also when the run fails (``status: failed`` and the error). The run
 directory is deterministic (``<runs_dir>/pretrain``, ``<runs_dir>/<init>/size<N>/fold<K>/seed<S>``),
-so a rerun of a completed run returns its recorded metric without training (``skip_if_done``).
+so a rerun of a completed run returns its recorded metric without training (``skip_if_done``),
+and a rerun of one that a signal interrupted (a cluster's time limit: SIGTERM) resumes from its
+``last.ckpt`` (``resume_interrupted``): resubmitting the same sweep finishes it.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ from lymphnode.core.errors import CacheError, CheckpointError, ConfigError, Lymp
 from lymphnode.core.locks import run_lock
 from lymphnode.models.checkpoint import check_task, read_preprocess
 from lymphnode.models.preprocess import Preprocess
-from lymphnode.tasks.budget import budget_of, is_interrupted, stop_reason
+from lymphnode.tasks.budget import INTERRUPTIONS, budget_of, is_interrupted, stop_reason
 from lymphnode.tasks.checkpointing import (
     SelectionCheckpoint,
     ShadowBest,
@@ -56,6 +58,7 @@ from lymphnode.tasks.checkpointing import (
     choose_checkpoint,
     shadow_checkpoint,
 )
+from lymphnode.tasks.spawn import carry_fit_state
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +130,24 @@ def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> Path | None:
         needed_by=f"resuming this {experiment_name(cfg)} run{hint}",
     )  # fmt: skip
     return path
+
+
+def interrupted_checkpoint(
+    cfg: DictConfig, run_dir: Path, previous: Mapping[str, Any] | None
+) -> Path | None:
+    """``<run_dir>/checkpoints/last.ckpt`` when this run should resume from it by itself: no
+    ``ckpt_path`` given, ``resume_interrupted`` on, and the earlier attempt's results.json
+    (``previous``) says a signal interrupted it (SIGTERM: a cluster's time limit or preemption;
+    Ctrl+C). So a resubmitted job, the same command, continues where it stopped. None otherwise
+    (a failed or completed run, or no last.ckpt: it trains from the start)."""
+    if cfg.get("ckpt_path") is not None or not cfg.get("resume_interrupted", True):
+        return None
+    if not previous or previous.get("status") != "interrupted":
+        return None
+    if (previous.get("budget") or {}).get("stopped_by") not in INTERRUPTIONS:
+        return None  # max_time: the same command would stop again at once
+    last = run_dir / "checkpoints" / "last.ckpt"
+    return last if last.is_file() else None
 
 
 def check_run(cfg: DictConfig) -> None:
@@ -230,11 +251,16 @@ def build_loggers(cfg: DictConfig) -> list[Logger]:
 
 
 def build_trainer(cfg: DictConfig, callbacks: list[Callback], loggers: list[Logger]) -> pl.Trainer:
-    """The Trainer of ``cfg.trainer`` (every key a Trainer argument)."""
+    """The Trainer of ``cfg.trainer`` (every key a Trainer argument). With a strategy that spawns
+    its processes (``trainer.strategy=ddp_spawn``) the fit's checkpoint, loop and callback state
+    comes back to this process (:func:`lymphnode.tasks.spawn.carry_fit_state`), so results.json
+    says the same as after a single-process run."""
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     if not isinstance(trainer_cfg, dict) or "_target_" not in trainer_cfg:
         raise ConfigError(f"trainer={trainer_cfg!r} is invalid; expected a dict with _target_")
-    return instantiate(trainer_cfg, callbacks=callbacks, logger=loggers or False)
+    trainer = instantiate(trainer_cfg, callbacks=callbacks, logger=loggers or False)
+    carry_fit_state(trainer)
+    return trainer
 
 
 # --- results.json -------------------------------------------------------------------------------
@@ -462,6 +488,8 @@ def _fit_and_evaluate(cfg: DictConfig, run_dir: Path, results: dict[str, Any]) -
     check_config(cfg)
     pretrained = pretrained_checkpoint(cfg)
     resume = resume_checkpoint(cfg, run_dir)
+    if resume is not None:
+        results["resumed"] = {"checkpoint": str(resume.resolve()), "step": checkpoint_step(resume)}
     pl.seed_everything(cfg.seed, workers=True)
 
     datamodule = build_datamodule(cfg)
@@ -538,11 +566,13 @@ def train(cfg: DictConfig) -> float:
     exception propagates; last.ckpt holds the step reached); or ``debug`` for a ``trainer=debug``
     smoke test. Also ``selection``, ``steps`` (``selected``/``last``: the optimizer step of each
     checkpoint), ``collapsed`` (test recall 0) and ``budget`` (max_steps / max_epochs /
-    max_time_s / val_check_interval / stopped_by). With ``skip_if_done`` a run dir whose
-    results.json says completed is not trained again: its recorded metric is returned. One
-    process trains a run dir at a time (:func:`lymphnode.core.locks.run_lock`): another job of a
-    sweep aimed at the same folder (the scratch runs shared by several pretexts, a resubmitted
-    job) waits for it, then skips it when it completed.
+    max_time_s / val_check_interval / stopped_by) and ``resumed`` (the checkpoint and step this
+    attempt continued from, or None). With ``skip_if_done`` a run dir whose results.json says
+    completed is not trained again: its recorded metric is returned; one that a signal
+    interrupted resumes from its last.ckpt (``resume_interrupted``, :func:`interrupted_checkpoint`).
+    One process trains a run dir at a time (:func:`lymphnode.core.locks.run_lock`): another job
+    of a sweep aimed at the same folder (the scratch runs shared by several pretexts, a
+    resubmitted job) waits for it, then skips it when it completed.
     """
     run_dir = run_dir_of(cfg)
     if not _is_rank_zero():  # DDP ranks > 0 run inside rank 0's lock (they write nothing)
@@ -555,9 +585,19 @@ def _train_run(cfg: DictConfig, run_dir: Path) -> float:
     """:func:`train` for ``run_dir`` (under its run lock on rank 0)."""
     results_path = run_dir / RESULTS_FILE
     previous = read_results(results_path)
-    if not (cfg.get("skip_if_done") and (previous or {}).get("status") == "completed"):
+    done = cfg.get("skip_if_done") and (previous or {}).get("status") == "completed"
+    resuming = not done and interrupted_checkpoint(cfg, run_dir, previous) is not None
+    if resuming:
+        log.info(
+            "%s: the earlier attempt was interrupted (%s) at step %s; resuming from its last.ckpt "
+            "(resume_interrupted=false starts over)",
+            run_dir, (previous or {}).get("budget", {}).get("stopped_by"),
+            ((previous or {}).get("steps") or {}).get("last"),
+        )  # fmt: skip
+        cfg.ckpt_path = "last"  # recorded as such in results.json
+    if not done:
         check_run(cfg)  # bad input before anything is written: no results.json
-    if cfg.get("skip_if_done") and previous is not None:
+    if cfg.get("skip_if_done") and previous is not None and not resuming:
         if previous.get("status") == "completed":
             log.info("%s is completed; skipping (skip_if_done=false trains again)", results_path)
             return metric_value(previous.get("metrics") or {}, cfg.optimized_metric)
@@ -583,6 +623,7 @@ def _train_run(cfg: DictConfig, run_dir: Path) -> float:
         "metrics": {},
         "metrics_last": {},
         "checkpoints": {"best": None, "last": None},
+        "resumed": None,  # {"checkpoint", "step"}: the checkpoint this attempt continued from
         "timing": {},
         "config": resolved_config(cfg),
         "error": None,

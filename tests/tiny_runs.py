@@ -151,3 +151,16 @@ class Recorder(pl.Callback):
 
 
 RECORDER = "+callbacks.recorder._target_=tiny_runs.Recorder"
+
+
+class Pace(pl.Callback):
+    """Sleeps ``seconds`` after every optimizer step: a run slow enough to be killed part way by
+    another process (the scale-out tests' SIGTERM of a sweep job)."""
+
+    def __init__(self, seconds: float = 0.5) -> None:
+        self.seconds = float(seconds)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
+        import time
+
+        time.sleep(self.seconds)

@@ -6,7 +6,10 @@ composition of lymphnode's configs resolves, inside a CLI or not).
 - ``${pretext_suffix:${pretext.name}}``: ``""`` for the paper's reconstruction pretext (its runs keep
   the folders ``pretrain`` and ``pretrained``), ``"-<name>"`` for any other;
 - ``${run_arm:${init},${pretext.name}}``: the first folder of a fine-tuning run, ``scratch`` (shared
-  by every pretext), ``pretrained`` (reconstruction) or ``pretrained-<pretext>``.
+  by every pretext), ``pretrained`` (reconstruction) or ``pretrained-<pretext>``;
+- ``${shard_dir:${shard}[,default]}``: ``shard-<i>-of-<n>`` for prepare's ``shard=i/n`` (each job
+  of a sharded build logs into its own folder), ``default`` (``""``) for null or a malformed value
+  (prepare itself refuses that one, naming it).
 """
 
 from __future__ import annotations
@@ -32,10 +35,23 @@ def run_arm(init: Any, pretext: Any) -> str:
     return "scratch" if init == "scratch" else f"{init}{pretext_suffix(pretext)}"
 
 
+def shard_dir(shard: Any, default: Any = "") -> str:
+    """``shard-<i>-of-<n>`` for a valid ``"i/n"``, else ``str(default)``."""
+    from lymphnode.core.errors import ConfigError
+    from lymphnode.core.validate import shard as parse_shard
+
+    try:
+        parsed = parse_shard("shard", shard)
+    except ConfigError:  # refused by prepare, with the message; the log folder is the default
+        parsed = None
+    return str(default) if parsed is None else f"shard-{parsed[0]}-of-{parsed[1]}"
+
+
 RESOLVERS: dict[str, Callable[..., Any]] = {
     "pretrained_if": pretrained_if,
     "pretext_suffix": pretext_suffix,
     "run_arm": run_arm,
+    "shard_dir": shard_dir,
 }
 
 
@@ -48,4 +64,4 @@ def register() -> None:
             OmegaConf.register_new_resolver(name, resolver)
 
 
-__all__ = ["RESOLVERS", "pretext_suffix", "pretrained_if", "register", "run_arm"]
+__all__ = ["RESOLVERS", "pretext_suffix", "pretrained_if", "register", "run_arm", "shard_dir"]

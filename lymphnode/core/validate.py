@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import math
 import numbers
+import re
 from collections.abc import Collection, Mapping
 from typing import Any, TypeVar
 
 from lymphnode.core.errors import ConfigError, LymphnodeError
 
-__all__ = ["choice", "integer", "keys", "number"]
+__all__ = ["choice", "integer", "keys", "number", "shard"]
 
 T = TypeVar("T")
 
@@ -120,3 +121,24 @@ def keys(
     if unknown:
         raise error(f"{where}{name} has unknown key(s) {unknown}; allowed keys: {list(allowed)}")
     return dict(value)
+
+
+_SHARD = re.compile(r"(\d+)/(\d+)")
+
+
+def shard(
+    name: str, value: Any, *, where: str = "", error: type[LymphnodeError] = ConfigError
+) -> tuple[int, int] | None:
+    """``value`` ``"i/n"`` (this job is shard ``i`` of ``n`` jobs, ``0 <= i < n``, e.g. a job
+    array's task id and its size) as ``(i, n)``; None for None (one job does everything)."""
+    if value is None:
+        return None
+    match = _SHARD.fullmatch(value.strip()) if isinstance(value, str) else None
+    if match is not None:
+        index, count = int(match[1]), int(match[2])
+        if index < count:
+            return index, count
+    raise error(
+        f"{where}{name} must be 'i/n' with 0 <= i < n (this job's index, counted from 0, and the "
+        f"number of jobs: 0/4, 1/4, 2/4, 3/4) or null for one job, got {value!r}"
+    )

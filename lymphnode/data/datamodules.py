@@ -31,11 +31,13 @@ from typing import Any
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader
 
 from lymphnode.core import validate
 from lymphnode.core.errors import CacheError, ConfigError
 from lymphnode.data.datasets import CacheDataset
+from lymphnode.data.samplers import EpochSampler
 from lymphnode.data.transforms import build_eval_transform, build_train_transform
 from lymphnode.models.preprocess import Preprocess, normalize_stats
 from lymphnode.models.stain import (
@@ -395,23 +397,58 @@ class _CacheDataModule(pl.LightningDataModule):
         generator = torch.Generator()
         generator.manual_seed(self.seed if train else self.seed + 1)
         workers = self.num_workers > 0
+        sampler = self._train_sampler(dataset) if train else self._eval_sampler(dataset, name)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=train,
+            sampler=sampler,
             drop_last=drop_last,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers and workers,
-            generator=generator,  # shuffling order and the workers' base seed
+            generator=generator,  # the workers' base seed (training: EpochSampler seeds each item)
+        )
+
+    def _train_sampler(self, dataset: CacheDataset) -> EpochSampler:
+        """Shuffled by (seed, epoch) alone, each patch augmented by (seed, epoch, position): a
+        run resumed from an epoch boundary trains on exactly the batches of an uninterrupted
+        one (:mod:`lymphnode.data.samplers`). Under DDP this process's share of the epoch."""
+        trainer = getattr(self, "trainer", None)  # set by Lightning when it uses this module
+        world = 1 if trainer is None else max(1, int(trainer.world_size))
+        rank = 0 if trainer is None else int(trainer.global_rank)
+        return EpochSampler(dataset, self.seed, num_replicas=world, rank=rank)
+
+    def _eval_sampler(
+        self, dataset: CacheDataset, name: str
+    ) -> UnrepeatedDistributedSampler | None:
+        """Under DDP, each validation/test patch on exactly one process (rank r: patches r,
+        r + world, ...; the processes' last batches may differ by one patch). Lightning's own
+        DistributedSampler pads the set to a multiple of the processes with repeated patches, so
+        the pooled metrics would count some patches twice. None on one process (or with fewer
+        patches than processes, where Lightning's padding is kept: a process without a batch
+        would stall the others)."""
+        trainer = getattr(self, "trainer", None)  # set by Lightning when it uses this module
+        if trainer is None or int(trainer.world_size) <= 1:
+            return None
+        world = int(trainer.world_size)
+        if len(dataset) < world:
+            log.warning(
+                "%s set has %d patches < %d processes: Lightning repeats some so that every "
+                "process gets one, and the %s metrics count those twice",
+                name, len(dataset), world, name,
+            )  # fmt: skip
+            return None
+        return UnrepeatedDistributedSampler(
+            dataset, num_replicas=world, rank=int(trainer.global_rank), shuffle=False
         )
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled (seeded), augmented; drops an incomplete last batch when it can."""
+        """Shuffled by (seed, epoch), augmented per patch and epoch; drops an incomplete last
+        batch when it can."""
         return self._loader(self.train_dataset, train=True, name="train")
 
     def val_dataloader(self) -> DataLoader:
-        """In cache order, no augmentation."""
+        """In cache order, no augmentation; under DDP every patch on one process."""
         return self._loader(self.val_dataset, train=False, name="val")
 
 
@@ -698,7 +735,8 @@ class FinetuneDataModule(_CacheDataModule):
             self.test_dataset = CacheDataset(self.test_dir, None, self.eval_transform(), True)
 
     def test_dataloader(self) -> DataLoader:
-        """The whole test cache in cache order, no augmentation."""
+        """The whole test cache in cache order, no augmentation; under DDP every patch on one
+        process (the pooled metrics count each test patch once)."""
         return self._loader(self.test_dataset, train=False, name="test")
 
 

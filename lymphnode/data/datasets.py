@@ -4,7 +4,9 @@ Each process that reads (the main process, every DataLoader worker) opens the ca
 first read: the dataset pickles without open files, and a forked worker does not reuse its parent's
 memory maps. In a worker the augmentation pipeline is also reseeded from the worker's torch seed
 (``DataLoader(generator=...)`` base seed + worker id), so workers never repeat each other's
-augmentations and a seeded DataLoader gives the same batches on every run.
+augmentations and a seeded DataLoader gives the same batches on every run. Keys from
+:class:`lymphnode.data.samplers.EpochSampler` (training) reseed it per item instead, from the
+epoch and the position: the same augmentation whatever the workers, and after a resume.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from torch.utils.data import Dataset, get_worker_info
 
 from lymphnode.core import validate
 from lymphnode.core.errors import CacheError, ConfigError
+from lymphnode.data.samplers import item_seed
 from lymphnode.data.transforms import seed_pipeline, to_sample
 from lymphnode.patches.cache import PatchCache
 
@@ -105,7 +108,16 @@ class CacheDataset(Dataset):
                 seed_pipeline(self.transform, worker.seed % 2**32)
         return self._cache
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        """Item ``key``: a position, or ``(epoch seed, position)`` from
+        :class:`lymphnode.data.samplers.EpochSampler`, which seeds the augmentation of this one
+        item (the same patch in the same epoch is augmented the same way in any process)."""
+        if isinstance(key, tuple):
+            seed_key, i = key
+            if isinstance(self.transform, A.Compose):
+                seed_pipeline(self.transform, item_seed((int(seed_key), int(i))))
+        else:
+            i = key
         index = int(self.indices[i])
         image, mask = self._open()[index]
         tensor, mask_tensor = to_sample(self.transform, image, mask if self.with_masks else None)

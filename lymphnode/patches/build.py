@@ -19,6 +19,12 @@ the cache; slides finished before an error stay in the caches.
 
 Every draw derives from ``seed`` and the slide's name, never from the order or the number of
 workers, so the same config gives the same bytes.
+
+Sharded builds (a job array, ``shard=i/n``): job ``i`` builds every ``n``-th slide
+(:func:`shard_slides`) into the same caches, committing each shard to the manifest under the
+cache's lock; the job that finds every slide of a cache complete when it ends (the last to
+finish, or a later ``prepare`` without ``shard``) puts the manifest in slide order, and the caches
+are then byte-identical to a single-process build.
 """
 
 from __future__ import annotations
@@ -70,6 +76,7 @@ __all__ = [
     "patch_seed",
     "process_slide",
     "settings_from_config",
+    "shard_slides",
 ]
 
 
@@ -125,6 +132,13 @@ def settings_from_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
         sampling=sampling,
     )
     workers = validate.integer("workers", cfg.get("workers"), minimum=0)
+    shard = validate.shard("shard", cfg.get("shard"))
+    if shard is not None and cfg.get("force", False):
+        raise ConfigError(
+            f"force=true cannot be combined with shard={cfg.get('shard')!r}: each job of the "
+            "sharded build would delete the slides the other jobs wrote; rebuild with one job "
+            "(shard=null force=true), or delete the caches and start the sharded build again"
+        )
     quality = validate.integer("quality", cfg.get("quality", 90), minimum=1)
     split = dict(cfg.get("split") or {})
     test_slides = split.get("test_slides")
@@ -141,6 +155,7 @@ def settings_from_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
         "counts": counts,
         "patch": patch,
         "workers": workers,
+        "shard": shard,
         "force": bool(cfg.get("force", False)),
         "seed": int(cfg.get("seed", 0)),
         "split_seed": int(split.get("seed", cfg.get("seed", 0))),
@@ -403,8 +418,16 @@ def build_caches(
         settings["force"],
     )
 
+    needed = [s for s in sources if any(s in members[k] for k in settings["caches"])]
+    mine = shard_slides(needed, settings["shard"])
+    if settings["shard"] is not None:
+        index, count = settings["shard"]
+        log.info(
+            "shard %d/%d: %d of the %d slides (%s)",
+            index, count, len(mine), len(needed), ", ".join(s.name for s in mine) or "none",
+        )  # fmt: skip
     jobs: list[SlideJob] = []
-    for source in sources:
+    for source in mine:
         shards = tuple(
             ShardJob(
                 cache=kind,
@@ -426,7 +449,7 @@ def build_caches(
                     settings["asap"],
                 )
             )
-    skipped = len(sources) - len(jobs)
+    skipped = len(mine) - len(jobs)
     if skipped:
         log.info("%d slides already complete in every cache: skipped", skipped)
 
@@ -446,7 +469,7 @@ def build_caches(
         on_result=record,
         desc="prepare",
         unit="slide",
-        total=len(sources),
+        total=len(mine),
         initial=skipped,
         progress=progress,
         postfix=lambda job, result: f"{result.name}: {result.patches} patches",
@@ -454,6 +477,26 @@ def build_caches(
     if errors:
         raise errors[0]
     for kind, writer in writers.items():
-        writer.finalize([s.name for s in members[kind]])
+        names = [s.name for s in members[kind]]
+        waiting = [n for n in names if not writer.is_complete(n)] if settings["shard"] else []
+        if waiting:  # another job's slides: the last job to finish writes the final manifest
+            log.info(
+                "%s cache: this shard's slides are done; %d of %d slides are still to come from "
+                "the other jobs (%s): the last job to finish, or prepare without shard, "
+                "finalizes it", kind, len(waiting), len(names), ", ".join(waiting[:5]),
+            )  # fmt: skip
+            continue
+        writer.finalize(names)
         log.info("%s cache: %s", kind, writer.path)
     return {kind: writer.path for kind, writer in writers.items()}
+
+
+def shard_slides(slides: Sequence[SlideSource], shard: tuple[int, int] | None) -> list[SlideSource]:
+    """The slides job ``i`` of ``n`` builds (``shard=(i, n)``): every ``n``-th of ``slides``
+    (the slides of the requested caches, sorted by name), starting at position ``i``; all of
+    them for ``shard=None``. Depends on the slide list only, never on what is complete, so the
+    jobs of an array never overlap and a rerun of one job redoes only its own slides."""
+    if shard is None:
+        return list(slides)
+    index, count = shard
+    return [source for k, source in enumerate(slides) if k % count == index]

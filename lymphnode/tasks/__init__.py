@@ -11,7 +11,8 @@ from conf/task/ and conf/pretext/):
 - ``callbacks``: per-depth weight / gradient norms, the non-finite loss guard, the all-tumour
   baseline;
 - ``checkpointing``: checkpoint selection (``best.ckpt`` by ``selection``, ``last.ckpt`` = last step);
-- ``budget``: a run's step / epoch / time budget and why it stopped (for results.json).
+- ``budget``: a run's step / epoch / time budget and why it stopped (for results.json);
+- ``spawn``: what a ``ddp_spawn`` fit's processes send back to the one that writes results.json.
 
 Checkpoint reading lives in :mod:`lymphnode.models.checkpoint`.
 """
