@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -101,3 +104,57 @@ def test_forked_workers_get_one_opencv_thread_from_the_parent_which_is_restored(
     )
     assert result.returncode == 0, result.stderr
     assert "threads [1, 1, 1] parent True" in result.stdout
+
+
+PARENT = """
+import os, sys, time
+from pathlib import Path
+from lymphnode.core.pool import run_jobs
+
+def job(i):
+    (Path(sys.argv[1]) / f"worker-{os.getpid()}").touch()
+    time.sleep(120)
+    return i
+
+if __name__ == "__main__":
+    run_jobs(job, list(range(4)), workers=2, on_result=lambda j, r: None, desc="t",
+             progress=False, start_method=sys.argv[2])
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as stat:  # a zombie has exited
+        return stat.read().split(")")[-1].split()[0] != "Z"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+def test_workers_exit_when_the_parent_is_killed(tmp_path: Path, start_method: str) -> None:
+    """kill -9 of prepare's parent process must not leave its pool workers blocked forever."""
+    script = tmp_path / "parent.py"
+    script.write_text(PARENT)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    parent = subprocess.Popen([sys.executable, str(script), str(tmp_path), start_method], env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while len(list(tmp_path.glob("worker-*"))) < 2:
+            assert time.monotonic() < deadline, "the workers did not start"
+            assert parent.poll() is None, "the parent exited early"
+            time.sleep(0.1)
+        workers = [int(p.name.split("-")[1]) for p in tmp_path.glob("worker-*")]
+        assert all(_alive(pid) for pid in workers)
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+        deadline = time.monotonic() + 10
+        while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [pid for pid in workers if _alive(pid)], "workers outlived their parent"
+    finally:
+        parent.kill()
+        for p in tmp_path.glob("worker-*"):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(p.name.split("-")[1]), signal.SIGKILL)
