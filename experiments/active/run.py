@@ -43,7 +43,7 @@ import shlex
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -160,7 +160,9 @@ def annotate(
     return [o for o in out if o is not None]
 
 
-def labeled(squares: Sequence[Square], truth: Sequence[tuple[np.ndarray, np.ndarray]]) -> list:
+def labeled(
+    squares: Sequence[Square], truth: Sequence[tuple[np.ndarray, np.ndarray]]
+) -> list[Square]:
     """``squares`` with their class from the ground-truth masks (1: a tumour pixel)."""
     return [
         Square(s.slide, s.x, s.y, s.size, int(m.any()), s.round, s.source)
@@ -252,6 +254,16 @@ def train_cmd(args: argparse.Namespace, cache: Path, n: int, seed: int, run_dir:
     return [*cmd, *args.override]
 
 
+def train(args: argparse.Namespace, cache: Path, n: int, seed: int, run_dir: Path) -> None:
+    """Fine-tune on ``cache`` unless ``run_dir`` holds a completed run (as ``skip_if_done``
+    would decide, without starting a process)."""
+    results = run_dir / "results.json"
+    if results.is_file() and json.loads(results.read_text()).get("status") == "completed":
+        print(f"= {run_dir}: completed", flush=True)
+        return
+    run(train_cmd(args, cache, n, seed, run_dir))
+
+
 def last_checkpoint(run_dir: Path) -> Path:
     """The final step's checkpoint of a completed run (its results.json says where)."""
     results = json.loads((run_dir / "results.json").read_text())
@@ -327,6 +339,7 @@ def collect(args: argparse.Namespace, sizes: Sequence[int]) -> list[dict]:
                     "seed": seed, "strategy": strategy, "labels": n,
                     **{k: found.metrics[k] for k in ("precision", "recall", "f1")},
                     "tumour_tiles": sum(s.tumor for s in labels),
+                    "baseline_f1": found.baseline_f1,
                     "run_dir": str(folder / "run"),
                 })  # fmt: skip
     return rows
@@ -362,6 +375,7 @@ def summarize(rows: Sequence[dict], sizes: Sequence[int]) -> dict:
             "diff_p": pair.p_value if pair else None,
             "diff_note": pair.p_note if pair else None,
             "n": pair.n if pair else 0,
+            "baseline_f1": _mean(r["baseline_f1"] for r in rows if r["labels"] == n),
         }
     target_size = sizes[-1]
     reference = table[target_size]["random_f1"]
@@ -381,6 +395,11 @@ def summarize(rows: Sequence[dict], sizes: Sequence[int]) -> dict:
     }
 
 
+def _mean(values: Iterable[float | None]) -> float:
+    known = [v for v in values if v is not None]
+    return float(np.mean(known)) if known else math.nan
+
+
 def _sd(values: Sequence[float]) -> float:
     return float(np.std(values, ddof=1)) if len(values) > 1 else math.nan
 
@@ -391,11 +410,12 @@ def markdown(rows: Sequence[dict], summary: Mapping, seeds: int, minutes: float)
     lines = [
         f"Test pixel metrics (%), mean ± sample sd over {seeds} seed(s); Δ = active − random, "
         "paired by seed (paired t-test p); tumour tiles = labeled tiles with a tumour pixel "
-        f"(mean). Run time {minutes:.1f} min.",
+        "(mean); all-tumour baseline = F1 of calling every test pixel tumour. This invocation "
+        f"took {minutes:.1f} min (steps finished before are skipped).",
         "",
         "| Labeled patches | Random: F1 | Active: F1 | Δ F1 (paired) | Random: P / R | "
-        "Active: P / R | Tumour tiles random / active |",
-        "|---|---|---|---|---|---|---|",
+        "Active: P / R | Tumour tiles random / active | All-tumour baseline F1 |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for n in sizes:
         t = summary["table"][str(n)]
@@ -409,7 +429,8 @@ def markdown(rows: Sequence[dict], summary: Mapping, seeds: int, minutes: float)
             f"{100 * t['diff_mean']:+.1f} ({p}, n={t['n']}) | "
             f"{100 * t['random_precision']:.1f} / {100 * t['random_recall']:.1f} | "
             f"{100 * t['active_precision']:.1f} / {100 * t['active_recall']:.1f} | "
-            f"{t['random_tumour_tiles']:.1f} / {t['active_tumour_tiles']:.1f} |"
+            f"{t['random_tumour_tiles']:.1f} / {t['active_tumour_tiles']:.1f} | "
+            f"{100 * t['baseline_f1']:.1f} |"
         )
     target = summary["target"]
     active = ", ".join(f"{100 * v:.1f} at {n}" for n, v in target["active_f1"].items())
@@ -510,12 +531,12 @@ def experiment(args: argparse.Namespace) -> str:
         if not (folder / LABELS_CSV).is_file():
             squares = round0(pool, sources, args.per_round, args.folds, seed)
             write_labeled(folder, sources, squares)
-        run(train_cmd(args, folder / "labeled", sizes[0], seed, folder / "run"))
+        train(args, folder / "labeled", sizes[0], seed, folder / "run")
         for strategy in STRATEGIES:
             previous = folder
             for r in range(1, args.rounds + 1):
                 squares, here = next_round(args, strategy, r, seed, pool, sources, previous)
-                run(train_cmd(args, here / "labeled", len(squares), seed, here / "run"))
+                train(args, here / "labeled", len(squares), seed, here / "run")
                 previous = here
     rows = collect(args, sizes)
     minutes = (time.perf_counter() - start) / 60
