@@ -17,7 +17,7 @@ space := $(empty) $(empty)
 export WANDB_MODE ?= offline
 export NO_ALBUMENTATIONS_UPDATE := 1
 
-.PHONY: help install test test-fast test-wheel lint demo demo-clean bench real-dev
+.PHONY: help install test test-fast test-wheel lint demo demo-clean bench real-dev active
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -62,6 +62,9 @@ demo: install  ## the whole chain on synthetic slides under outputs/demo (reuses
 
 real-dev: install  ## the real development set (../shared/data/real_dev): both protocols, both inits, report
 	$(PY) experiments/real_dev/run.py
+
+active: install  ## random vs active labelling on synthetic slides, 5 seeds, 40/80/120 labels (outputs/active)
+	$(PY) experiments/active/run.py
 
 demo-clean:  ## delete outputs/demo
 	rm -rf $(DEMO)
