@@ -400,24 +400,31 @@ def cmd_overlap(args: argparse.Namespace) -> dict[str, Any]:
 # --------------------------------------------------------------------------- rss
 
 
-def _tree_pss_mb(proc: Any) -> float:
-    """Summed PSS (MB) of a process and its descendants (shared pages split between them)."""
+def _tree_memory_mb(proc: Any, memory: str = "pss") -> float:
+    """Summed PSS (``memory="pss"``: shared pages split between them) or RSS (``"rss"``) in MB
+    of a process and its descendants."""
     import psutil
 
     total = 0
     for p in [proc, *proc.children(recursive=True)]:
         try:
-            total += p.memory_full_info().pss
+            info = p.memory_full_info() if memory == "pss" else p.memory_info()
+            total += getattr(info, memory)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
     return total / 2**20
 
 
 def run_measured(
-    cmd: list[str], log: Path, env: dict[str, str] | None = None
+    cmd: list[str],
+    log: Path,
+    env: dict[str, str] | None = None,
+    memory: str = "pss",
+    interval_s: float = 0.1,
 ) -> tuple[int, float, float, float]:
-    """Run ``cmd`` (``env`` added to the environment); return (exit code, wall s, ru_maxrss MB of its largest process, peak summed
-    PSS MB of its tree sampled every 0.1 s)."""
+    """Run ``cmd`` (``env`` added to the environment, stdout + stderr into ``log``); return (exit
+    code, wall s, ru_maxrss MB of its largest process, peak summed ``memory`` (pss | rss) MB of its
+    tree sampled every ``interval_s`` s)."""
     import psutil
 
     t0 = time.perf_counter()
@@ -435,10 +442,10 @@ def run_measured(
         proc = psutil.Process(child.pid)
         while not done.is_set():
             try:
-                peak[0] = max(peak[0], _tree_pss_mb(proc))
+                peak[0] = max(peak[0], _tree_memory_mb(proc, memory))
             except psutil.NoSuchProcess:
                 return
-            done.wait(0.1)
+            done.wait(interval_s)
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()

@@ -50,7 +50,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -62,7 +61,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path.insert(0, str(HERE))  # infer.py: the bench slide and checkpoint writers
 
-from infer import bench_model, machine, table, write_bench_slide  # noqa: E402
+from infer import bench_model, machine, run_measured, table, write_bench_slide  # noqa: E402
 
 from lymphnode.core.errors import ConfigError  # noqa: E402
 
@@ -483,23 +482,10 @@ def child_main(args: argparse.Namespace) -> None:
     args.out.write_text(json.dumps(result))
 
 
-def _tree_rss_mb(proc: Any) -> float:
-    import psutil
-
-    total = 0
-    for p in [proc, *proc.children(recursive=True)]:
-        try:
-            total += p.memory_info().rss
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    return total / 2**20
-
-
 def run_child(peer: str, setup_file: Path, out: Path, python: str) -> dict[str, Any]:
     """Run one peer in a fresh ``python`` process; its figures plus process wall s, peak summed
     RSS of its tree (psutil, every 20 ms), ru_maxrss of its largest process and the load
     average before and after."""
-    import psutil
 
     env = {
         **os.environ,
@@ -511,35 +497,14 @@ def run_child(peer: str, setup_file: Path, out: Path, python: str) -> dict[str, 
     cmd += ["--out", str(out)]
     load0 = os.getloadavg()[0]
     log = out.with_suffix(".log")
-    t0 = time.perf_counter()
-    with log.open("w") as stream:
-        child = subprocess.Popen(cmd, stdout=stream, stderr=subprocess.STDOUT, env=env)
-    peak = [0.0]
-    done = threading.Event()
-
-    def sample() -> None:
-        proc = psutil.Process(child.pid)
-        while not done.is_set():
-            try:
-                peak[0] = max(peak[0], _tree_rss_mb(proc))
-            except psutil.NoSuchProcess:
-                return
-            done.wait(0.02)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    _, status, usage = os.wait4(child.pid, 0)
-    wall = time.perf_counter() - t0
-    done.set()
-    sampler.join()
-    code = os.waitstatus_to_exitcode(status)
+    code, wall, maxrss, peak = run_measured(cmd, log, env, memory="rss", interval_s=0.02)
     if code != 0:
         raise RuntimeError(f"{peer} failed (exit {code}):\n{log.read_text()[-3000:]}")
     result = json.loads(out.read_text())
     result.update(
         process_s=wall,
-        peak_rss_mb=peak[0],
-        maxrss_mb=usage.ru_maxrss / 1024,
+        peak_rss_mb=peak,
+        maxrss_mb=maxrss,
         load=(load0, os.getloadavg()[0]),
     )
     return result
