@@ -77,11 +77,12 @@ def _write_cache(path: Path, slides: Sequence[str], n: int, masks: bool, seed: i
     writer.finalize(list(slides))
 
 
-def write_caches(root: Path) -> Path:
-    """``<root>/{unlabeled,labeled,test}``: 48 unlabeled, 24 labeled, 8 test patches."""
+def write_caches(root: Path, test_slides: Sequence[str] = ("tumor_003",)) -> Path:
+    """``<root>/{unlabeled,labeled,test}``: 48 unlabeled, 24 labeled, 8 test patches (split
+    evenly over ``test_slides``; every second patch of a slide has tumour)."""
     _write_cache(root / "unlabeled", ["tumor_001", "normal_001"], 24, masks=False, seed=1)
     _write_cache(root / "labeled", ["tumor_001", "tumor_002"], 12, masks=True, seed=2)
-    _write_cache(root / "test", ["tumor_003"], 8, masks=True, seed=3)
+    _write_cache(root / "test", list(test_slides), 8 // len(test_slides), masks=True, seed=3)
     return root
 
 
