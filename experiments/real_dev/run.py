@@ -16,9 +16,12 @@ seed 0; ``slide``: train on tumor_001 + tumor_004, test on tumor_064), it
 4. runs the table sweep, each pretext's fine-tuning and scratch (once) × sizes × folds
    (``--multirun experiment=table pretext=<p1>,<p2>,...``);
 5. writes the reports (``python -m lymphnode.report``) into ``<out>/<protocol>/report/`` (the
-   selected checkpoint), ``report_val_loss/`` and ``report_last/`` (the other selections).
+   selected checkpoint), ``report_val_loss/`` and ``report_last/`` (the other selections);
+6. writes the per-slide figures (``per_slide.py``: test P/R/F1 on each test slide, checked against
+   each run's recorded F1) into ``<out>/<protocol>/per_slide/`` and ``per_slide_last/``.
 
-Every step is a lymphnode CLI; this script only lays out the files and prints what it runs. Finished
+Every step but the per-slide one (this folder's script, on lymphnode's library) is a lymphnode
+CLI; this script only lays out the files and prints what it runs. Finished
 runs are skipped on a rerun (each CLI resumes), so a killed run continues where it stopped. When the
 data folder is absent (a clone without ``../shared``) it says so and exits 0.
 """
@@ -147,6 +150,17 @@ def protocol_runs(args: argparse.Namespace, protocol: str) -> None:
     ):
         report = [*py, "lymphnode.report", str(root / "runs"), "--out", str(root / out)]
         run([*report, "--checkpoint", checkpoint])
+    # per-slide test figures of the selected and the final-step checkpoints (per_slide.py)
+    for checkpoint in ("best", "last"):
+        run(
+            [
+                sys.executable,
+                str(HERE / "per_slide.py"),
+                str(root / "runs"),
+                "--checkpoint",
+                checkpoint,
+            ]
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
