@@ -332,3 +332,21 @@ def test_arm_names_round_trip_and_order_is_stable() -> None:
                 "pretrained-stain"]  # fmt: skip
     assert order_arms([*shuffled, "scratch"]) == expected
     assert order_arms(reversed([*shuffled, "scratch"])) == expected
+
+
+def test_a_sweep_without_reconstruction_has_no_empty_reconstruction_columns(tmp_path: Path) -> None:
+    """scratch + masked only (e.g. `pretext=masked model.top_skip=true` into its own root): no
+    "with reconstruction" arm, and masked is compared with scratch alone."""
+    root = tmp_path / "runs"
+    for (arm, size), values in F1.items():
+        if arm != "pretrained":
+            for fold, f1 in enumerate(values):
+                _write(root, arm, size, fold, f1, pretext=None if arm == "scratch" else "masked")
+    report = summarize(collect_runs([root]))
+    assert report.arms == ["scratch", "pretrained-masked"]
+    assert report.comparisons == [("pretrained-masked", "scratch")]
+    table = to_markdown(report)
+    assert "reconstruction" not in table.splitlines()[0]
+    # with reconstruction runs present the paper's arm stays
+    _write(root, "pretrained", 40, 0, 0.5, pretext="reconstruction")
+    assert summarize(collect_runs([root])).arms == ["scratch", "pretrained", "pretrained-masked"]

@@ -184,7 +184,12 @@ def summarize(runs: Iterable[Run], checkpoint: str = "best") -> Report:
         )
     missing = _unique_missing([r for r in runs if r.status == "missing"] + expected_missing(runs))
     sizes = sorted({r.labeled_size for r in completed if r.labeled_size is not None})
-    arms = order_arms([*BASE_ARMS, *(r.arm for r in completed if r.arm is not None)])
+    # the paper's two arms always, unless other pretexts' runs show that reconstruction was not
+    # run at all (no run and none missing): then no empty "with reconstruction" columns
+    seen = {r.arm for r in [*completed, *missing] if r.arm is not None}
+    others = seen - set(BASE_ARMS)
+    base = [a for a in BASE_ARMS if a in seen or not others or a == "scratch"]
+    arms = order_arms([*base, *seen])
     comparisons = comparisons_of(arms)
     cells: dict[tuple[int, str, str], Cell] = {}
     paired: dict[tuple[int, str, str, str], Paired] = {}
