@@ -6,7 +6,6 @@ caches hold the ground truth of their squares."""
 from __future__ import annotations
 
 import csv
-import importlib.util
 import itertools
 import json
 import os
@@ -17,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import shapely
+from script_tools import load_script
 
 from lymphnode.inference.labelling import read_selection
 from lymphnode.patches.cache import PatchCache
@@ -41,12 +41,7 @@ def _driver(out: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("active_run", DRIVER)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up while it loads
-    spec.loader.exec_module(module)
-    return module
+    return load_script(DRIVER, "active_run")
 
 
 def _labels(path: Path) -> list[dict]:

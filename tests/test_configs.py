@@ -358,3 +358,30 @@ def test_gpu_and_ddp_trainers_use_bf16_channels_last_and_sync_batchnorm() -> Non
     ddp = compose_train("trainer=ddp", "trainer.devices=4", "trainer.num_nodes=2").trainer
     assert (ddp.strategy, ddp.sync_batchnorm, ddp.precision) == ("ddp", True, "bf16-mixed")
     assert (ddp.devices, ddp.num_nodes) == (4, 2)
+
+
+def test_table_sweep_runs_each_pretexts_scratch_right_after_its_pretrained_run() -> None:
+    """The basic sweeper's order (its params, then the command line replacing a key in place):
+    size, fold, pretext, init — so the shared scratch run of the second pretext comes after the
+    first pretext's scratch run has been dispatched, never beside it in a 2-job launcher."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    cfg = compose_train("experiment=table", hydra=True)
+    params = [f"{k}={v}" for k, v in cfg.hydra.sweeper.params.items()]
+    overrides = OverridesParser.create().parse_overrides([*params, "pretext=reconstruction,stain"])
+    [jobs] = BasicSweeper.split_arguments(overrides, None)
+    assert len(jobs) == 4 * 5 * 2 * 2
+    first = [dict(o.split("=", 1) for o in job) for job in jobs[:4]]
+    assert [(j["data.labeled_size"], j["data.fold"]) for j in first] == [("40", "0")] * 4
+    assert [(j["pretext"], j["init"]) for j in first] == [
+        ("reconstruction", "pretrained"),
+        ("reconstruction", "scratch"),
+        ("stain", "pretrained"),
+        ("stain", "scratch"),
+    ]
+    single = OverridesParser.create().parse_overrides([*params])
+    assert {
+        dict(o.split("=", 1) for o in j)["pretext"]
+        for j in BasicSweeper.split_arguments(single, None)[0]
+    } == {"reconstruction"}

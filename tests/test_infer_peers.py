@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from script_tools import load_script
 
 from lymphnode.core.errors import ConfigError
 
@@ -20,11 +19,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "benchmarks" / "i
 
 @pytest.fixture(scope="module")
 def peers():
-    spec = importlib.util.spec_from_file_location("infer_peers", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["infer_peers"] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT, "infer_peers")
 
 
 @pytest.fixture(scope="module")

@@ -4,13 +4,12 @@ test F1 the run recorded."""
 from __future__ import annotations
 
 import csv
-import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from script_tools import load_script
 from tiny_runs import run, write_caches
 
 from lymphnode.core.errors import EvaluationError
@@ -23,11 +22,7 @@ CROP = 24  # px: the centre crop of the 32-px tiny patches the test step scores
 
 @pytest.fixture(scope="module")
 def per_slide():
-    spec = importlib.util.spec_from_file_location("per_slide", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["per_slide"] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT, "per_slide")
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import struct
 import subprocess
 import sys
@@ -23,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from script_tools import cli_env
 from tiny_runs import TINY, compose_train, run, write_caches
 
 from lymphnode.core.boundary import EXIT_USER_ERROR, check_added_keys, closest_keys, config_dir
@@ -37,14 +37,7 @@ from lymphnode.train import read_results, write_results
 from lymphnode.wsi.annotations import AsapGroups, read_asap
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-TESTS = Path(__file__).resolve().parent
-ENV = {
-    **os.environ,
-    "WANDB_MODE": "offline",
-    "NO_ALBUMENTATIONS_UPDATE": "1",
-    "PYTHONWARNINGS": "ignore",
-    "PYTHONPATH": os.pathsep.join([str(PROJECT_ROOT), str(TESTS)]),
-}
+ENV = cli_env()
 FORCE_UNSAFE = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
 STEPS = ("trainer.max_steps=2", "trainer.max_epochs=-1", "trainer.val_check_interval=2")
 

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from script_tools import cli_env
 from tiny_runs import FINETUNE, RECORDER, TINY, Recorder, _write_cache, run
 
 from lymphnode.core import validate
@@ -39,15 +40,7 @@ from lymphnode.tasks.multitask import per_patch_dice
 from lymphnode.train import read_results
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-TESTS = Path(__file__).resolve().parent
-ENV = {
-    **os.environ,
-    "WANDB_MODE": "offline",
-    "NO_ALBUMENTATIONS_UPDATE": "1",
-    "PYTHONWARNINGS": "ignore",
-    "OMP_NUM_THREADS": "1",
-    "PYTHONPATH": os.pathsep.join([str(PROJECT_ROOT), str(TESTS)]),
-}
+ENV = cli_env(OMP_NUM_THREADS="1")
 TEST_PATCHES = 9  # odd: 5 + 4 over two processes
 THRESHOLD = 0.5
 # A few steps that learn something (a constant prediction would make every F1 0 and prove nothing).
