@@ -44,7 +44,13 @@ ENV = cli_env(OMP_NUM_THREADS="1")
 TEST_PATCHES = 9  # odd: 5 + 4 over two processes
 THRESHOLD = 0.5
 # A few steps that learn something (a constant prediction would make every F1 0 and prove nothing).
-LEARN = ("task.optimizer.lr=0.02", "task.seg_loss.dice_weight=1.0")
+# No colour jitter: it goes through OpenCV, whose builds differ in the last bits, and a 4-step run
+# must learn the same thing in every environment (D4 flips are exact).
+LEARN = (
+    "task.optimizer.lr=0.02",
+    "task.seg_loss.dice_weight=1.0",
+    "data.transforms.color_jitter=false",
+)
 DDP = ("trainer.devices=2", "trainer.strategy=ddp_spawn")  # gloo on CPU
 RUN = Path("runs") / "scratch" / "size10"
 
@@ -168,7 +174,7 @@ def test_ddp_spawn_fit_writes_one_record_with_metrics_over_every_test_patch(
     assert results["steps"]["selected"] == checkpoint_step(best)
     assert_metrics_over_all_test_patches(results, best, caches)
     baseline = reference_metrics(best, caches / "test", list(range(TEST_PATCHES)))
-    assert baseline["recall"] == results["metrics"]["test/seg_recall"]
+    assert results["metrics"]["test/seg_recall"] == pytest.approx(baseline["recall"], abs=1e-6)
 
 
 @pytest.mark.slow
