@@ -382,6 +382,90 @@ def test_pretrained_is_not_reloaded_when_weights_come_from_a_checkpoint(pretrain
         assert torch.equal(capture.state[name], value), name
 
 
+class _ParamsEachStep(pl.Callback):
+    """The network's parameters after each optimizer step, and each group's lr before it."""
+
+    def __init__(self) -> None:
+        self.after: list[dict[str, torch.Tensor]] = []
+        self.lrs: list[list[float]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.lrs.append([g["lr"] for g in trainer.optimizers[0].param_groups])
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.after.append({k: v.detach().clone() for k, v in pl_module.net.named_parameters()})
+
+
+def _fit_steps(module, tmp_path, steps: int) -> _ParamsEachStep:
+    record = _ParamsEachStep()
+    t = trainer(
+        tmp_path,
+        fast_dev_run=False,
+        max_steps=steps,
+        limit_val_batches=0,
+        callbacks=[record],
+    )
+    t.fit(module, loader(n=4 * steps))
+    return record
+
+
+def test_pretrained_parameters_get_their_own_lr_and_can_stay_fixed_first(pretrain_ckpt, tmp_path):
+    pl.seed_everything(2)
+    module = multitask_module(
+        net={**TINY, "top_skip": False},
+        pretrained=str(pretrain_ckpt),
+        pretrained_lr_scale=0.1,
+        freeze_pretrained_steps=2,
+        optimizer=functools.partial(torch.optim.AdamW, lr=1e-2, weight_decay=0.1),
+        scheduler=None,
+        log_images_every_n_epochs=0,
+    )
+    ckpt_state = _ckpt_net_state(pretrain_ckpt)
+    pretrained = set(module.pretrained_parameter_names())
+    assert pretrained and pretrained <= set(ckpt_state)
+    assert not any(n.startswith("seg_head.") for n in pretrained)  # reconstruction never trains it
+    record = _fit_steps(module, tmp_path, 3)
+    assert record.lrs[0] == pytest.approx([1e-3, 1e-2])  # pretrained x 0.1, the rest at lr
+    for step in (0, 1):  # fixed (not even weight decay) for the first two steps ...
+        for name in pretrained:
+            assert torch.equal(record.after[step][name], ckpt_state[name]), (step, name)
+    assert any(  # ... while the segmentation head learns from the first step
+        not torch.equal(record.after[0][n], record.after[1][n])
+        for n in record.after[0]
+        if n.startswith("seg_head.")
+    )
+    moved = [n for n in pretrained if not torch.equal(record.after[2][n], ckpt_state[n])]
+    assert sorted(moved) == sorted(pretrained)  # ... then every pretrained tensor trains
+
+
+def test_encoder_transfer_puts_only_the_encoder_in_the_pretrained_group(tmp_path):
+    pl.seed_everything(3)
+    source = multitask_module(net={**TINY, "top_skip": False})
+    t = trainer(tmp_path / "src")
+    t.fit(source, loader(), loader())
+    path = tmp_path / "encoder.ckpt"
+    t.save_checkpoint(path)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt["lymphnode"]["transfer"] = "encoder"  # as a contrastive pretraining writes it
+    torch.save(ckpt, path)
+    module = multitask_module(
+        net={**TINY, "top_skip": False}, pretrained=str(path), pretrained_lr_scale=0.5
+    )
+    names = module.pretrained_parameter_names()
+    prefix = module.net.encoder_prefix
+    assert names and all(n.startswith(prefix) for n in names)
+    groups = module.optimizer_param_groups()
+    assert [g.get("lr_scale", 1.0) for g in groups] == [0.5, 1.0]
+    encoder = sum(p.numel() for n, p in module.net.named_parameters() if n.startswith(prefix))
+    assert sum(p.numel() for p in groups[0]["params"]) == encoder
+
+
+def test_scratch_and_the_default_scale_keep_one_optimizer_group(pretrain_ckpt):
+    assert len(multitask_module(pretrained_lr_scale=0.1).optimizer_param_groups()) == 1
+    default = multitask_module(net={**TINY, "top_skip": False}, pretrained=str(pretrain_ckpt))
+    assert len(default.optimizer_param_groups()) == 1
+
+
 def test_shape_mismatch_raises_listing_the_keys_and_leaves_the_model_unchanged(pretrain_ckpt):
     from lymphnode.models import UNet
 
@@ -586,6 +670,14 @@ def test_reconstruction_rejects_bad_arguments(kwargs, match):
         ({"recon_loss": "ssim"}, r"recon_loss='ssim' is not supported"),
         ({"threshold": 1.5}, r"threshold=1.5 is invalid; expected a number in \(0, 1\)"),
         ({"pretrained": 3}, r"pretrained=3 is invalid"),
+        (
+            {"pretrained_lr_scale": -0.1},
+            r"pretrained_lr_scale must be a finite number >= 0, got -0.1",
+        ),
+        (
+            {"freeze_pretrained_steps": 1.5},
+            r"freeze_pretrained_steps must be an integer >= 0, got 1.5",
+        ),
     ],
 )
 def test_multitask_rejects_bad_arguments(kwargs, match):

@@ -206,9 +206,9 @@ def summarize(runs: Iterable[Run], checkpoint: str = "best") -> Report:
                     ),
                     last=_median([r.steps_last for r in group if r.steps_last is not None]),
                 )
-        base = [r.baseline_f1 for r in at_size if r.baseline_f1 is not None]
-        if base:
-            baseline[size] = _cell(base)
+        base_f1 = [r.baseline_f1 for r in at_size if r.baseline_f1 is not None]
+        if base_f1:
+            baseline[size] = _cell(base_f1)
         for metric in METRICS:
             by_arm: dict[str, dict[tuple, float]] = {}
             for arm in arms:

@@ -301,18 +301,15 @@ def is_lymphnode_checkpoint(path: str | Path) -> bool:
     return True
 
 
-def load_pretrained_weights(
+def plan_pretrained_transfer(
     net: nn.Module, ckpt_path: str | Path, *, strict_shapes: bool = True
-) -> LoadReport:
-    """Copy a lymphnode checkpoint's network weights into ``net`` by name, in place.
+) -> tuple[LoadReport, dict[str, Tensor]]:
+    """What :func:`load_pretrained_weights` would copy into ``net``, without touching it.
 
-    When ``net`` has ``prepare_transfer(source_config)`` (the UNet: a different ``top_skip``
-    re-initialises the top decoder block, with a warning), the prefixes it returns are not
-    loaded. A checkpoint whose ``transfer`` is ``encoder`` (a joint-embedding pretext) gives only
-    the tensors under ``net.encoder_prefix`` (default ``encoder.``); the rest keeps its
-    initialisation and is neither missing nor unexpected. Every other tensor must exist on both sides with equal shapes; otherwise
-    CheckpointError lists each mismatched name with its checkpoint and model shapes. With
-    ``strict_shapes=False`` the mismatches are skipped (left as initialised) and logged.
+    Returns the report (``loaded`` already filled with the names that would be copied) and those
+    tensors by name. Raises CheckpointError as :func:`load_pretrained_weights` does. The
+    fine-tuning task uses it to put the pretrained parameters in their own optimizer group before
+    the weights are loaded (``pretrained_lr_scale``, ``freeze_pretrained_steps``).
     """
     parts = read_parts(ckpt_path)
     path, ckpt_state = parts.path, parts.net_state
@@ -384,10 +381,29 @@ def load_pretrained_weights(
             ", ".join(repr(p) for p in prefixes),
             len(report.reinitialized),
         )
+    report.loaded = sorted(to_load)
+    return report, to_load
+
+
+def load_pretrained_weights(
+    net: nn.Module, ckpt_path: str | Path, *, strict_shapes: bool = True
+) -> LoadReport:
+    """Copy a lymphnode checkpoint's network weights into ``net`` by name, in place.
+
+    When ``net`` has ``prepare_transfer(source_config)`` (the UNet: a different ``top_skip``
+    re-initialises the top decoder block, with a warning), the prefixes it returns are not
+    loaded. A checkpoint whose ``transfer`` is ``encoder`` (a joint-embedding pretext) gives only
+    the tensors under ``net.encoder_prefix`` (default ``encoder.``); the rest keeps its
+    initialisation and is neither missing nor unexpected. Every other tensor must exist on both
+    sides with equal shapes; otherwise CheckpointError lists each mismatched name with its
+    checkpoint and model shapes. With ``strict_shapes=False`` the mismatches are skipped (left as
+    initialised) and logged. :func:`plan_pretrained_transfer` says the same without copying.
+    """
+    report, to_load = plan_pretrained_transfer(net, ckpt_path, strict_shapes=strict_shapes)
+    model_state = net.state_dict()
     with torch.no_grad():
         for name, value in to_load.items():
             model_state[name].copy_(value)  # in place: keeps device, dtype and memory format
-    report.loaded = sorted(to_load)
     log.info("pretrained weights %s", report.summary())
     return report
 
@@ -478,6 +494,7 @@ __all__ = [
     "is_lymphnode_checkpoint",
     "load_inference_model",
     "load_pretrained_weights",
+    "plan_pretrained_transfer",
     "read_checkpoint",
     "read_parts",
     "read_preprocess",

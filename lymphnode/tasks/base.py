@@ -316,8 +316,9 @@ class TaskModule(pl.LightningModule):
         """AdamW + cosine by default; the scheduler steps once per optimizer step and gets
         ``T_max = total steps - 1`` (``trainer.estimated_stepping_batches``) when it takes
         ``T_max`` and the config does not bind it: the last step trains at the minimum."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = self._optimizer_factory(params)
+        optimizer = self._optimizer_factory(self.optimizer_param_groups())
+        for group in optimizer.param_groups:  # groups with their own scale of the base lr
+            group["lr"] = group["lr"] * float(group.get("lr_scale", 1.0))
         if self._scheduler_factory is None:
             return optimizer
         kwargs: dict[str, Any] = {}
@@ -336,6 +337,11 @@ class TaskModule(pl.LightningModule):
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},
         }
+
+    def optimizer_param_groups(self) -> list[dict[str, Any]]:
+        """The optimizer's parameter groups: one group of every trainable parameter. Subclasses
+        may split it; a group's ``lr_scale`` multiplies the optimizer's lr for that group."""
+        return [{"params": [p for p in self.parameters() if p.requires_grad]}]
 
     def configure_callbacks(self) -> list[pl.Callback]:
         """A :class:`NonFiniteLossGuard` unless the trainer already has one (a NaN/inf loss always

@@ -28,7 +28,11 @@ from torchmetrics.classification import (
 
 from lymphnode.core import validate
 from lymphnode.core.errors import ConfigError
-from lymphnode.models.checkpoint import LoadReport, load_pretrained_weights
+from lymphnode.models.checkpoint import (
+    LoadReport,
+    load_pretrained_weights,
+    plan_pretrained_transfer,
+)
 from lymphnode.models.preprocess import Preprocess
 from lymphnode.tasks.base import (
     DEFAULT_OPTIMIZER,
@@ -43,6 +47,7 @@ from lymphnode.tasks.reconstruction import RECON_LOSSES
 log = logging.getLogger(__name__)
 
 SEG_LOSS_KEYS = ("pos_weight", "dice_weight")
+SEG_HEAD_PREFIX = "seg_head."  # the segmentation head: frozen (untrained) in every pretext
 DICE_SMOOTH = 1.0  # soft Dice smoothing (pixels): keeps the loss finite on empty masks
 
 
@@ -92,6 +97,13 @@ class MultiTaskModule(TaskModule):
         optimizer, scheduler, preprocess, channels_last, log_images_every_n_epochs,
             n_log_images: as :class:`lymphnode.tasks.ReconstructionModule`.
         threshold: probability above which a pixel counts as tumour for the metrics and images.
+        pretrained_lr_scale: the parameters that come from ``pretrained`` train at this multiple
+            of the optimizer's lr (discriminative fine-tuning: 0.1 lets the new heads and any
+            re-initialised block move fast while the pretrained features change slowly; 1.0,
+            the default, is one lr for all; 0 keeps them fixed). No effect without ``pretrained``.
+        freeze_pretrained_steps: the pretrained parameters stay fixed for this many optimizer
+            steps first (no update, no weight decay; their BatchNorm statistics still adapt),
+            then train: linear probing then fine-tuning (LP-FT). 0, the default, never freezes.
 
     Logs ``train/loss``, ``train/seg_loss``, ``train/recon_mse``; on val and test
     ``{stage}/loss``, ``{stage}/seg_loss``, ``{stage}/recon_mse``, pixel-wise
@@ -118,8 +130,14 @@ class MultiTaskModule(TaskModule):
         threshold: float = 0.5,
         log_images_every_n_epochs: int = 1,
         n_log_images: int = 8,
+        pretrained_lr_scale: float = 1.0,
+        freeze_pretrained_steps: int = 0,
     ) -> None:
         super().__init__()
+        pretrained_lr_scale = validate.number("pretrained_lr_scale", pretrained_lr_scale, 0.0)
+        freeze_pretrained_steps = validate.integer(
+            "freeze_pretrained_steps", freeze_pretrained_steps, 0
+        )
         seg_loss = validate.keys(
             "seg_loss", plain(seg_loss) if seg_loss is not None else {}, SEG_LOSS_KEYS
         )
@@ -159,6 +177,9 @@ class MultiTaskModule(TaskModule):
         self.recon_loss = recon_loss
         self.threshold = float(threshold)
         self.pretrained = str(pretrained) if pretrained is not None else None
+        self.pretrained_lr_scale = float(pretrained_lr_scale)
+        self.freeze_pretrained_steps = int(freeze_pretrained_steps)
+        self._pretrained_params: list[torch.nn.Parameter] = []
         self.pretrained_report: LoadReport | None = None
         self._weights_initialised = pretrained is None  # True once pretrained / checkpoint loaded
         if pos_weight is not None:
@@ -176,6 +197,8 @@ class MultiTaskModule(TaskModule):
                 "recon_loss": recon_loss,
                 "pretrained": self.pretrained,
                 "threshold": self.threshold,
+                "pretrained_lr_scale": self.pretrained_lr_scale,
+                "freeze_pretrained_steps": self.freeze_pretrained_steps,
             }
         )
         self.val_metrics = _seg_metrics("val", self.threshold)
@@ -206,6 +229,59 @@ class MultiTaskModule(TaskModule):
     def on_fit_start(self) -> None:
         if not self._weights_initialised:
             self.load_pretrained()
+
+    # --- optimisation of the pretrained part -----------------------------------------------
+    def pretrained_parameter_names(self) -> list[str]:
+        """Names (in ``self.net``) of the trainable parameters that come from ``pretrained``;
+        empty without one. Read from the load report, or planned from the checkpoint when the
+        weights are not loaded yet (the optimizer is built before fitting starts). The
+        segmentation head is never among them: every pretext keeps it frozen at its random
+        initialisation, so it is new to fine-tuning."""
+        if self.pretrained is None:
+            return []
+        report = self.pretrained_report
+        if report is None:
+            report, _ = plan_pretrained_transfer(self.net, self.pretrained)
+        loaded = set(report.loaded)
+        return [
+            n
+            for n, p in self.net.named_parameters()
+            if n in loaded and p.requires_grad and not n.startswith(SEG_HEAD_PREFIX)
+        ]
+
+    def optimizer_param_groups(self) -> list[dict[str, Any]]:
+        """Two groups when fine-tuning treats the pretrained parameters apart
+        (``pretrained_lr_scale`` != 1 or ``freeze_pretrained_steps`` > 0): the pretrained ones
+        (``lr_scale``) and the rest; otherwise one."""
+        if self.pretrained is None or (
+            self.pretrained_lr_scale == 1.0 and self.freeze_pretrained_steps == 0
+        ):
+            return super().optimizer_param_groups()
+        names = set(self.pretrained_parameter_names())
+        if not names:
+            return super().optimizer_param_groups()
+        named = dict(self.net.named_parameters())
+        self._pretrained_params = [named[n] for n in sorted(names)]
+        ids = {id(p) for p in self._pretrained_params}
+        rest = [p for p in self.parameters() if p.requires_grad and id(p) not in ids]
+        log.info(
+            "fine-tuning %d pretrained parameter tensors at lr x %g%s, %d others at lr",
+            len(self._pretrained_params),
+            self.pretrained_lr_scale,
+            f", fixed for the first {self.freeze_pretrained_steps} steps"
+            if self.freeze_pretrained_steps
+            else "",
+            len(rest),
+        )
+        return [
+            {"params": self._pretrained_params, "lr_scale": self.pretrained_lr_scale},
+            {"params": rest},
+        ]
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.global_step < self.freeze_pretrained_steps:
+            for param in self._pretrained_params:
+                param.grad = None  # the optimizer skips it: no update, no weight decay
 
     # --- steps ------------------------------------------------------------------------------
     def _losses(self, batch: Mapping[str, Tensor], stage: str) -> tuple[Tensor, Tensor, Any]:
