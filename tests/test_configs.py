@@ -167,6 +167,7 @@ def test_pretext_is_a_config_group_of_pretraining() -> None:
     [
         ("masked", "lymphnode.tasks.MaskedModule", "val_loss", 1),
         ("contrastive", "lymphnode.tasks.ContrastiveModule", "last", 2),
+        ("dense_contrastive", "lymphnode.tasks.ContrastiveModule", "last", 2),
         ("stain", "lymphnode.tasks.StainModule", "val_loss", 1),
     ],
 )
@@ -179,6 +180,14 @@ def test_each_pretext_has_its_task_folder_and_checkpoint(
     assert pre.selection == selection and pre.data.views == views
     assert pre.run_dir == f"outputs/demo/runs/pretrain-{pretext}"
     assert pre.task.optimizer.lr == pre.demo_budget.pretrain.lr  # the profile reaches it
+    if "contrastive" in pretext:  # the dense variant is the contrastive task plus its local term
+        assert pre.task.dense_weight == (0.5 if pretext == "dense_contrastive" else 0.0)
+        assert (
+            pre.pretext.view_transforms
+            == compose_train(
+                "experiment=pretrain", "pretext=contrastive", "profile=demo"
+            ).pretext.view_transforms
+        )
     fine = compose_train("experiment=finetune", f"pretext={pretext}", "data.labeled_size=80")
     assert fine.run_dir == f"outputs/runs/pretrained-{pretext}/size80/fold0/seed0"
     assert fine.task.pretrained == f"outputs/runs/pretrain-{pretext}/checkpoints/best.ckpt"

@@ -243,6 +243,65 @@ def test_contrastive_pretraining_trains_the_encoder_only_and_transfers_it(tmp_pa
         assert torch.equal(value, source), name
 
 
+class _TrainLosses(pl.Callback):
+    """The logged training losses of each step."""
+
+    def __init__(self, keys: list[str]) -> None:
+        self.keys, self.rows = keys, []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.rows.append([float(trainer.callback_metrics[k]) for k in self.keys])
+
+
+def test_dense_contrastive_lowers_its_local_and_global_terms_and_transfers_the_encoder(
+    tmp_path,
+) -> None:
+    module = ContrastiveModule(
+        net=NET, optimizer=optimizer(1e-2), preprocess=CONTRACT, hidden_dim=32, projection_dim=16,
+        dense_weight=0.5, dense_memory=1024, log_images_every_n_epochs=0,
+    )  # fmt: skip
+    decoder_before = {k: v.clone() for k, v in module.net.state_dict().items()}
+    losses = _TrainLosses(["train/global_loss", "train/dense_loss", "train/loss"])
+    trainer = pl.Trainer(
+        max_steps=60, accelerator="cpu", logger=False, enable_progress_bar=False,
+        enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0,
+        limit_val_batches=0, default_root_dir=tmp_path, callbacks=[losses],
+    )  # fmt: skip
+    pl.seed_everything(0)
+    trainer.fit(module, DataLoader(Patches(views=2), batch_size=8, shuffle=True))
+    rows = torch.tensor(losses.rows)  # (steps, 3)
+    torch.testing.assert_close(rows[:, 2], 0.5 * rows[:, 0] + 0.5 * rows[:, 1])
+    # the bank holds real locations from the second step on: compare later steps with those
+    early, late = rows[1:6].mean(0), rows[-5:].mean(0)
+    assert late[0] < early[0] - 0.3 and late[1] < early[1] - 0.3, (early, late)
+    state = module.net.state_dict()
+    changed = {k for k in state if not torch.equal(state[k], decoder_before[k])}
+    assert changed and all(k.startswith("encoder.") for k in changed)
+    ckpt = tmp_path / "densecl.ckpt"
+    trainer.save_checkpoint(ckpt)
+    report = load_pretrained_weights(MultiTaskModule(net=NET, preprocess=CONTRACT).net, ckpt)
+    assert report.transfer == "encoder" and report.loaded
+    assert all(k.startswith("encoder.") for k in report.loaded)
+
+
+def test_dense_loss_pairs_each_location_with_its_most_similar_partner() -> None:
+    """Identical views: each location's partner is itself, so the positives match exactly and
+    the loss is lower than for views whose locations are re-ordered within a feature map
+    (the partner search finds them again: the same loss) or whose maps come from other patches."""
+    torch.manual_seed(0)
+    module = ContrastiveModule(
+        net=NET, preprocess=CONTRACT, hidden_dim=32, projection_dim=16, dense_weight=1.0,
+        dense_memory=512,
+    ).eval()  # fmt: skip
+    f = torch.randn(4, 16, 4, 4)
+    with torch.no_grad():
+        same = module.dense_loss(f, f)
+        rolled = module.dense_loss(f, f.flatten(2).roll(5, dims=2).view_as(f))
+        other = module.dense_loss(f, torch.randn(4, 16, 4, 4))
+    torch.testing.assert_close(same, rolled)
+    assert same < other - 0.5
+
+
 class NoEncoder(nn.Module):
     """A network without encode(): the contrastive pretext cannot pool its features."""
 
@@ -277,3 +336,17 @@ def test_unet_encode_is_the_bottleneck_that_forward_computes() -> None:
     features = net.encode(x)
     assert features.shape == (2, net.encoder_channels, SIZE // 4, SIZE // 4) == (2, 16, 8, 8)
     assert torch.equal(features, seen[0])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"temperature": 0}, r"temperature must be a finite number > 0, got 0"),
+        ({"dense_weight": 1.5}, r"dense_weight must be a finite number in 0\.\.1, got 1.5"),
+        ({"dense_weight": -0.1}, r"dense_weight must be a finite number in 0\.\.1, got -0.1"),
+        ({"dense_memory": 0}, r"dense_memory must be an integer >= 1, got 0"),
+    ],
+)
+def test_contrastive_rejects_bad_arguments(kwargs: dict, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        ContrastiveModule(net=NET, preprocess=CONTRACT, **kwargs)

@@ -18,6 +18,7 @@ Prints one line per pretext; ``--json`` writes the figures too.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import platform
@@ -36,6 +37,7 @@ PRETEXTS: dict[str, Callable[..., Any]] = {
     "reconstruction": ReconstructionModule,
     "masked": MaskedModule,
     "contrastive": ContrastiveModule,
+    "dense_contrastive": functools.partial(ContrastiveModule, dense_weight=0.5),  # + DenseCL term
     "stain": StainModule,
 }
 

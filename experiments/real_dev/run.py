@@ -43,7 +43,7 @@ from PIL import Image
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 PROTOCOLS = ("patch", "slide")
-PRETEXTS = ("reconstruction", "masked", "contrastive", "stain")
+PRETEXTS = ("reconstruction", "masked", "contrastive", "dense_contrastive", "stain")
 SLIDE_PROTOCOL = {"pool": ("tumor_001", "tumor_004"), "test": ("tumor_064",)}
 TEST_FRACTION = 1 / 3  # patch protocol: the held-out share of each class
 SPLIT_SEED = 0
@@ -139,7 +139,7 @@ def protocol_runs(args: argparse.Namespace, protocol: str) -> None:
         [
             *py, "lymphnode.train", "--multirun", "experiment=table", *common,
             f"pretext={','.join(args.pretexts)}", f"data.labeled_size={sizes}",
-            f"data.fold={folds}",
+            f"data.fold={folds}", *args.finetune,
         ]
     )  # fmt: skip
     # the selected checkpoint (selection=val_f1), and what val_loss and the final step would give
@@ -171,6 +171,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--sizes", nargs="+", type=int, default=[10, 20, 30])
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--pretexts", nargs="+", choices=PRETEXTS, default=list(PRETEXTS))
+    parser.add_argument(
+        "--finetune",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a Hydra override for the fine-tuning sweep only (not the pretrainings), e.g. "
+        "--finetune task.pretrained_lr_scale=0.1; repeatable",
+    )
     parser.add_argument(
         "override", nargs="*", help="extra Hydra overrides for every train run (key=value)"
     )

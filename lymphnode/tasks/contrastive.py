@@ -16,6 +16,17 @@ decoder. The network must have ``encode(x) -> (B, C, h, w)`` (its deepest featur
 
 Batches are dicts ``{"image": (B, 3, H, W), "image2": (B, 3, H, W), ...}``: two views of the same
 patches (``data.views: 2``, set by conf/pretext/contrastive.yaml).
+
+The dense variant (``dense_weight`` > 0; ``pretext=dense_contrastive``) adds DenseCL's local term
+(Wang et al. 2021), since the downstream task labels pixels, not patches: every location of the
+encoder's feature map (B, C, h, w) is projected by a per-location MLP (lightly's
+``DenseCLProjectionHead``), its partner in the other view is the location whose encoder features
+are most similar (lightly's ``select_most_similar``; the views differ by D4, crops and colour, so
+the geometric correspondence is not tracked), and NT-Xent contrasts it against a memory bank of
+earlier batches' locations (lightly's memory bank: the negatives are other patches' locations,
+not the same map's neighbours). Loss = (1 - dense_weight) x global + dense_weight x dense (DenseCL
+uses 0.5). Unlike DenseCL there is no momentum encoder: both views pass through the same
+network, as in SimCLR.
 """
 
 from __future__ import annotations
@@ -27,6 +38,8 @@ import torch
 import torch.nn.functional as F
 from lightly.loss import NTXentLoss
 from lightly.models.modules import SimCLRProjectionHead
+from lightly.models.modules.heads import DenseCLProjectionHead
+from lightly.models.utils import select_most_similar
 from torch import Tensor
 
 from lymphnode.core import validate
@@ -59,12 +72,17 @@ class ContrastiveModule(TaskModule):
         temperature: NT-Xent temperature (0.2; SimCLR used 0.1-0.5, lower for small batches).
         hidden_dim, projection_dim: the projection head's hidden and output widths (an MLP with
             batch norm, discarded after pretraining).
+        dense_weight: weight of DenseCL's local term in 0..1 (0: SimCLR only, the default; 0.5
+            as DenseCL). The dense head has the same widths and is discarded too.
+        dense_memory: locations in the dense term's memory bank of negatives (4096; at least
+            one batch's locations, B x h x w, keeps every step's negatives from other batches).
         optimizer, scheduler, preprocess, channels_last, log_images_every_n_epochs,
             n_log_images: as :class:`lymphnode.tasks.ReconstructionModule`.
 
-    Logs ``{stage}/loss`` (NT-Xent) and ``{stage}/pair_acc`` (:func:`pair_accuracy` of the
-    projections; chance is 1 / batch size), and on the first validation batch a grid of the two
-    views.
+    Logs ``{stage}/loss`` (NT-Xent, or the weighted sum) and ``{stage}/pair_acc``
+    (:func:`pair_accuracy` of the projections; chance is 1 / batch size), with ``dense_weight`` > 0
+    also ``{stage}/global_loss`` and ``{stage}/dense_loss``, and on the first validation batch a
+    grid of the two views.
     """
 
     task_name = "contrastive"
@@ -76,6 +94,8 @@ class ContrastiveModule(TaskModule):
         temperature: float = 0.2,
         hidden_dim: int = 256,
         projection_dim: int = 128,
+        dense_weight: float = 0.0,
+        dense_memory: int = 4096,
         optimizer: Any = DEFAULT_OPTIMIZER,
         scheduler: Any = DEFAULT_SCHEDULER,
         preprocess: Preprocess | Mapping[str, Any] | None = None,
@@ -87,6 +107,8 @@ class ContrastiveModule(TaskModule):
         self.temperature = validate.number("temperature", temperature, 0.0, strict_minimum=True)
         self.hidden_dim = validate.integer("hidden_dim", hidden_dim, 1)
         self.projection_dim = validate.integer("projection_dim", projection_dim, 1)
+        self.dense_weight = validate.number("dense_weight", dense_weight, 0.0, 1.0)
+        self.dense_memory = validate.integer("dense_memory", dense_memory, 1)
         self._init_common(
             net,
             {},
@@ -111,12 +133,20 @@ class ContrastiveModule(TaskModule):
         channels = int(getattr(self.net, "encoder_channels"))  # noqa: B009  (checked above)
         self.head = SimCLRProjectionHead(channels, self.hidden_dim, self.projection_dim)
         self.criterion = NTXentLoss(temperature=self.temperature, gather_distributed=True)
+        if self.dense_weight > 0:
+            self.dense_head = DenseCLProjectionHead(channels, self.hidden_dim, self.projection_dim)
+            self.dense_criterion = NTXentLoss(
+                temperature=self.temperature,
+                memory_bank_size=(self.dense_memory, self.projection_dim),
+            )
         self.save_hyperparameters(
             {
                 **self._common_hparams(),
                 "temperature": self.temperature,
                 "hidden_dim": self.hidden_dim,
                 "projection_dim": self.projection_dim,
+                "dense_weight": self.dense_weight,
+                "dense_memory": self.dense_memory,
             }
         )
 
@@ -126,12 +156,36 @@ class ContrastiveModule(TaskModule):
         features = getattr(self.net, "encode")(x)  # noqa: B009  (B, C, h, w)
         return self.head(features.mean(dim=(2, 3)))
 
+    def _encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Encoder features (B, C, h, w) and their global projection (B, projection_dim)."""
+        features = getattr(self.net, "encode")(x)  # noqa: B009
+        return features, self.head(features.mean(dim=(2, 3)))
+
+    def dense_loss(self, f1: Tensor, f2: Tensor) -> Tensor:
+        """DenseCL's local NT-Xent between encoder feature maps f1, f2 (B, C, h, w) of two views:
+        each location of view 1 against the most similar location of view 2 (by encoder
+        features), negatives from the memory bank; symmetric in the two views."""
+        a = f1.flatten(2).transpose(1, 2)  # (B, h*w, C)
+        b = f2.flatten(2).transpose(1, 2)
+        da, db = self.dense_head(a), self.dense_head(b)  # (B, h*w, D): per location
+        pa = select_most_similar(a.detach(), b.detach(), db)  # partner of each a-location
+        pb = select_most_similar(b.detach(), a.detach(), da)
+        return 0.5 * (
+            self.dense_criterion(da.flatten(0, 1), pa.flatten(0, 1))
+            + self.dense_criterion(db.flatten(0, 1), pb.flatten(0, 1))
+        )
+
     def _step(self, batch: Mapping[str, Tensor], stage: str) -> Tensor:
         require_keys(batch, ["image", "image2"], "contrastive (data.views: 2)")
         x1, x2 = batch["image"], batch["image2"]
-        z1, z2 = self.embed(x1), self.embed(x2)
+        (f1, z1), (f2, z2) = self._encode(x1), self._encode(x2)
         loss = self.criterion(z1, z2)
         kwargs = stage_log_kwargs(stage, x1.shape[0])
+        if self.dense_weight > 0:
+            dense = self.dense_loss(f1, f2)
+            self.log(f"{stage}/global_loss", loss.detach(), **kwargs)
+            self.log(f"{stage}/dense_loss", dense.detach(), **kwargs)
+            loss = (1.0 - self.dense_weight) * loss + self.dense_weight * dense
         self.log(f"{stage}/loss", loss.detach(), **kwargs)
         self.log(f"{stage}/pair_acc", pair_accuracy(z1.detach(), z2.detach()), **kwargs)
         return loss
