@@ -5,9 +5,11 @@ from conf/task/ and conf/pretext/):
   contract, optimizer / schedule partials, image logging);
 - ``reconstruction``: the reconstruction pretext task (pretraining, the paper's);
 - ``masked``: masked-image modelling (hidden blocks restored from their context);
-- ``contrastive``: SimCLR on the encoder with two augmented views (lightly's loss and head);
+- ``contrastive``: SimCLR on the encoder with two augmented views (lightly's loss and head), with
+  DenseCL's per-location term for ``pretext=dense_contrastive``;
 - ``stain``: haematoxylin and eosin densities predicted from a greyscale / stain-jittered copy;
-- ``multitask``: segmentation + reconstruction fine-tuning (or training from scratch);
+- ``multitask``: segmentation + reconstruction fine-tuning (or training from scratch), with its
+  own lr scale / frozen start for the pretrained weights;
 - ``callbacks``: per-depth weight / gradient norms, the non-finite loss guard, the all-tumour
   baseline;
 - ``checkpointing``: checkpoint selection (``best.ckpt`` by ``selection``, ``last.ckpt`` = last step);
