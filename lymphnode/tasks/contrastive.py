@@ -135,9 +135,14 @@ class ContrastiveModule(TaskModule):
         self.criterion = NTXentLoss(temperature=self.temperature, gather_distributed=True)
         if self.dense_weight > 0:
             self.dense_head = DenseCLProjectionHead(channels, self.hidden_dim, self.projection_dim)
-            self.dense_criterion = NTXentLoss(
-                temperature=self.temperature,
-                memory_bank_size=(self.dense_memory, self.projection_dim),
+            # one bank per direction: a bank fed by one direction's keys within the step would
+            # hand the other direction its own queries (similarity 1) as negatives
+            self.dense_criteria = torch.nn.ModuleList(
+                NTXentLoss(
+                    temperature=self.temperature,
+                    memory_bank_size=(self.dense_memory, self.projection_dim),
+                )
+                for _ in range(2)
             )
         self.save_hyperparameters(
             {
@@ -164,15 +169,17 @@ class ContrastiveModule(TaskModule):
     def dense_loss(self, f1: Tensor, f2: Tensor) -> Tensor:
         """DenseCL's local NT-Xent between encoder feature maps f1, f2 (B, C, h, w) of two views:
         each location of view 1 against the most similar location of view 2 (by encoder
-        features), negatives from the memory bank; symmetric in the two views."""
+        features), negatives from the memory bank of earlier steps' partners (one bank per
+        direction, so none holds this step's queries); symmetric in the two views."""
         a = f1.flatten(2).transpose(1, 2)  # (B, h*w, C)
         b = f2.flatten(2).transpose(1, 2)
         da, db = self.dense_head(a), self.dense_head(b)  # (B, h*w, D): per location
         pa = select_most_similar(a.detach(), b.detach(), db)  # partner of each a-location
         pb = select_most_similar(b.detach(), a.detach(), da)
+        forward, backward = self.dense_criteria
         return 0.5 * (
-            self.dense_criterion(da.flatten(0, 1), pa.flatten(0, 1))
-            + self.dense_criterion(db.flatten(0, 1), pb.flatten(0, 1))
+            forward(da.flatten(0, 1), pa.flatten(0, 1))
+            + backward(db.flatten(0, 1), pb.flatten(0, 1))
         )
 
     def _step(self, batch: Mapping[str, Tensor], stage: str) -> Tensor:
