@@ -356,8 +356,9 @@ def _step(module, batch) -> float:
 @pytest.mark.parametrize(
     "make",
     [ReconstructionModule, MaskedModule, StainModule, MultiTaskModule,
-     lambda **k: ContrastiveModule(**k, hidden_dim=16, projection_dim=8)],
-    ids=["reconstruction", "masked", "stain", "multitask", "contrastive"],
+     lambda **k: ContrastiveModule(**k, hidden_dim=16, projection_dim=8),
+     lambda **k: ContrastiveModule(**k, hidden_dim=16, projection_dim=8, dense_weight=0.5)],
+    ids=["reconstruction", "masked", "stain", "multitask", "contrastive", "dense_contrastive"],
 )  # fmt: skip
 def test_every_task_trains_a_step_with_smp_unet(make: Callable) -> None:
     torch.manual_seed(0)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -167,6 +168,40 @@ def test_rerun_of_a_completed_run_is_skipped(pretrained_root: Path, caches: Path
     assert "is completed; skipping" in result.stdout + result.stderr
     assert (run_dir / "results.json").stat().st_mtime_ns == before
     assert not (run_dir / "checkpoints" / "best-v1.ckpt").exists()
+
+
+@pytest.mark.slow
+def test_finetune_with_a_smaller_lr_and_a_frozen_start_for_the_pretrained_weights(
+    pretrained_root: Path, caches: Path, tmp_path: Path
+) -> None:
+    """task.pretrained_lr_scale / freeze_pretrained_steps from the command line: the log names
+    the two groups, results.json records both, and the pretrained encoder's first convolution
+    is the pretraining's after the frozen steps (1 of 2 epochs here: trainer.max_steps=3,
+    frozen 3 = every step), while the segmentation head has trained."""
+    root = tmp_path / "root"
+    (root / "runs").mkdir(parents=True)
+    shutil.copytree(pretrained_root / "runs" / "pretrain", root / "runs" / "pretrain")
+    result = ok(
+        run_cli("experiment=finetune", *_root(root, caches), *TINY, *FINETUNE, "logger=csv",
+                "trainer.max_steps=3", "task.pretrained_lr_scale=0.1",
+                "task.freeze_pretrained_steps=3")
+    )  # fmt: skip
+    output = result.stdout + result.stderr
+    assert "pretrained parameter tensors at lr x 0.1, fixed for the first 3 steps" in output
+    run_dir = root / "runs" / "pretrained" / "size10" / "fold0" / "seed0"
+    results = results_of(run_dir)
+    task = results["config"]["task"]
+    assert (task["pretrained_lr_scale"], task["freeze_pretrained_steps"]) == (0.1, 3)
+
+    def net_state(path: Path) -> dict[str, torch.Tensor]:
+        state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+        return {k.removeprefix("net."): v for k, v in state.items() if k.startswith("net.")}
+
+    before = net_state(root / "runs" / "pretrain" / "checkpoints" / "best.ckpt")
+    after = net_state(run_dir / "checkpoints" / "last.ckpt")
+    encoder = [k for k in after if k.startswith("encoder.") and k.endswith("weight")]
+    assert encoder and all(torch.equal(after[k], before[k]) for k in encoder)
+    assert not torch.equal(after["seg_head.weight"], before["seg_head.weight"])
 
 
 @pytest.mark.slow
