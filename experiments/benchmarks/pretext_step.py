@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, value in medians.items():
         ratio = f"  {value / base:.2f}x reconstruction" if base else ""
         spread = f"{min(runs[name]):.1f}-{max(runs[name]):.1f}"
-        print(f"  {name:15s} {value:8.1f} patches/s (runs {spread}){ratio}")
+        print(f"  {name:18s} {value:8.1f} patches/s (runs {spread}){ratio}")
     if args.json is not None:
         record = {
             "args": {k: str(v) for k, v in vars(args).items()},
