@@ -460,6 +460,26 @@ def test_encoder_transfer_puts_only_the_encoder_in_the_pretrained_group(tmp_path
     assert sum(p.numel() for p in groups[0]["params"]) == encoder
 
 
+def test_encoder_scope_leaves_a_whole_network_pretexts_decoder_at_the_full_lr(pretrain_ckpt):
+    network = multitask_module(
+        net={**TINY, "top_skip": False}, pretrained=str(pretrain_ckpt), pretrained_lr_scale=0.1
+    )
+    encoder = multitask_module(
+        net={**TINY, "top_skip": False},
+        pretrained=str(pretrain_ckpt),
+        pretrained_lr_scale=0.1,
+        pretrained_lr_scope="encoder",
+    )
+    prefix = encoder.net.encoder_prefix
+    wide, narrow = network.pretrained_parameter_names(), encoder.pretrained_parameter_names()
+    assert any(n.startswith("decoder.") for n in wide)  # reconstruction trained the decoder
+    assert narrow == [n for n in wide if n.startswith(prefix)] and narrow
+    groups = encoder.optimizer_param_groups()
+    names = {id(p): n for n, p in encoder.net.named_parameters()}
+    assert sorted(names[id(p)] for p in groups[0]["params"]) == sorted(narrow)
+    assert any(names[id(p)].startswith("decoder.") for p in groups[1]["params"])
+
+
 def test_scratch_and_the_default_scale_keep_one_optimizer_group(pretrain_ckpt):
     assert len(multitask_module(pretrained_lr_scale=0.1).optimizer_param_groups()) == 1
     default = multitask_module(net={**TINY, "top_skip": False}, pretrained=str(pretrain_ckpt))
@@ -673,6 +693,10 @@ def test_reconstruction_rejects_bad_arguments(kwargs, match):
         (
             {"pretrained_lr_scale": -0.1},
             r"pretrained_lr_scale must be a finite number >= 0, got -0.1",
+        ),
+        (
+            {"pretrained_lr_scope": "decoder"},
+            r"pretrained_lr_scope='decoder' is not supported; expected one of \['network', 'encoder'\]",
         ),
         (
             {"freeze_pretrained_steps": 1.5},

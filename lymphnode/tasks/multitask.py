@@ -47,6 +47,7 @@ from lymphnode.tasks.reconstruction import RECON_LOSSES
 log = logging.getLogger(__name__)
 
 SEG_LOSS_KEYS = ("pos_weight", "dice_weight")
+LR_SCOPES = ("network", "encoder")  # what pretrained_lr_scale / freeze_pretrained_steps cover
 SEG_HEAD_PREFIX = "seg_head."  # the segmentation head: frozen (untrained) in every pretext
 DICE_SMOOTH = 1.0  # soft Dice smoothing (pixels): keeps the loss finite on empty masks
 
@@ -101,6 +102,10 @@ class MultiTaskModule(TaskModule):
             of the optimizer's lr (discriminative fine-tuning: 0.1 lets the new heads and any
             re-initialised block move fast while the pretrained features change slowly; 1.0,
             the default, is one lr for all; 0 keeps them fixed). No effect without ``pretrained``.
+        pretrained_lr_scope: which pretrained parameters ``pretrained_lr_scale`` and
+            ``freeze_pretrained_steps`` apply to: ``network`` (every tensor that came from the
+            checkpoint, the default) or ``encoder`` (those under the network's ``encoder_prefix``:
+            a whole-network pretext's decoder then trains at the full lr, as the new head does).
         freeze_pretrained_steps: the pretrained parameters stay fixed for this many optimizer
             steps first (no update, no weight decay; their BatchNorm statistics still adapt),
             then train: linear probing then fine-tuning (LP-FT). 0, the default, never freezes.
@@ -132,8 +137,14 @@ class MultiTaskModule(TaskModule):
         n_log_images: int = 8,
         pretrained_lr_scale: float = 1.0,
         freeze_pretrained_steps: int = 0,
+        pretrained_lr_scope: str = "network",
     ) -> None:
         super().__init__()
+        if pretrained_lr_scope not in LR_SCOPES:
+            raise ConfigError(
+                f"pretrained_lr_scope={pretrained_lr_scope!r} is not supported; expected one of "
+                f"{list(LR_SCOPES)}"
+            )
         pretrained_lr_scale = validate.number("pretrained_lr_scale", pretrained_lr_scale, 0.0)
         freeze_pretrained_steps = validate.integer(
             "freeze_pretrained_steps", freeze_pretrained_steps, 0
@@ -179,6 +190,7 @@ class MultiTaskModule(TaskModule):
         self.pretrained = str(pretrained) if pretrained is not None else None
         self.pretrained_lr_scale = float(pretrained_lr_scale)
         self.freeze_pretrained_steps = int(freeze_pretrained_steps)
+        self.pretrained_lr_scope = pretrained_lr_scope
         self._pretrained_params: list[torch.nn.Parameter] = []
         self.pretrained_report: LoadReport | None = None
         self._weights_initialised = pretrained is None  # True once pretrained / checkpoint loaded
@@ -199,6 +211,7 @@ class MultiTaskModule(TaskModule):
                 "threshold": self.threshold,
                 "pretrained_lr_scale": self.pretrained_lr_scale,
                 "freeze_pretrained_steps": self.freeze_pretrained_steps,
+                "pretrained_lr_scope": self.pretrained_lr_scope,
             }
         )
         self.val_metrics = _seg_metrics("val", self.threshold)
@@ -236,17 +249,22 @@ class MultiTaskModule(TaskModule):
         empty without one. Read from the load report, or planned from the checkpoint when the
         weights are not loaded yet (the optimizer is built before fitting starts). The
         segmentation head is never among them: every pretext keeps it frozen at its random
-        initialisation, so it is new to fine-tuning."""
+        initialisation, so it is new to fine-tuning. With ``pretrained_lr_scope="encoder"`` only
+        the encoder's."""
         if self.pretrained is None:
             return []
         report = self.pretrained_report
         if report is None:
             report, _ = plan_pretrained_transfer(self.net, self.pretrained)
         loaded = set(report.loaded)
+        prefix = str(getattr(self.net, "encoder_prefix", "encoder."))
         return [
             n
             for n, p in self.net.named_parameters()
-            if n in loaded and p.requires_grad and not n.startswith(SEG_HEAD_PREFIX)
+            if n in loaded
+            and p.requires_grad
+            and not n.startswith(SEG_HEAD_PREFIX)
+            and (self.pretrained_lr_scope == "network" or n.startswith(prefix))
         ]
 
     def optimizer_param_groups(self) -> list[dict[str, Any]]:
