@@ -69,8 +69,8 @@ demo: install  ## the whole chain on synthetic slides under outputs/demo (reuses
 	$(PY) -m lymphnode.export heatmaps=$(DEMO)/wsi slides=$(DEMO)/slides out_dir=$(DEMO)/wsi
 	@echo "results table: $(DEMO)/report/table.md  plot: $(DEMO)/report/f1_vs_labels.png  WSI: $(DEMO)/wsi/"
 
-# Pretexts of `make real-dev` (all four: ~2 h on 2 cores; REAL_DEV_PRETEXTS=reconstruction: ~45 min)
-REAL_DEV_PRETEXTS ?= reconstruction masked contrastive stain
+# Pretexts of `make real-dev` (all five: ~2.5 h on 2 cores, estimated; REAL_DEV_PRETEXTS=reconstruction: ~45 min)
+REAL_DEV_PRETEXTS ?= reconstruction masked contrastive dense_contrastive stain
 real-dev: install  ## the real development set (../shared/data/real_dev): both protocols, every pretext + scratch, reports
 	$(PY) experiments/real_dev/run.py --pretexts $(REAL_DEV_PRETEXTS)
 
