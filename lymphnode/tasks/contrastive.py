@@ -158,8 +158,7 @@ class ContrastiveModule(TaskModule):
     def embed(self, x: Tensor) -> Tensor:
         """Projections (B, projection_dim) of normalised images (B, C, H, W): encoder ->
         global average pool -> projection head."""
-        features = getattr(self.net, "encode")(x)  # noqa: B009  (B, C, h, w)
-        return self.head(features.mean(dim=(2, 3)))
+        return self._encode(x)[1]
 
     def _encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Encoder features (B, C, h, w) and their global projection (B, projection_dim)."""

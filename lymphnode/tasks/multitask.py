@@ -275,6 +275,8 @@ class MultiTaskModule(TaskModule):
             self.pretrained_lr_scale == 1.0 and self.freeze_pretrained_steps == 0
         ):
             return super().optimizer_param_groups()
+        if self.pretrained_report is None and not self._weights_initialised:
+            self.load_pretrained()  # now, not at fit start: planning first would read it twice
         names = set(self.pretrained_parameter_names())
         if not names:
             return super().optimizer_param_groups()
