@@ -271,8 +271,8 @@ def test_missing_pretrain_checkpoint_exits_non_zero_naming_it(tmp_path: Path, ca
     expected = tmp_path / "runs" / "pretrain" / "checkpoints" / "best.ckpt"
     assert f"pretrained checkpoint {expected} not found" in output
     assert "experiment=pretrain" in output and "Traceback" not in output
-    results = results_of(tmp_path / "runs" / "pretrained" / "size10" / "fold0" / "seed0")
-    assert results["status"] == "failed" and "CheckpointError" in results["error"]
+    # refused before the run started (issue 19): no record, no run folder left behind
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").rglob("*"))
 
 
 @pytest.mark.slow

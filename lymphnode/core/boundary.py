@@ -11,7 +11,11 @@ end the same way:
 - any other exception is a bug: the full traceback is printed and the exit code is
   :data:`EXIT_BUG` (2);
 - inside a Hydra ``--multirun`` sweep the error is re-raised instead, so that Hydra records the
-  failed job, runs the sweep's other jobs and exits non-zero at the end (Hydra's own code, 1).
+  failed job, runs the sweep's other jobs and exits non-zero at the end (Hydra's own code, 1);
+- a run stopped by a signal (:class:`RunInterrupted`: SIGTERM from a cluster's time limit, Ctrl-C)
+  prints one ``interrupted:`` line and exits ``128 + signal`` (143 for SIGTERM, 130 for SIGINT), as
+  a shell reports a process the signal killed, in a sweep too: the signal was meant for the whole
+  process.
 
 Log records go through tqdm while the command runs, so that INFO lines do not break progress bars,
 and the third-party notices that every run printed (:data:`QUIET_WARNINGS`) are filtered once,
@@ -27,6 +31,7 @@ import difflib
 import functools
 import logging
 import shutil
+import signal
 import sys
 import traceback
 import warnings
@@ -42,6 +47,7 @@ from lymphnode.core.locks import LOCK_FILE
 EXIT_USER_ERROR = 1  # bad input: a LymphnodeError, one line on stderr
 EXIT_BUG = 2  # anything else: the traceback on stderr
 EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT), as a shell reports it
+EXIT_TERMINATED = 143  # SIGTERM (128 + 15): a cluster's time limit or preemption stopped the run
 
 LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
 # Loggers that do not propagate to the root and write to the console themselves (Lightning adds its
@@ -78,7 +84,9 @@ OPEN_SECTIONS = ("callbacks", "logger", "trainer", "hydra")
 __all__ = [
     "EXIT_BUG",
     "EXIT_INTERRUPTED",
+    "EXIT_TERMINATED",
     "EXIT_USER_ERROR",
+    "RunInterrupted",
     "SweepJobError",
     "check_added_keys",
     "cli_boundary",
@@ -88,6 +96,26 @@ __all__ = [
     "quiet_third_party",
     "user_error_of",
 ]
+
+
+class RunInterrupted(Exception):
+    """A run that a signal stopped after it recorded where it stopped: neither bad input nor a
+    bug. The boundary prints the message and exits ``128 + signum``."""
+
+    def __init__(self, message: str, signum: int = signal.SIGTERM) -> None:
+        super().__init__(message)
+        self.signum = int(signum)
+
+    @property
+    def exit_code(self) -> int:
+        """``128 + signum`` (143 for SIGTERM, 130 for SIGINT)."""
+        return 128 + self.signum
+
+
+def _exit_interrupted(exc: RunInterrupted) -> None:
+    sys.stderr.write(f"interrupted: {exc}\n")
+    sys.stderr.flush()
+    sys.exit(exc.exit_code)
 
 
 def user_error_of(exc: BaseException) -> LymphnodeError | None:
@@ -185,6 +213,9 @@ def cli_boundary(main: Callable[..., int]) -> Callable[..., int]:
             if exc.code == 2:  # argparse: bad usage, already explained on stderr
                 return EXIT_USER_ERROR
             raise
+        except RunInterrupted as exc:
+            sys.stderr.write(f"interrupted: {exc}\n")
+            return exc.exit_code
         except Exception as exc:
             return _exit_code(exc)
         except KeyboardInterrupt as exc:
@@ -336,8 +367,8 @@ def hydra_boundary(task: Callable[[Any], T]) -> Callable[[Any], T]:
     """Decorate a Hydra task function (below ``@hydra.main``): it logs through tqdm; a single run
     exits 1 with one ``error:`` line on a LymphnodeError and 2 with the traceback on a bug; a job of
     a ``--multirun`` sweep prints the same and re-raises, so that Hydra runs the other jobs and the
-    sweep exits non-zero at the end. The task's return value (the metric a sweeper optimises) is
-    passed on. Before the task, ``+key`` overrides that add unknown keys are refused
+    sweep exits non-zero at the end; a :class:`RunInterrupted` exits ``128 + signal`` at once (143:
+    SIGTERM). The task's return value (the metric a sweeper optimises) is passed on. Before the task, ``+key`` overrides that add unknown keys are refused
     (:func:`check_added_keys`); a job refused on bad input before it wrote anything leaves no
     run directory behind (:func:`_discard_unstarted_output_dir`)."""
 
@@ -348,6 +379,9 @@ def hydra_boundary(task: Callable[[Any], T]) -> Callable[[Any], T]:
             with _logs_through_tqdm():
                 _check_hydra_overrides(cfg)
                 return task(cfg)
+        except RunInterrupted as exc:  # a signal: the whole process stops, sweep or not
+            _exit_interrupted(exc)
+            raise  # unreachable (sys.exit raised)
         except Exception as exc:
             if user_error_of(exc) is not None:
                 _discard_unstarted_output_dir()

@@ -4,20 +4,31 @@ Every stage that writes outputs incrementally (the synthetic slide set, the patc
 split file, training runs) keeps a JSON record beside them holding the config that decides their
 bytes. A rerun compares its config with the record's: equal, it resumes (skips what is done);
 different, it refuses with a message naming every differing key (``seed: 0 → 1``) unless the user
-forces a rebuild. Keys are compared flattened (``sampling.n``), so key order never matters.
+forces a rebuild. Keys are compared flattened (``sampling.n``), so key order never matters; keys
+that cannot change the outputs (a progress bar, a log folder) are left out of the comparison by
+name (``ignore``), and :func:`fingerprint` is the short identity of what is compared.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from lymphnode.core.errors import ConfigError, LymphnodeError
 
-__all__ = ["Resume", "config_differences", "flatten", "read_record", "resume_or_refuse"]
+__all__ = [
+    "Resume",
+    "config_differences",
+    "fingerprint",
+    "flatten",
+    "is_ignored",
+    "read_record",
+    "resume_or_refuse",
+]
 
 _ABSENT = object()
 
@@ -41,10 +52,32 @@ def _show(value: Any) -> str:
         return repr(value)
 
 
-def config_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+def is_ignored(key: str, ignore: Iterable[str]) -> bool:
+    """Whether the flattened ``key`` is one of ``ignore`` or lies below one (``logger`` covers
+    ``logger.csv.save_dir``; ``log`` does not cover ``logger``)."""
+    return any(key == name or key.startswith(f"{name}.") for name in ignore)
+
+
+def _compared(config: Mapping[str, Any], ignore: Iterable[str]) -> dict[str, Any]:
+    names = tuple(ignore)
+    return {k: v for k, v in flatten(dict(config)).items() if not is_ignored(k, names)}
+
+
+def fingerprint(config: Mapping[str, Any], ignore: Iterable[str] = ()) -> str:
+    """The first 16 hex digits of the SHA-256 of ``config`` flattened, without the ``ignore``d
+    keys, as canonical JSON (sorted keys): equal for configs :func:`config_differences` calls
+    equal with the same ``ignore``, whatever their key order."""
+    text = json.dumps(_compared(config, ignore), sort_keys=True, ensure_ascii=True, default=repr)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def config_differences(
+    old: Mapping[str, Any], new: Mapping[str, Any], ignore: Iterable[str] = ()
+) -> list[str]:
     """``"key: old → new"`` for every flattened key whose value differs, sorted by key (values as
-    JSON; ``<absent>`` for a key only one side has). Empty when the configs are equal."""
-    a, b = flatten(dict(old)), flatten(dict(new))
+    JSON; ``<absent>`` for a key only one side has), leaving out the keys of ``ignore`` and those
+    below them (:func:`is_ignored`). Empty when the configs are equal."""
+    a, b = _compared(old, ignore), _compared(new, ignore)
     return [
         f"{key}: {_show(a.get(key, _ABSENT))} → {_show(b.get(key, _ABSENT))}"
         for key in sorted(set(a) | set(b))
@@ -111,6 +144,7 @@ def resume_or_refuse(
     config_key: str = "config",
     required_keys: Mapping[str, type] | None = None,
     error: type[LymphnodeError] = ConfigError,
+    ignore: Iterable[str] = (),
 ) -> Resume:
     """Compare ``config`` with the config stored under ``config_key`` in the record at ``path``.
 
@@ -121,6 +155,8 @@ def resume_or_refuse(
       that the caller rebuilds;
     - an unreadable record: raise ``error`` naming the file and ``remedy``; with ``force``,
       ``Resume(None)``.
+
+    Keys of ``ignore`` (and below them) do not count as differences (:func:`config_differences`).
     """
     keys = {config_key: dict, **(required_keys or {})}
     try:
@@ -131,7 +167,7 @@ def resume_or_refuse(
         raise error(f"{exc}; {remedy}") from exc
     if record is None:
         return Resume(None)
-    changes = config_differences(record[config_key], config)
+    changes = config_differences(record[config_key], config, ignore)
     if changes and not force:
         raise error(
             f"{path} was made with another config (differing keys: {'; '.join(changes)}); {remedy}"

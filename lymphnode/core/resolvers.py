@@ -7,6 +7,11 @@ composition of lymphnode's configs resolves, inside a CLI or not).
   the folders ``pretrain`` and ``pretrained``), ``"-<name>"`` for any other;
 - ``${run_arm:${init},${pretext.name}}``: the first folder of a fine-tuning run, ``scratch`` (shared
   by every pretext), ``pretrained`` (reconstruction) or ``pretrained-<pretext>``;
+- ``${arm_variant:${model._target_},${method}}``: what else names a run's arm folder beside its
+  init and pretext: ``""`` for the paper's network (``lymphnode.models.UNet``) and fine-tuning
+  method (``method: null``), ``"@<network>"`` for another network (its class name in snake case:
+  ``@smp_unet``) and ``"+<method>"`` for another method (``+semi``), so that different arms never
+  share a run folder;
 - ``${shard_dir:${shard}[,default]}``: ``shard-<i>-of-<n>`` for prepare's ``shard=i/n`` (each job
   of a sharded build logs into its own folder), ``default`` (``""``) for null or a malformed value
   (prepare itself refuses that one, naming it).
@@ -14,10 +19,13 @@ composition of lymphnode's configs resolves, inside a CLI or not).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
 PAPER_PRETEXT = "reconstruction"
+PAPER_NETWORK = "lymphnode.models.UNet"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 def pretrained_if(init: Any, path: Any) -> Any:
@@ -33,6 +41,29 @@ def pretext_suffix(name: Any) -> str:
 def run_arm(init: Any, pretext: Any) -> str:
     """``scratch``, ``pretrained`` (reconstruction) or ``pretrained-<pretext>``."""
     return "scratch" if init == "scratch" else f"{init}{pretext_suffix(pretext)}"
+
+
+def network_name(target: Any) -> str:
+    """The network of a ``model._target_`` as a folder word: its class name in snake case
+    (``lymphnode.models.SmpUNet`` → ``smp_unet``)."""
+    cls = str(target).rsplit(".", 1)[-1]
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", cls).lower()
+
+
+def arm_variant(model_target: Any, method: Any = None) -> str:
+    """``""`` for the paper's network and method, else ``"@<network>"`` and/or ``"+<method>"``
+    (in that order); ConfigError for a method that cannot be a folder name."""
+    from lymphnode.core.errors import ConfigError
+
+    out = "" if model_target in (None, PAPER_NETWORK) else f"@{network_name(model_target)}"
+    if method is not None:
+        if not isinstance(method, str) or not _NAME.match(method) or method == "null":
+            raise ConfigError(
+                f"method={method!r} cannot name a run folder; expected null (the paper's "
+                "multi-task fine-tuning) or a word of letters, digits, '_', '.', '-' (e.g. semi)"
+            )
+        out += f"+{method}"
+    return out
 
 
 def shard_dir(shard: Any, default: Any = "") -> str:
@@ -51,6 +82,7 @@ RESOLVERS: dict[str, Callable[..., Any]] = {
     "pretrained_if": pretrained_if,
     "pretext_suffix": pretext_suffix,
     "run_arm": run_arm,
+    "arm_variant": arm_variant,
     "shard_dir": shard_dir,
 }
 
@@ -64,4 +96,4 @@ def register() -> None:
             OmegaConf.register_new_resolver(name, resolver)
 
 
-__all__ = ["RESOLVERS", "pretext_suffix", "pretrained_if", "register", "run_arm", "shard_dir"]
+__all__ = ["RESOLVERS", "arm_variant", "network_name", "pretext_suffix", "pretrained_if", "register", "run_arm", "shard_dir"]
