@@ -124,8 +124,12 @@ def run_inference(
     overwrite: bool = False,
     overlay_max_side: int = 2048,
     progress: bool = True,
+    trusted_modules: Sequence[str] = (),
 ) -> dict[str, str]:
-    """Heatmap + overlay for each slide; returns {slide: "done" | "skipped" | "failed: <why>"}."""
+    """Heatmap + overlay for each slide; returns {slide: "done" | "skipped" | "failed: <why>"}.
+
+    ``trusted_modules``: modules besides lymphnode's own whose classes the checkpoint may name
+    (a network or task of the user's; :mod:`lymphnode.models.allowlist`)."""
     from tqdm import tqdm
 
     from lymphnode.models.checkpoint import load_inference_model
@@ -134,7 +138,8 @@ def run_inference(
     from lymphnode.wsi.tissue import tissue_mask
 
     settings = settings or InferenceSettings()
-    model = load_inference_model(checkpoint)  # CheckpointError before any slide is touched
+    # CheckpointError before any slide is touched
+    model = load_inference_model(checkpoint, trusted_modules=trusted_modules)
     check_segmentation_task(model.task, checkpoint)
     if settings.patch_size and settings.patch_size != model.patch_size:
         log.warning(
@@ -179,6 +184,19 @@ def run_inference(
     return status
 
 
+def _names(value: object) -> list[str]:
+    """``trusted_modules`` from the config: null, one name or a list of names."""
+    if value is None:
+        return []
+    if isinstance(value, ListConfig):
+        value = OmegaConf.to_container(value)
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, list):
+        raise ConfigError(f"trusted_modules={value!r} is invalid; expected a list of module names")
+    return [str(v) for v in value]
+
+
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="infer")
 @hydra_boundary
 def main(cfg: DictConfig) -> None:
@@ -207,7 +225,7 @@ def main(cfg: DictConfig) -> None:
     status = run_inference(
         cfg.checkpoint, slides, cfg.out_dir, annotations=cfg.annotations, settings=settings,
         overwrite=bool(cfg.overwrite), overlay_max_side=int(cfg.overlay_max_side),
-        progress=bool(cfg.progress),
+        progress=bool(cfg.progress), trusted_modules=_names(cfg.get("trusted_modules")),
     )  # fmt: skip
     failed = {k: v for k, v in status.items() if v.startswith("failed")}
     done = sum(v == "done" for v in status.values())

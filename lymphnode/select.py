@@ -71,6 +71,7 @@ def main(cfg: DictConfig) -> None:
     selection = select_patches(
         cfg.checkpoint, slides, settings, inference=inference,
         exclude=[str(p) for p in _list(cfg, "exclude")], progress=bool(cfg.progress),
+        trusted_modules=[str(m) for m in _list(cfg, "trusted_modules")],
     )  # fmt: skip
     write_selection(cfg.out_dir, selection, class_name=settings.class_name, color=settings.color)
     per_slide = {s: sum(p.slide == s for p in selection.patches) for s in selection.slides}

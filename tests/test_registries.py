@@ -78,7 +78,7 @@ def test_toy_network_and_pretext_pretrain_finetune_and_infer(tmp_path: Path) -> 
     _slide(slides / "tumor_009.tif", tissue=True)  # has a level 1, the caches' level
     out = tmp_path / "heatmaps"
     _cli("lymphnode.infer", f"checkpoint={best}", f"slides={slides}", f"out_dir={out}",
-         "num_workers=0", "progress=false")  # fmt: skip
+         "num_workers=0", "progress=false", "trusted_modules=[toy_lymphnode]")  # fmt: skip
     heatmap = read_heatmap(out / "tumor_009.heatmap.tif")
     assert heatmap.probabilities.shape == (768 // 32, 1024 // 32)
     assert float(heatmap.probabilities.max()) > 0.0  # tissue tiles were predicted

@@ -5,6 +5,11 @@ exit code 1 (:data:`lymphnode.core.boundary.EXIT_USER_ERROR`), leaves no run dir
 the run never started, and never runs code from a checkpoint, whatever
 ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` says. The training runs are the tiny ones of
 :mod:`tiny_runs` (32 px patches, a width-4 UNet, two optimizer steps).
+
+This file is the index of the reliability tests. Round three (issue 21) lives beside it:
+:mod:`test_reliability_round3` (checkpoints naming classes off the allow-list, self-contained
+smp_unet checkpoints, heatmaps that record their checkpoint, annotation hashes in the cache
+record, export names, and the weak rows of infer / evaluate / export / cache / prepare).
 """
 
 from __future__ import annotations

@@ -276,6 +276,7 @@ def select_patches(
     inference: InferenceSettings | None = None,
     exclude: Sequence[str | Path] = (),
     progress: bool = True,
+    trusted_modules: Sequence[str] = (),
 ) -> Selection:
     """Rank the tissue tiles of ``slides`` by the uncertainty of the checkpoint's model and choose
     ``settings.k`` of them (see the module docstring). Nothing is written. The candidates of every
@@ -287,6 +288,9 @@ def select_patches(
         TissueError: a slide without tissue tiles.
         ConfigError: bad settings, ``k`` larger than the candidates, fewer reachable than ``k``
             (unless ``allow_fewer``), a bad ``exclude`` entry.
+
+    ``trusted_modules``: modules besides lymphnode's own whose classes the checkpoint may name
+    (:mod:`lymphnode.models.allowlist`).
     """
     from lymphnode.models.checkpoint import load_inference_model
 
@@ -298,7 +302,7 @@ def select_patches(
         if not p.is_file():
             raise SlideError(f"slide not found: {p} (no such file)")
     names = [p.stem for p in paths]
-    model = load_inference_model(checkpoint)  # CheckpointError
+    model = load_inference_model(checkpoint, trusted_modules=trusted_modules)  # CheckpointError
     check_probabilities(model.task, inference.patch_size or model.patch_size, checkpoint)
 
     corners: list[np.ndarray] = []

@@ -18,15 +18,17 @@ contract from those three values with *no* stain normalisation (such checkpoints
 one), with a warning that says so.
 
 Checkpoints are read with ``torch.load(weights_only=True)``: they hold only tensors and plain
-containers, so a file from elsewhere cannot run code on load; the network and task classes they
-name must be importable ``nn.Module`` classes.
+containers, so a file from elsewhere cannot run code on load. Neither can it when its task is
+rebuilt: every class it names (task, network, optimizer, scheduler) must be on the allow-list of
+:mod:`lymphnode.models.allowlist` (lymphnode's own tasks and networks, torch's optimizers and
+schedulers, and the modules the caller trusts), checked before anything is imported or called.
 """
 
 from __future__ import annotations
 
 import logging
 import pathlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,8 +38,9 @@ import torch
 from torch import Tensor, nn
 
 from lymphnode.core.errors import CheckpointError, ConfigError
+from lymphnode.models import allowlist
 from lymphnode.models.preprocess import Preprocess
-from lymphnode.models.registry import TARGET, build_network, network_class
+from lymphnode.models.registry import TARGET, build_network
 
 log = logging.getLogger(__name__)
 
@@ -275,13 +278,16 @@ def check_task(
             message starts with ``<key>=<path>`` and names the task found and the one
             ``needed_by`` needs.
     """
+    # the config names the expected task (trusted); the checkpoint may name lymphnode's tasks or
+    # a class of that task's own module (a pretext of the user's, e.g. tests/toy/)
+    trusted = (expected_target.rsplit(".", 1)[0],) if "." in expected_target else ()
     try:
         parts = read_parts(path, mmap=True)
-        found = _task_class(parts.task_target, parts.path)
+        found = _task_class(parts.task_target, parts.path, trusted)
     except CheckpointError as exc:
         raise CheckpointError(f"{key}={str(path)!r}: {exc}") from exc
     try:
-        expected = network_class(expected_target)
+        expected = registry_class(expected_target)
     except ConfigError as exc:
         raise CheckpointError(f"{key}={str(path)!r}: the task {expected_target!r}: {exc}") from exc
     if found is not expected:
@@ -408,34 +414,48 @@ def load_pretrained_weights(
     return report
 
 
-def _task_class(target: str | None, path: Path) -> type[nn.Module]:
+def registry_class(target: str) -> type[nn.Module]:
+    """The ``nn.Module`` class at ``target``, an import path from the user's own config (never
+    from a checkpoint: those go through :mod:`lymphnode.models.allowlist`)."""
+    from lymphnode.models.registry import network_class
+
+    return network_class(target)
+
+
+def _task_class(target: str | None, path: Path, trusted: Sequence[str] = ()) -> type[nn.Module]:
     if target is None:
         raise CheckpointError(
             f"checkpoint {path} does not name its task module (checkpoint['lymphnode']"
             "['task_target']): expected a checkpoint written by lymphnode.tasks"
         )
-    try:
-        cls = network_class(target)  # any importable nn.Module class
-    except ConfigError as exc:
-        raise CheckpointError(
-            f"checkpoint {path}: its task module {target!r} cannot be used: {exc}"
-        ) from exc
-    return cls
+    return allowlist.task_class(target, path, trusted)
 
 
 def load_inference_model(
-    path: str | Path, map_location: str | torch.device = "cpu"
+    path: str | Path,
+    map_location: str | torch.device = "cpu",
+    *,
+    trusted_modules: Sequence[str] = (),
 ) -> InferenceModel:
     """Rebuild the trained task module of a lymphnode checkpoint (eval mode, its network
-    included, any registered one) with its preprocessing contract."""
+    included, any registered one) with its preprocessing contract.
+
+    Every class the checkpoint names must be on the allow-list
+    (:mod:`lymphnode.models.allowlist`: lymphnode's tasks and networks, torch's optimizers and
+    schedulers, classes of ``trusted_modules``), checked before anything is imported or called.
+    The network is built from the checkpoint's weights alone: an ``encoder_weights`` file it was
+    first initialised from is not read (nor needed on this machine).
+    """
     parts = read_parts(path)
-    cls = _task_class(parts.task_target, parts.path)
+    trusted = _trusted(trusted_modules)
+    cls = _task_class(parts.task_target, parts.path, trusted)
     kwargs = dict(parts.hparams)
     if parts.legacy:  # format 1: the network was `model`, the contract three keys
         kwargs.pop("model")
         for key in LEGACY_PREPROCESS_KEYS:
             kwargs.pop(key)
-        kwargs["net"] = parts.net_config
+    kwargs["net"] = parts.net_config  # without encoder_weights: the weights are in the state dict
+    allowlist.check_hparams(kwargs, parts.path, trusted)  # before anything is imported or called
     kwargs["preprocess"] = parts.preprocess
     kwargs.pop("pretrained", None)  # the weights come from this checkpoint
     try:
@@ -471,6 +491,20 @@ def load_inference_model(
     )
 
 
+def _trusted(modules: Sequence[str]) -> tuple[str, ...]:
+    """``trusted_modules`` checked: dotted module names (ConfigError naming a bad one)."""
+    if isinstance(modules, str):
+        modules = [modules]
+    out = []
+    for m in modules:
+        if not isinstance(m, str) or not all(p.isidentifier() for p in m.split(".")):
+            raise ConfigError(
+                f"trusted_modules holds {m!r}; expected dotted module names (e.g. my_networks)"
+            )
+        out.append(m)
+    return tuple(out)
+
+
 def read_preprocess(path: str | Path) -> Preprocess:
     """The preprocessing contract of the checkpoint at ``path`` (memory-mapped: the weights are
     not read)."""
@@ -498,4 +532,5 @@ __all__ = [
     "read_checkpoint",
     "read_parts",
     "read_preprocess",
+    "registry_class",
 ]
