@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, WandbLogger
 
-from lymphnode import train as train_mod
+from lymphnode.tasks import build as train_mod  # the objects lymphnode.train builds
 from lymphnode.core.errors import CheckpointError, ConfigError
 from lymphnode.models.preprocess import Preprocess
 from lymphnode.tasks import MultiTaskModule, NonFiniteLossGuard, ReconstructionModule

@@ -66,10 +66,10 @@ def test_the_fingerprint_ignores_result_neutral_keys_only() -> None:
     ("overrides", "arm"),
     [
         ((), "scratch"),
-        (("model=smp_unet",), "scratch@smp_unet"),
+        (("model=smp_unet",), "scratch@smpunet"),
         (("method=semi",), "scratch+semi"),
         (("experiment=finetune", "model=smp_unet", "pretext=masked", "method=semi"),
-         "pretrained-masked@smp_unet+semi"),
+         "pretrained-masked@smpunet+semi"),
     ],
 )  # fmt: skip
 def test_run_folders_name_the_network_and_method_of_their_arm(
@@ -82,8 +82,8 @@ def test_run_folders_name_the_network_and_method_of_their_arm(
 def test_a_network_fine_tunes_from_its_own_pretraining_folder() -> None:
     pretrain = compose_train("experiment=pretrain", "paths.root=/r", "model=smp_unet")
     finetune = compose_train("experiment=finetune", "paths.root=/r", "model=smp_unet")
-    assert pretrain.run_dir == "/r/runs/pretrain@smp_unet"
-    assert finetune.pretrained_ckpt == "/r/runs/pretrain@smp_unet/checkpoints/best.ckpt"
+    assert pretrain.run_dir == "/r/runs/pretrain@smpunet"
+    assert finetune.pretrained_ckpt == "/r/runs/pretrain@smpunet/checkpoints/best.ckpt"
     paper = compose_train("experiment=finetune", "paths.root=/r")
     assert paper.pretrained_ckpt == "/r/runs/pretrain/checkpoints/best.ckpt"  # unchanged
 

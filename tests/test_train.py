@@ -310,3 +310,56 @@ def test_results_json_is_replaced_atomically(tmp_path: Path) -> None:
     (tmp_path / "bad.json").write_text("{not json")
     assert read_results(tmp_path / "bad.json") is None
     assert read_results(tmp_path / "missing.json") is None
+
+
+# --- run identity (issue 19 part 2; issue 21 rows 3 and 7) --------------------------------------
+STEPS = ("trainer.max_steps=2", "trainer.max_epochs=-1", "trainer.val_check_interval=2",
+         "logger=none", "~callbacks.lr_monitor")  # fmt: skip
+
+
+def test_a_changed_config_into_a_completed_run_is_one_error_line_and_force_retrains(
+    tmp_path: Path, caches: Path
+) -> None:
+    args = ("experiment=scratch", *_root(tmp_path, caches), *TINY, *FINETUNE, *STEPS)
+    ok(run_cli(*args))
+    path = tmp_path / "runs" / "scratch" / "size10" / "fold0" / "seed0" / "results.json"
+    before = path.read_bytes()
+    refused = run_cli(*args, "trainer.max_steps=3")
+    assert refused.returncode == 1
+    lines = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in refused.stderr
+    assert "trainer.max_steps: 2 → 3" in lines[0] and "rerun=force" in lines[0]
+    assert path.read_bytes() == before  # the completed run is untouched
+    ok(run_cli(*args, "trainer.max_steps=3", "rerun=force"))
+    assert results_of(path.parent)["steps"]["last"] == 3
+
+
+def test_a_multirun_over_a_key_outside_the_folder_name_never_hands_job_1_job_0s_metric(
+    tmp_path: Path, caches: Path
+) -> None:
+    """Issue 21 row 7: both jobs of `task.optimizer.lr=0.001,0.05` aim at one run folder; the
+    second used to be skipped with the first's metric. Now it is refused naming the key."""
+    result = run_cli("--multirun", "experiment=scratch", *_root(tmp_path, caches), *TINY,
+                     *FINETUNE, *STEPS, "task.optimizer.lr=0.001,0.05")  # fmt: skip
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output[-3000:]
+    assert "is completed; skipping" not in output
+    assert "task.optimizer.lr: 0.001 → 0.05" in output
+    records = list((tmp_path / "runs").rglob("results.json"))
+    assert len(records) == 1
+    assert read_results(records[0])["config"]["task"]["optimizer"]["lr"] == 0.001
+
+
+def test_a_sigterm_stopped_run_exits_143(tmp_path: Path, caches: Path) -> None:
+    """Issue 21 row 3: Lightning's SIGTERMException is a SystemExit the boundary did not catch,
+    so a run a cluster stopped exited 0."""
+    tests = str(Path(__file__).resolve().parent)
+    result = run_cli("experiment=scratch", *_root(tmp_path, caches), *TINY, *FINETUNE,
+                     "trainer.max_steps=6", "trainer.max_epochs=-1", "logger=none",
+                     "~callbacks.lr_monitor", "+callbacks.recorder._target_=tiny_runs.Recorder",
+                     "+callbacks.recorder.sigterm_at=2",
+                     env={"PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])})  # fmt: skip
+    assert result.returncode == 143, result.stderr[-3000:]
+    assert "interrupted: " in result.stderr and "the same command resumes it" in result.stderr
+    results = results_of(tmp_path / "runs" / "scratch" / "size10" / "fold0" / "seed0")
+    assert results["status"] == "interrupted" and results["budget"]["stopped_by"] == "sigterm"

@@ -9,8 +9,8 @@ composition of lymphnode's configs resolves, inside a CLI or not).
   by every pretext), ``pretrained`` (reconstruction) or ``pretrained-<pretext>``;
 - ``${arm_variant:${model._target_},${method}}``: what else names a run's arm folder beside its
   init and pretext: ``""`` for the paper's network (``lymphnode.models.UNet``) and fine-tuning
-  method (``method: null``), ``"@<network>"`` for another network (its class name in snake case:
-  ``@smp_unet``) and ``"+<method>"`` for another method (``+semi``), so that different arms never
+  method (``method: null``), ``"@<network>"`` for another network (its class name in lower case:
+  ``@smpunet``) and ``"+<method>"`` for another method (``+semi``), so that different arms never
   share a run folder;
 - ``${shard_dir:${shard}[,default]}``: ``shard-<i>-of-<n>`` for prepare's ``shard=i/n`` (each job
   of a sharded build logs into its own folder), ``default`` (``""``) for null or a malformed value
@@ -44,10 +44,9 @@ def run_arm(init: Any, pretext: Any) -> str:
 
 
 def network_name(target: Any) -> str:
-    """The network of a ``model._target_`` as a folder word: its class name in snake case
-    (``lymphnode.models.SmpUNet`` → ``smp_unet``)."""
-    cls = str(target).rsplit(".", 1)[-1]
-    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", cls).lower()
+    """The network of a ``model._target_`` as a folder word: its class name in lower case
+    (``lymphnode.models.SmpUNet`` → ``smpunet``, ``lymphnode.models.ViTUNet`` → ``vitunet``)."""
+    return str(target).rsplit(".", 1)[-1].lower()
 
 
 def arm_variant(model_target: Any, method: Any = None) -> str:
@@ -96,4 +95,13 @@ def register() -> None:
             OmegaConf.register_new_resolver(name, resolver)
 
 
-__all__ = ["RESOLVERS", "arm_variant", "network_name", "pretext_suffix", "pretrained_if", "register", "run_arm", "shard_dir"]
+__all__ = [
+    "RESOLVERS",
+    "arm_variant",
+    "network_name",
+    "pretext_suffix",
+    "pretrained_if",
+    "register",
+    "run_arm",
+    "shard_dir",
+]

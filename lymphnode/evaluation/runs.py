@@ -17,9 +17,15 @@ selected checkpoint (``metrics``) and of the last one (``metrics_last``), keyed
   the metrics when absent;
 - ``metrics["test/baseline_all_tumour_f1"]``: F1 of predicting tumour on every test pixel.
 
-Runs are grouped into **arms**, named as their run folders (``lymphnode.train``'s ``run_arm``):
-``scratch`` (one run per size/fold/seed, shared by every pretext), ``pretrained`` (the paper's
-reconstruction pretext) and ``pretrained-<pretext>`` for any other pretext.
+- ``network`` / ``method``: the network's name (``unet``, ``smpunet``: the class name of
+  ``model._target_`` in lower case) and the fine-tuning method (null: the paper's multi-task one);
+  absent in older files, where they are the paper's.
+
+Runs are grouped into **arms**, named as their run folders (``lymphnode.train``'s ``run_arm`` and
+``arm_variant``): ``scratch`` (one run per size/fold/seed, shared by every pretext), ``pretrained``
+(the paper's reconstruction pretext) and ``pretrained-<pretext>`` for any other pretext, each
+followed by ``@<network>`` for a network other than the paper's UNet and ``+<method>`` for another
+fine-tuning method, so that runs of different networks or methods are never averaged together.
 
 The grid a report expects (to list the runs it lacks) is the product of the sizes, folds, seeds
 and arms seen in the runs, united with the grid that each sweep's own ``multirun.yaml`` (Hydra's
@@ -52,6 +58,8 @@ METRICS: tuple[str, ...] = ("precision", "recall", "f1")
 #: (``metrics_last``); a selection name: that entry of ``metrics_by_selection`` (runs trained with
 #: ``compare_selections``), so one sweep compares checkpoint selections.
 CHECKPOINTS: tuple[str, ...] = ("best", "last", "val_f1", "val_loss")
+#: The paper's network, whose arms carry no ``@<network>`` (lymphnode.core.resolvers.network_name).
+PAPER_NETWORK = "unet"
 #: The all-tumour baseline's key in a run's metrics.
 BASELINE_KEY = "test/baseline_all_tumour_f1"
 
@@ -86,37 +94,79 @@ class Run:
     collapsed: bool = False
     baseline_f1: float | None = None
     pretext: str | None = None
+    network: str | None = None  # None: the paper's UNet
+    method: str | None = None  # None: the paper's multi-task fine-tuning
 
     @property
     def arm(self) -> str | None:
         """The run's arm (its run folder's first part): ``scratch``, ``pretrained``
-        (reconstruction) or ``pretrained-<pretext>``; None when the init is unknown."""
-        return None if self.init is None else arm_name(self.init, self.pretext)
+        (reconstruction) or ``pretrained-<pretext>``, then ``@<network>`` / ``+<method>`` when
+        they are not the paper's; None when the init is unknown."""
+        if self.init is None:
+            return None
+        return arm_name(self.init, self.pretext, self.network, self.method)
 
 
-def arm_name(init: str, pretext: str | None) -> str:
+def arm_name(
+    init: str, pretext: str | None, network: str | None = None, method: str | None = None
+) -> str:
     """The arm of a fine-tuning run of ``init`` from ``pretext``, as ``lymphnode.train`` names its
     run folder: ``scratch`` whatever the pretext, ``pretrained`` for reconstruction (or no pretext
-    recorded), ``pretrained-<pretext>`` otherwise."""
+    recorded), ``pretrained-<pretext>`` otherwise; then ``@<network>`` for a network other than
+    the paper's UNet and ``+<method>`` for a method other than the paper's."""
     if init == "scratch":
-        return "scratch"
-    return init if pretext in (None, RECONSTRUCTION) else f"{init}-{pretext}"
+        base = "scratch"
+    else:
+        base = init if pretext in (None, RECONSTRUCTION) else f"{init}-{pretext}"
+    return base + arm_variant(network, method)
+
+
+def arm_variant(network: str | None, method: str | None) -> str:
+    """``""``, ``"@<network>"``, ``"+<method>"`` or both (the paper's network and method: none)."""
+    out = "" if network in (None, PAPER_NETWORK) else f"@{network}"
+    return out + ("" if method is None else f"+{method}")
+
+
+_VARIANT = re.compile(r"^(?P<base>[^@+]+)(?:@(?P<network>[^@+]+))?(?:\+(?P<method>[^@+]+))?$")
+
+
+def split_arm(arm: str) -> tuple[str, str | None, str | None]:
+    """``(base arm, network, method)`` of an arm name: ``pretrained-masked@smpunet+semi`` →
+    ``("pretrained-masked", "smpunet", "semi")``; the whole name as the base when it does not
+    parse."""
+    match = _VARIANT.match(arm)
+    if match is None:
+        return arm, None, None
+    return match["base"], match["network"], match["method"]
 
 
 def arm_pretext(arm: str) -> str | None:
     """The pretext task of an arm: None for ``scratch``, ``reconstruction`` for ``pretrained``,
-    ``<pretext>`` for ``pretrained-<pretext>``."""
-    if arm == "scratch":
+    ``<pretext>`` for ``pretrained-<pretext>`` (whatever its ``@<network>`` / ``+<method>``)."""
+    base = split_arm(arm)[0]
+    if base == "scratch":
         return None
-    return arm.split("-", 1)[1] if "-" in arm else RECONSTRUCTION
+    return base.split("-", 1)[1] if "-" in base else RECONSTRUCTION
+
+
+def scratch_of(arm: str) -> str:
+    """The scratch arm an arm is compared with: ``scratch`` of the same network and method."""
+    _, network, method = split_arm(arm)
+    return "scratch" + arm_variant(network, method)
 
 
 def order_arms(arms: Iterable[str]) -> list[str]:
     """Arms in table order: ``scratch``, ``pretrained`` (reconstruction), then the other pretexts
-    by name — the same order whichever runs happen to be listed first."""
+    by name — the same order whichever runs happen to be listed first; the paper's network and
+    method first, then each other variant in the same order."""
     unique = set(arms)
-    head = [a for a in ("scratch", "pretrained") if a in unique]
-    return head + sorted(unique - set(head))
+
+    def key(arm: str) -> tuple:
+        base, network, method = split_arm(arm)
+        rank = {"scratch": 0, "pretrained": 1}.get(base, 2)
+        return (network is not None, network or "", method is not None, method or "", rank, base)
+
+    return sorted(unique, key=key)
 
 
 def _pretext_error(value: object) -> str | None:
@@ -169,7 +219,9 @@ def _read_result(path: Path, root: Path, checkpoint: str) -> Run | None:
             raise ReportError(f"{path} does not exist")
     except ReportError as exc:
         init, size, fold, seed = _identity_of(path.parent)
-        folder_pretext = None
+        folder_pretext = network = method = None
+        if init is not None:  # run_arm + arm_variant's folder: <init>[-<pretext>][@<net>][+<m>]
+            init, network, method = split_arm(init)
         if init is not None and init.startswith("pretrained-"):  # run_arm's folder of a pretext
             init, folder_pretext = "pretrained", init.partition("-")[2]
         if init is not None and init not in INITS:
@@ -178,7 +230,7 @@ def _read_result(path: Path, root: Path, checkpoint: str) -> Run | None:
             folder_pretext = RECONSTRUCTION
         return Run(
             name=_run_name(path, root), init=init, labeled_size=size, fold=fold, seed=seed,
-            pretext=folder_pretext, status="failed",
+            pretext=folder_pretext, network=network, method=method, status="failed",
             error=f"unreadable results.json ({exc}); the file is corrupt: train the run again "
             "(skip_if_done trains it again)",
         )  # fmt: skip
@@ -232,7 +284,17 @@ def _read_result(path: Path, root: Path, checkpoint: str) -> Run | None:
         collapsed=collapsed,
         baseline_f1=_finite_or_none(baseline) if status == "completed" else None,
         pretext=pretext,
+        network=_name_or_none(result.get("network")),
+        method=_name_or_none(result.get("method")),
     )
+
+
+def _name_or_none(value: object) -> str | None:
+    """A results.json's ``network`` / ``method`` as an arm word; None when absent, the paper's,
+    or not a folder word."""
+    if not isinstance(value, str) or not value or any(c in value for c in "/@+"):
+        return None
+    return None if value == PAPER_NETWORK else value
 
 
 _RUN_PATH = re.compile(
@@ -256,6 +318,9 @@ def _identity_of(run_dir: Path) -> tuple[str | None, int | None, int | None, int
                 return OmegaConf.select(cfg, key, default=None)
 
             init = "pretrain" if pick("stage") == "pretrain" else pick("init")
+            if init is not None and init != "pretrain":
+                method = pick("method")
+                init = f"{init}{arm_variant(_network_of(pick('model._target_')), _name_or_none(method))}"
             return (
                 None if init is None else str(init),
                 _int_or_none(pick("data.labeled_size")),
@@ -268,6 +333,15 @@ def _identity_of(run_dir: Path) -> tuple[str | None, int | None, int | None, int
     if match is None:
         return None, None, None, None
     return match["init"], int(match["size"]), int(match["fold"]), int(match["seed"])
+
+
+def _network_of(target: object) -> str | None:
+    """The arm word of a ``model._target_`` (None: the paper's UNet or not a class path)."""
+    from lymphnode.core.resolvers import network_name
+
+    if not isinstance(target, str) or not target or "${" in target:
+        return None
+    return _name_or_none(network_name(target))
 
 
 def _int_or_none(value: object) -> int | None:
@@ -339,8 +413,11 @@ def _orphan_run(run_dir: Path, root: Path) -> Run:
         pretext = None
     if init == "pretrained" and pretext is None:
         pretext = RECONSTRUCTION
+    method = setting("method")
     return Run(
         name=str(run_dir.relative_to(root)) if run_dir.is_relative_to(root) else str(run_dir),
+        network=_network_of(_plain(_dig(config, "model._target_"))),
+        method=_name_or_none(None if method in (None, "null") else method),
         init=init,  # type: ignore[arg-type]
         labeled_size=pick("data.labeled_size"),
         fold=pick("data.fold"),
@@ -358,7 +435,21 @@ _GRID_KEYS = {
     "seed": "seed",
     "init": "init",
     "pretext": "pretext",  # the config group; its option is the pretext's name
+    "model": "model",  # the config group; its option's _target_ names the network
+    "method": "method",
 }
+
+
+def _option_network(option: str) -> str | None:
+    """The arm word of the network that ``model=<option>`` selects (conf/model/<option>.yaml's
+    ``_target_``); None for the paper's UNet or an option that cannot be read."""
+    from lymphnode.core.boundary import config_dir
+
+    try:
+        tree = yaml.safe_load((Path(config_dir()) / "model" / f"{option}.yaml").read_text())
+    except (OSError, yaml.YAMLError, LymphnodeError):
+        return None
+    return _network_of(tree.get("_target_") if isinstance(tree, dict) else None)
 
 
 def sweep_grid(path: str | Path) -> list[tuple[str, int, int, int]]:
@@ -410,19 +501,26 @@ def sweep_grid(path: str | Path) -> list[tuple[str, int, int, int]]:
         "seed": _dig(tree, "seed"),
         "init": _dig(tree, "init"),
         "pretext": _dig(tree, "pretext.name") if isinstance(tree.get("pretext"), dict) else None,
+        "model": None,  # the composed network, unless the sweep names model options
+        "method": _dig(tree, "method"),
     }
     axes: dict[str, list] = {}
     for axis, key in _GRID_KEYS.items():
         values = swept.get(key, [base[axis]])
         if axis == "pretext" and "pretext.name" in swept:
             values = swept["pretext.name"]
-        if any(_plain(v) is None and axis != "pretext" for v in values):
+        if any(_plain(v) is None and axis not in ("pretext", "model", "method") for v in values):
             return []
         axes[axis] = values
     try:
         sizes, folds, seeds = (sorted({int(v) for v in axes[a]}) for a in ("size", "fold", "seed"))
     except (TypeError, ValueError):
         return []
+    networks = [
+        _network_of(_dig(tree, "model._target_")) if option is None else _option_network(option)
+        for option in axes["model"]
+    ]
+    methods = [_name_or_none(None if m in (None, "null") else str(m)) for m in axes["method"]]
     arms: set[str] = set()
     for init in axes["init"]:
         if init not in INITS:
@@ -431,7 +529,7 @@ def sweep_grid(path: str | Path) -> list[tuple[str, int, int, int]]:
             name = None if pretext in (None, "null") else str(pretext)
             if init == "pretrained" and _pretext_error(name) is not None:
                 continue
-            arms.add(arm_name(init, name))
+            arms.update(arm_name(init, name, n, m) for n in networks for m in methods)
     return [
         (arm, size, fold, seed)
         for arm in order_arms(arms)
@@ -489,6 +587,8 @@ def collect_runs(
                         status="missing",
                         error=f"defined by the sweep {path}, no run folder found",
                         pretext=pretext,
+                        network=split_arm(arm)[1],
+                        method=split_arm(arm)[2],
                     )
                 )
     return runs
@@ -523,6 +623,8 @@ def expected_missing(runs: list[Run]) -> list[Run]:
                                 status="missing",
                                 error="expected by the grid, no run folder found",
                                 pretext=pretext,
+                                network=split_arm(arm)[1],
+                                method=split_arm(arm)[2],
                             )
                         )
     return out

@@ -27,6 +27,7 @@ from lymphnode.evaluation.runs import (
     arm_pretext,
     expected_missing,
     order_arms,
+    scratch_of,
 )
 
 #: The arms every table shows (the paper's two columns), in this order before any other.
@@ -165,10 +166,14 @@ def _unique_missing(missing: list[Run]) -> list[Run]:
 def comparisons_of(arms: list[str]) -> list[tuple[str, str]]:
     """The paired comparisons (arm, reference) of a table's arms, in column order: every pretext
     arm − scratch, then every pretext other than reconstruction − reconstruction (``pretrained``)."""
-    pretext_arms = [a for a in arms if a != "scratch"]
-    out = [(a, "scratch") for a in pretext_arms]
-    if "pretrained" in arms:
-        out += [(a, "pretrained") for a in pretext_arms if a != "pretrained"]
+    # arms of another network / method (``@<network>``, ``+<method>``) pair with their own
+    # scratch and reconstruction arms (lymphnode.evaluation.runs.split_arm)
+    pretext_arms = [a for a in arms if a != scratch_of(a)]
+    out = [(a, scratch_of(a)) for a in pretext_arms if scratch_of(a) in arms]
+    for a in pretext_arms:
+        reference = "pretrained" + scratch_of(a).removeprefix("scratch")
+        if reference in arms and a != reference:
+            out.append((a, reference))
     return out
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lymphnode.core import atomic
-from lymphnode.evaluation.runs import INITS, METRICS, Run, arm_pretext
+from lymphnode.evaluation.runs import INITS, METRICS, Run, arm_pretext, split_arm
 from lymphnode.evaluation.table import Cell, Paired, Report
 
 if TYPE_CHECKING:
@@ -73,16 +73,20 @@ def _two_arm(report: Report) -> bool:
 def arm_title(report: Report, arm: str) -> str:
     """An arm's column title: "Without pretraining", "With pretraining" (reconstruction; "With
     reconstruction pretraining" beside other pretexts), "With <pretext> pretraining"."""
-    if arm in INIT_TITLES and (arm == "scratch" or _two_arm(report)):
-        return INIT_TITLES[arm]
-    return f"With {arm_pretext(arm)} pretraining"
+    base, variant = split_arm(arm)[0], arm[len(split_arm(arm)[0]) :]  # variant: @<net>+<method>
+    if base in INIT_TITLES and (base == "scratch" or _two_arm(report)):
+        title = INIT_TITLES[base]
+    else:
+        title = f"With {arm_pretext(arm)} pretraining"
+    return f"{title} ({variant})" if variant else title
 
 
 def _arm_word(report: Report, arm: str) -> str:
     """An arm in a difference's label: scratch, pretrained (two arms) or its pretext's name."""
-    if arm == "scratch" or (arm == "pretrained" and _two_arm(report)):
+    base, variant = split_arm(arm)[0], arm[len(split_arm(arm)[0]) :]
+    if base == "scratch" or (base == "pretrained" and _two_arm(report)):
         return arm
-    return str(arm_pretext(arm))
+    return f"{arm_pretext(arm)}{variant}"
 
 
 def comparison_label(report: Report, arm: str, reference: str) -> str:
@@ -96,8 +100,10 @@ def csv_comparison_name(arm: str, reference: str) -> str:
     (the name older readers know), ``<pretext>-scratch``, ``<pretext>-reconstruction``."""
     if (arm, reference) == ("pretrained", "scratch"):
         return "pretrained-scratch"
-    other = "scratch" if reference == "scratch" else arm_pretext(reference)
-    return f"{arm_pretext(arm)}-{other}"
+    variant = arm[len(split_arm(arm)[0]) :]  # @<network>+<method>, shared with the reference
+    ref_base = split_arm(reference)[0]
+    other = "scratch" if ref_base == "scratch" else arm_pretext(reference)
+    return f"{arm_pretext(arm)}-{other}{variant}"
 
 
 def _fmt_cell(cell: Cell | None) -> str:

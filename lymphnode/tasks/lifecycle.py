@@ -317,8 +317,6 @@ def _plain_metrics(results: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     return merged
 
 
-
-
 # --- the run ------------------------------------------------------------------------------------
 def evaluate(
     trainer: pl.Trainer,
@@ -572,7 +570,9 @@ def new_record(cfg: DictConfig, plan: Plan) -> dict[str, Any]:
         "resumed": None,  # {"checkpoint", "step"}: the checkpoint this attempt continued from
         "timing": {},
         "fingerprint": run_fingerprint(config),  # the identity a rerun is compared by
-        "replaced": None if previous is None else {  # the record this attempt replaces
+        "replaced": None
+        if previous is None
+        else {  # the record this attempt replaces
             "status": previous.get("status"),
             "fingerprint": previous.get("fingerprint"),
             "changes": list(plan.changes),
