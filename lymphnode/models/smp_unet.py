@@ -46,6 +46,7 @@ from torch import Tensor, nn
 from lymphnode.core import validate
 from lymphnode.core.errors import ConfigError
 from lymphnode.models.unet import UNetOutput
+from lymphnode.models.weight_files import describe_problems, read_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -60,19 +61,6 @@ DECODER_NORMS: dict[str, str | dict[str, Any]] = {
     "identity": "identity",
 }
 CLASSIFIER_PREFIXES = ("fc.", "head.", "classifier.", "last_linear.")  # dropped from weight files
-MAX_LISTED = 10  # problems named in an error message
-
-
-def _unwrap(state: Any, path: Path) -> dict[str, Tensor]:
-    for key in ("state_dict", "model"):
-        if isinstance(state, Mapping) and isinstance(state.get(key), Mapping):
-            state = state[key]
-    if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ConfigError(
-            f"encoder_weights={path} holds a {type(state).__name__} that is not a state dict; "
-            "expected names -> tensors (or a dict with 'state_dict' / 'model' holding one)"
-        )
-    return {str(k): v for k, v in state.items()}
 
 
 def _canonical(name: str) -> str:
@@ -95,7 +83,9 @@ def load_encoder_weights(encoder: nn.Module, path: str | Path) -> list[str]:
     """Copy a local weights file into ``encoder`` (an smp encoder) in place; returns the dropped
     classifier keys.
 
-    The file holds a state dict, or a dict with one under ``state_dict`` or ``model``. Its keys
+    The file (``*.safetensors``, or a torch file read with ``weights_only=True``: see
+    :func:`lymphnode.models.weight_files.read_state_dict`) holds a state dict, or a dict with one
+    under ``state_dict`` or ``model``. Its keys
     may be the encoder's own (``conv1.weight``; timm-wrapped ``model.stem_0.weight``) or those of
     the torchvision/timm classification model (``conv1.weight``, ``stem.0.weight``), either
     optionally prefixed ``encoder.``. Classifier keys (``fc.*``, ``head.*``, ``classifier.*``,
@@ -104,17 +94,7 @@ def load_encoder_weights(encoder: nn.Module, path: str | Path) -> list[str]:
     the missing, unexpected and shape-mismatched keys otherwise, and nothing is copied.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"encoder_weights={path} does not exist (expected a local weights file)")
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle payloads, truncated files, foreign formats
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ConfigError(
-            f"encoder_weights={path} cannot be read as a torch weights file with "
-            f"weights_only=True ({first})"
-        ) from exc
-    state = _unwrap(raw, path)
+    state = read_state_dict(path, "encoder_weights")
     mine = encoder.state_dict()
     aliases = _aliases(mine)
     matched: dict[str, tuple[str, Tensor]] = {}  # encoder name -> (file key, tensor)
@@ -139,12 +119,10 @@ def load_encoder_weights(encoder: nn.Module, path: str | Path) -> list[str]:
         *(f"missing {k}" for k in missing),
     ]
     if problems:
-        listed = "\n  ".join(problems[:MAX_LISTED])
-        more = f"\n  ... {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
         raise ConfigError(
             f"encoder_weights={path} does not fit the encoder {type(encoder).__name__} "
             f"({len(missing)} missing, {len(unexpected)} unexpected, {len(shapes)} of another "
-            f"shape):\n  {listed}{more}"
+            f"shape):{describe_problems(problems)}"
         )
     with torch.no_grad():
         for name, (_, value) in matched.items():
