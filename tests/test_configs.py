@@ -336,7 +336,9 @@ def test_callback_without_target_is_rejected() -> None:
 
 def test_loggers_default_csv_and_offline_wandb(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("WANDB_MODE", raising=False)
-    cfg = compose_train("experiment=finetune", "data.labeled_size=80", "data.fold=2")
+    plain = compose_train("experiment=finetune")  # CSV by default (issue 19), wandb one key away
+    assert [type(lg).__name__ for lg in train_mod.build_loggers(plain)] == ["CSVLogger"]
+    cfg = compose_train("experiment=finetune", "data.labeled_size=80", "data.fold=2", "logger=wandb")
     assert cfg.logger.wandb.mode == "offline"  # without WANDB_MODE: never online by accident
     assert (cfg.logger.wandb.group, cfg.logger.wandb.job_type) == ("labeled-80", "pretrained")
     loggers = train_mod.build_loggers(cfg)
@@ -345,7 +347,7 @@ def test_loggers_default_csv_and_offline_wandb(monkeypatch: pytest.MonkeyPatch) 
     assert Path(csv.log_dir) == Path(cfg.run_dir) / "csv"
     assert isinstance(next(lg for lg in loggers if isinstance(lg, WandbLogger)), WandbLogger)
     monkeypatch.setenv("WANDB_MODE", "online")
-    assert compose_train().logger.wandb.mode == "online"
+    assert compose_train("logger=wandb").logger.wandb.mode == "online"
     assert train_mod.build_loggers(compose_train("logger=none")) == []
     assert [type(lg).__name__ for lg in train_mod.build_loggers(compose_train("logger=csv"))] == [
         "CSVLogger"
@@ -394,3 +396,29 @@ def test_table_sweep_runs_each_pretexts_scratch_right_after_its_pretrained_run()
         dict(o.split("=", 1) for o in j)["pretext"]
         for j in BasicSweeper.split_arguments(single, None)[0]
     } == {"reconstruction"}
+
+
+def test_logger_none_leaves_out_the_lr_monitor_instead_of_crashing() -> None:
+    """Issue 21 (weak): ``logger=none`` made every run crash in Lightning's LearningRateMonitor."""
+    names = [type(c).__name__ for c in train_mod.build_callbacks(compose_train("logger=none"))]
+    assert "LearningRateMonitor" not in names and "SelectionCheckpoint" in names
+    with_csv = [type(c).__name__ for c in train_mod.build_callbacks(compose_train())]
+    assert "LearningRateMonitor" in with_csv
+
+
+def test_progress_is_a_bar_on_a_terminal_and_log_lines_otherwise() -> None:
+    import io
+
+    from pytorch_lightning.callbacks import TQDMProgressBar
+
+    from lymphnode.tasks.callbacks import LogProgress, progress_bar
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    assert isinstance(progress_bar(refresh_rate=5, stream=Terminal()), TQDMProgressBar)
+    piped = progress_bar(every_n_steps=3, stream=io.StringIO())
+    assert isinstance(piped, LogProgress) and piped.every_n_steps == 3
+    cfg = compose_train()
+    assert cfg.callbacks.progress_bar._target_ == "lymphnode.tasks.callbacks.progress_bar"

@@ -227,8 +227,9 @@ def test_sweep_runs_get_their_own_dirs_wandb_runs_and_csv_logs(
     # 4 jobs: size 10 x folds 3, 4 complete; size 995 (> the 24-patch labeled cache) fails, which
     # must neither stop the sweep's other jobs nor go unnoticed (exit code 1).
     args = ("--multirun", "experiment=scratch", *_root(tmp_path, caches), *TINY, "data.folds=5",
-            "data.labeled_size=995,10", "data.fold=3,4", "trainer.max_epochs=1")  # fmt: skip
-    result = run_cli(*args)  # the default loggers: CSV + wandb (offline)
+            "data.labeled_size=995,10", "data.fold=3,4", "trainer.max_epochs=1",
+            "logger=wandb")  # fmt: skip
+    result = run_cli(*args)  # logger=wandb: CSV + wandb (offline)
     assert result.returncode == 1
     for fold in (3, 4):
         run_dir = tmp_path / "runs" / "scratch" / "size10" / f"fold{fold}" / "seed0"
@@ -363,3 +364,17 @@ def test_a_sigterm_stopped_run_exits_143(tmp_path: Path, caches: Path) -> None:
     assert "interrupted: " in result.stderr and "the same command resumes it" in result.stderr
     results = results_of(tmp_path / "runs" / "scratch" / "size10" / "fold0" / "seed0")
     assert results["status"] == "interrupted" and results["budget"]["stopped_by"] == "sigterm"
+
+
+def test_piped_output_gets_log_lines_not_progress_bars(tmp_path: Path, caches: Path) -> None:
+    """Issue 19: logs piped to a file filled with ``\\r`` progress bars; CSV is the default
+    logger (no wandb folder)."""
+    result = ok(run_cli("experiment=scratch", *_root(tmp_path, caches), *TINY, *FINETUNE,
+                        "trainer.max_steps=2", "trainer.max_epochs=-1",
+                        "trainer.val_check_interval=2", "callbacks.progress_bar.every_n_steps=1"))  # fmt: skip
+    output = result.stdout + result.stderr
+    assert "\r" not in output
+    assert "step 1/2 (epoch 0)" in output and "step 2/2" in output
+    assert "validation at step 2, val/" in output
+    run_dir = tmp_path / "runs" / "scratch" / "size10" / "fold0" / "seed0"
+    assert (run_dir / "csv" / "metrics.csv").is_file() and not (run_dir / "wandb").exists()

@@ -150,9 +150,16 @@ def compare_selections(cfg: DictConfig) -> list[str]:
     return out
 
 
+#: Callbacks that only write to a logger: left out when the run has none (``logger=none``), where
+#: Lightning's LearningRateMonitor would refuse to start.
+LOGGER_ONLY_CALLBACKS = ("pytorch_lightning.callbacks.LearningRateMonitor",)
+
+
 def build_callbacks(cfg: DictConfig) -> list[Callback]:
-    """Every entry of ``cfg.callbacks`` with a ``_target_`` (a null entry is switched off)."""
+    """Every entry of ``cfg.callbacks`` with a ``_target_`` (a null entry is switched off; a
+    :data:`LOGGER_ONLY_CALLBACKS` entry too when the run has no logger)."""
     callbacks = []
+    has_logger = any(entry is not None for entry in (cfg.get("logger") or {}).values())
     for name, entry in (cfg.get("callbacks") or {}).items():
         if entry is None:
             continue
@@ -160,6 +167,9 @@ def build_callbacks(cfg: DictConfig) -> list[Callback]:
             raise ConfigError(
                 f"callbacks.{name}={entry!r} is invalid; expected a dict with _target_"
             )
+        if not has_logger and entry._target_ in LOGGER_ONLY_CALLBACKS:
+            log.info("callbacks.%s left out: it writes to a logger and logger=none has none", name)
+            continue
         callbacks.append(instantiate(entry))
     for selection in compare_selections(cfg):
         if selection != "last":
