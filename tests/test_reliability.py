@@ -472,3 +472,13 @@ def test_prepare_refuses_an_unknown_group_naming_slide_groups_and_keys(
     assert mapped.returncode == 0, mapped.stderr[-3000:]
     index = json.loads((tumour_slides / "caches" / "labeled" / "manifest.json").read_text())
     assert index["config"]["asap"]["tumor_groups"][-1] == "metastasis"
+
+
+# --- issue 21 rows 3 and 7: run identity (the tests live beside the run lifecycle) ----------------
+# row 3 (a SIGTERM exited 0; fine-tuning then started from the interrupted pretraining):
+#   test_lifecycle.py::test_a_sigterm_stopped_run_raises_run_interrupted_with_exit_code_143,
+#   test_train.py::test_a_sigterm_stopped_run_exits_143 (the CLI exits 143),
+#   test_lifecycle.py::test_fine_tuning_refuses_an_interrupted_pretraining_unless_told.
+# row 7 (`--multirun task.optimizer.lr=0.001,0.05` handed job 1 job 0's metric):
+#   test_train.py::test_a_multirun_over_a_key_outside_the_folder_name_never_hands_job_1_job_0s_metric,
+#   test_lifecycle.py::test_a_rerun_skips_the_same_config_and_refuses_another_naming_every_changed_key.
