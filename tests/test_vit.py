@@ -467,3 +467,26 @@ def test_every_task_trains_a_step_with_the_vit(task: str) -> None:
     assert float(loss.detach()) > 0 and loss == loss  # finite, not NaN
     grad = module.net.encoder.patch_embed.proj.weight.grad
     assert grad is not None and (grad != 0).any()
+
+
+# (million parameters as published, its rounding): model cards / papers
+PUBLISHED_SIZES = {
+    "uni": (303.4, 0.05),  # ViT-L/16
+    "uni2_h": (681, 0.5),  # model card: 681M
+    "virchow2": (632, 1),  # paper: 632M
+    "h_optimus_0": (1100, 50),  # model card: 1.1B
+    "h_optimus_1": (1100, 50),
+    "prov_gigapath": (1130, 5),  # paper: 1.13B (tile encoder)
+    "phikon_v2": (303, 1),  # ViT-L
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_SIZES))
+def test_full_size_presets_have_the_published_parameter_counts(name: str) -> None:
+    from lymphnode.models.vit_presets import build_vit
+
+    with torch.device("meta"):  # shapes only: no memory, no initialisation cost
+        vit = build_vit(preset(name))
+    millions = sum(p.numel() for p in vit.parameters()) / 1e6
+    published, rounding = PUBLISHED_SIZES[name]
+    assert abs(millions - published) <= rounding, millions

@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from lymphnode.core import validate
 from lymphnode.core.errors import ConfigError
+from lymphnode.models.contract import InputNeeds
 from lymphnode.models.unet import NORMS, DoubleConv, UNetOutput
 from lymphnode.models.vit_presets import ViTPreset, build_vit, preset
 from lymphnode.models.vit_weights import load_vit_weights
@@ -191,6 +192,13 @@ class ViTUNet(nn.Module):
     def encoder_channels(self) -> int:
         """Channels of :meth:`encode`'s output: the ViT's width D."""
         return int(self.encoder.embed_dim)
+
+    def input_needs(self) -> InputNeeds:
+        """The preset's normalisation, training resolution and size multiple (for the
+        preprocessing contract; :class:`lymphnode.models.contract.DeclaresInputNeeds`)."""
+        return InputNeeds(
+            mean=self.mean, std=self.std, mpp=self.mpp, size_multiple=self.size_multiple
+        )
 
     # --- forward ---------------------------------------------------------------------------
     def _check_input(self, x: Tensor) -> None:
