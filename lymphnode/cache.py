@@ -16,6 +16,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from lymphnode.core.errors import CacheError
 from lymphnode.patches.format import CODECS
 from lymphnode.patches.importer import DEFAULT_MAX_PIXELS, DEFAULT_PATTERN, import_patches
 from lymphnode.patches.reader import PatchCache
@@ -112,6 +113,11 @@ def run(args: argparse.Namespace) -> str:
         )
     else:
         cache = PatchCache(args.cache, verify=args.verify)
+    if not cache.slides:
+        raise CacheError(
+            f"patch cache {cache.path} holds no complete slide (0 patches): a build or import "
+            "that stopped before its first slide was committed; rerun it"
+        )
     labels = cache.labels
     located = int((cache.index["x"] >= 0).sum())
     counts = [f"{slide} {n}" for slide, n in cache.slide_counts.items()]

@@ -6,8 +6,11 @@ normalisation, normalisation; :mod:`lymphnode.models.preprocess`), exactly as it
 and the task module gives the probabilities.
 Per slide, into ``out_dir``: ``<slide>.heatmap.tif`` (pyramidal, opens in OpenSlide and QuPath;
 input of ``lymphnode.evaluate``) and ``<slide>.overlay.png`` (thumbnail with the heatmap and, when
-``annotations`` holds ``<slide>.xml``, the lesion outlines). Resumable: slides whose outputs exist are
-skipped unless ``overwrite=true``. A slide that fails (unreadable, no tissue) is reported and the
+``annotations`` holds ``<slide>.xml``, the lesion outlines). Every heatmap records what made it
+(the checkpoint's path and SHA-256, the settings that change the map). Resumable: a slide whose
+outputs exist and record this checkpoint and these settings is skipped unless ``overwrite=true``;
+one made by another checkpoint or with other settings is recomputed, with a warning naming the
+differences. A slide that fails (unreadable, no tissue) is reported and the
 others go on; the exit code is 1 when any failed, and completed slides are kept.
 
 ``slides`` is a list of files, a folder (every ``*.tif``/``*.svs``/... in it), a glob, or
@@ -16,6 +19,7 @@ others go on; the exit code is 1 when any failed, and completed slides are kept.
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import logging
 from collections.abc import Sequence
@@ -25,12 +29,19 @@ import hydra
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from lymphnode.core.boundary import EXIT_USER_ERROR, config_dir, hydra_boundary
-from lymphnode.core.errors import CheckpointError, ConfigError, LymphnodeError
+from lymphnode.core.errors import CheckpointError, ConfigError, EvaluationError, LymphnodeError
 from lymphnode.core.records import read_record
-from lymphnode.inference.heatmap import heatmap_path, write_heatmap
+from lymphnode.inference.heatmap import (
+    heatmap_path,
+    heatmap_source,
+    read_heatmap_source,
+    source_differences,
+    write_heatmap,
+)
 from lymphnode.inference.overlay import render_overlay, write_overlay
 from lymphnode.inference.predict import predict_slide, scratch_dir
 from lymphnode.inference.settings import InferenceSettings
+from lymphnode.patches.format import sha256
 from lymphnode.wsi.slide import SLIDE_SUFFIXES
 
 log = logging.getLogger(__name__)
@@ -146,6 +157,10 @@ def run_inference(
             "patch_size=%d differs from the %d px the network was trained on (checkpoint %s)",
             settings.patch_size, model.patch_size, checkpoint,
         )  # fmt: skip
+    source = heatmap_source(
+        checkpoint, sha256(Path(checkpoint)),
+        {**dataclasses.asdict(settings), "patch_size": settings.patch_size or model.patch_size},
+    )  # fmt: skip
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     status: dict[str, str] = {}
@@ -153,9 +168,15 @@ def run_inference(
         name = path.stem
         heat_file, png_file = heatmap_path(out, name), overlay_path(out, name)
         if not overwrite and heat_file.is_file() and png_file.is_file():
-            log.info("%s: heatmap exists, skipped (overwrite=true redoes it)", name)
-            status[name] = "skipped"
-            continue
+            changed = _changed_source(heat_file, source)
+            if not changed:
+                log.info("%s: heatmap exists, skipped (overwrite=true redoes it)", name)
+                status[name] = "skipped"
+                continue
+            log.warning(
+                "%s: the heatmap %s was made otherwise (%s): recomputed", name, heat_file,
+                "; ".join(changed),
+            )  # fmt: skip
         try:
             with open_slide(path) as slide:
                 tissue = tissue_mask(slide)
@@ -164,6 +185,7 @@ def run_inference(
                         model.task, model.preprocess, slide, tissue, settings=settings,
                         workdir=work, progress=progress,
                     )  # fmt: skip
+                heatmap.source = source
                 xml = Path(annotations) / f"{name}.xml" if annotations else None
                 ann = read_asap(xml) if xml is not None and xml.is_file() else None
                 overlay = render_overlay(
@@ -182,6 +204,14 @@ def run_inference(
             status[name] = f"failed: {exc}"
             log.error("%s failed: %s", name, exc)
     return status
+
+
+def _changed_source(heat_file: Path, source: dict) -> list[str]:
+    """How the existing heatmap's record differs from ``source`` (empty: the same)."""
+    try:
+        return source_differences(read_heatmap_source(heat_file), source)
+    except EvaluationError as exc:
+        return [f"unreadable ({exc})"]
 
 
 def _names(value: object) -> list[str]:

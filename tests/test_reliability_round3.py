@@ -7,22 +7,40 @@ slides are the 1024 x 768 pyramids of :func:`test_infer._slide`: every test runs
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import logging
+import os
+import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from script_tools import cli_env
 from test_infer import _checkpoint, _slide
 
+from lymphnode.core import validate
 from lymphnode.core.boundary import EXIT_USER_ERROR
-from lymphnode.core.errors import CheckpointError
+from lymphnode.core.errors import CacheError, CheckpointError, ConfigError, EvaluationError
+from lymphnode.evaluation.camelyon16 import evaluate
+from lymphnode.evaluation.export import export
+from lymphnode.infer import run_inference
+from lymphnode.inference.heatmap import read_heatmap
+from lymphnode.inference.predict import scratch_dir
+from lymphnode.inference.settings import InferenceSettings
 from lymphnode.models.checkpoint import check_task, load_inference_model
+from lymphnode.patches.format import sha256
+from lymphnode.patches.importer import import_patches
 from lymphnode.tasks import MultiTaskModule
+from lymphnode.wsi.pyramid import write_pyramid
 
 ENV = cli_env()
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
 def cli(module: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -179,3 +197,307 @@ def test_an_smp_unet_checkpoint_infers_without_its_encoder_weights_file(tmp_path
     for name, value in model.net.state_dict().items():
         assert torch.equal(value, module.net.state_dict()[name]), name
     assert model.hparams["net"]["encoder_weights"] == str(weights)  # the record is kept
+
+
+# --- row 4 (bad): infer keeps another model's heatmaps --------------------------------------------
+CPU = InferenceSettings(num_workers=0, device="cpu", batch_size=8)
+
+
+def test_a_rerun_with_another_checkpoint_or_downsample_recomputes_and_evaluate_names_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "slides").mkdir()
+    slide = _slide(tmp_path / "slides" / "normal_009.tif", tissue=True)
+    sure = _checkpoint(tmp_path / "sure.ckpt", seg_bias=6.0)  # p ~ 1 on tissue
+    unsure = _checkpoint(tmp_path / "unsure.ckpt", seg_bias=-6.0)  # p ~ 0 everywhere
+    out = tmp_path / "heatmaps"
+    heat_file = out / "normal_009.heatmap.tif"
+
+    def infer(ckpt: Path, settings: InferenceSettings = CPU) -> str:
+        return run_inference(ckpt, [slide], out, settings=settings, progress=False)["normal_009"]
+
+    assert infer(sure) == "done"
+    first = read_heatmap(heat_file)
+    assert first.probabilities.max() > 0.99
+    assert first.source is not None and first.source["checkpoint_sha256"] == sha256(sure)
+    assert first.source["settings"]["downsample"] == 32.0
+    assert first.source["settings"]["patch_size"] == 64  # the checkpoint's, recorded
+    assert infer(sure) == "skipped"  # the same checkpoint and settings: kept
+    with caplog.at_level(logging.WARNING, logger="lymphnode.infer"):
+        assert infer(unsure) == "done"  # another checkpoint: recomputed, not kept
+    second = read_heatmap(heat_file)
+    assert second.probabilities.max() < 0.01
+    assert second.source is not None and second.source["checkpoint_sha256"] == sha256(unsure)
+    warned = [r.getMessage() for r in caplog.records if "recomputed" in r.getMessage()]
+    assert warned and "sure.ckpt" in warned[0] and "unsure.ckpt" in warned[0]
+    assert infer(unsure, dataclasses.replace(CPU, downsample=16.0)) == "done"
+    third = read_heatmap(heat_file)
+    assert third.downsample == 16.0 and third.probabilities.shape == (48, 64)
+    # evaluate says which checkpoint made each heatmap
+    annotations = tmp_path / "annotations"
+    annotations.mkdir()
+    summary = evaluate(out, annotations, tmp_path / "eval")
+    assert summary["slides"][0]["checkpoint_sha256"] == sha256(unsure)
+    assert summary["checkpoints"] == [{"checkpoint": str(unsure.resolve()),
+                                       "checkpoint_sha256": sha256(unsure),
+                                       "slides": ["normal_009"]}]  # fmt: skip
+
+
+def test_scratch_folders_left_by_a_dead_infer_are_removed_on_the_next_run(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    host = socket.gethostname()
+    stale = out / f".tmp-normal_009-{host}-{int(dead.stdout)}-abc"
+    running = out / f".tmp-normal_009-{host}-{os.getpid()}-def"  # a run still going
+    other_slide = out / f".tmp-normal_0091-{host}-{int(dead.stdout)}-ghi"
+    for folder in (stale, running, other_slide):
+        folder.mkdir()
+        (folder / "sums.npy").write_bytes(b"x" * 1024)
+    with scratch_dir(out, "normal_009") as work:
+        assert work.name.startswith(f".tmp-normal_009-{host}-{os.getpid()}-")
+    assert not stale.exists()
+    assert running.exists() and other_slide.exists()
+    assert sorted(p.name for p in out.iterdir()) == sorted([running.name, other_slide.name])
+
+
+# --- row 5 (bad): export writes outside out_dir; heatmaps without/zero downsample ------------------
+def _fake_heatmap(path: Path, **meta: Any) -> Path:
+    """A heatmap file whose description holds ``meta`` over the valid one (None: key removed)."""
+    description = {"format": "lymphnode-heatmap/1", "slide": path.name.split(".")[0],
+                   "downsample": 32.0, "level0_size": [1024, 768], "mpp": 0.243}  # fmt: skip
+    description.update(meta)
+    description = {k: v for k, v in description.items() if v is not None}
+    probabilities = np.zeros((24, 32), np.uint8)
+    probabilities[8:12, 10:20] = 255
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_pyramid(path, probabilities, mpp=None, mask=True, description=json.dumps(description))
+    return path
+
+
+@pytest.mark.parametrize("name", ["../slides/tumor_009", "/tmp/tumor_009", "..", "a\nb"])
+def test_export_never_writes_outside_out_dir_whatever_the_heatmap_names(
+    tmp_path: Path, slides: Path, name: str
+) -> None:
+    heatmaps = tmp_path / "heatmaps"
+    _fake_heatmap(heatmaps / "tumor_009.heatmap.tif", slide=name)
+    out = tmp_path / "out"
+    with pytest.raises(EvaluationError, match=r"is not a slide name; expected a file stem"):
+        export(heatmaps, slides, out)
+    result = cli("lymphnode.export", f"heatmaps={heatmaps}", f"slides={slides}",
+                 f"out_dir={out}", cwd=tmp_path)  # fmt: skip
+    line = one_error_line(result)
+    assert "tumor_009.heatmap.tif" in line and "is not a slide name" in line
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.rglob("*lesions*")) == []
+
+
+def test_export_refuses_a_heatmap_whose_file_and_slide_names_differ(
+    tmp_path: Path, slides: Path
+) -> None:
+    heatmaps = tmp_path / "heatmaps"
+    _fake_heatmap(heatmaps / "tumor_009.heatmap.tif", slide="tumor_010")
+    with pytest.raises(EvaluationError, match=r"slide 'tumor_010', not 'tumor_009'; file and"):
+        export(heatmaps, slides, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    _fake_heatmap(heatmaps / "tumor_009.heatmap.tif")  # a good one exports under its stem
+    (summary,) = export(heatmaps, slides, tmp_path / "out")
+    assert summary["slide"] == "tumor_009"
+    assert {p.name for p in (tmp_path / "out").iterdir()} >= {"tumor_009.lesions.geojson"}
+
+
+@pytest.mark.parametrize(
+    ("meta", "expected"),
+    [
+        ({"downsample": None}, "downsample=None; expected a finite number >= 1"),
+        ({"downsample": 0}, "downsample=0; expected a finite number >= 1"),
+        ({"downsample": "32"}, "downsample='32'; expected a finite number >= 1"),
+        ({"level0_size": [1024]}, "level0_size=[1024]; expected [width, height]"),
+        ({"mpp": -0.25}, "mpp=-0.25; expected null or a finite number > 0"),
+    ],
+)
+def test_a_heatmap_with_a_missing_or_bad_field_is_one_error_line_in_export_and_evaluate(
+    tmp_path: Path, slides: Path, meta: dict, expected: str
+) -> None:
+    heatmaps = tmp_path / "heatmaps"
+    path = _fake_heatmap(heatmaps / "normal_009.heatmap.tif", **meta)
+    with pytest.raises(EvaluationError, match=re.escape(expected)):
+        read_heatmap(path)
+    annotations = tmp_path / "annotations"
+    annotations.mkdir()
+    for module, args in (
+        ("lymphnode.export", (f"heatmaps={heatmaps}", f"slides={slides}")),
+        ("lymphnode.evaluate", (f"heatmaps={heatmaps}", f"annotations={annotations}")),
+    ):
+        line = one_error_line(cli(module, *args, f"out_dir={tmp_path / 'out'}", cwd=tmp_path))
+        assert str(path) in line and expected in line
+    assert not (tmp_path / "out").exists()
+
+
+# --- row 2 (bad): corrected annotations are ignored by a rerun of prepare -------------------------
+def _prepare(root: Path, cache_dir: Path) -> None:
+    """prepare's labeled cache of tumor_001 (tumor_002 held out) under ``cache_dir``."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from lymphnode.prepare import run as prepare_run
+
+    overrides = [f"paths.root={root}", f"paths.cache_dir={cache_dir}", "patch_size=64",
+                 "counts.labeled=8", "codec=raw", "workers=0", "caches=[labeled]",
+                 "split.test_slides=[tumor_002]"]  # fmt: skip
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose("prepare", overrides=overrides)
+    finally:
+        GlobalHydra.instance().clear()
+    prepare_run(cfg)
+
+
+def _masks(cache: Path) -> np.ndarray:
+    from lymphnode.patches.cache import PatchCache
+
+    with PatchCache(cache) as patches:
+        return np.stack([patches[i][1] for i in range(len(patches))])
+
+
+@pytest.mark.parametrize("kind", ["xml", "geojson"])
+def test_a_corrected_annotation_rebuilds_its_slide_on_a_rerun_of_prepare(
+    tmp_path: Path, kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    import shapely
+
+    from lymphnode.synth import make_slide
+    from lymphnode.wsi.annotations import read_asap, write_asap
+    from lymphnode.wsi.geojson import polygon_feature, write_geojson
+
+    root = tmp_path / "data"
+    for i, name in enumerate(("tumor_001", "tumor_002")):
+        xml = root / "annotations" / f"{name}.xml"
+        make_slide(root / "slides" / f"{name}.tif", seed=400 + i, tumor=True, size=(2048, 2048),
+                   annotation_path=xml)  # fmt: skip
+        if kind == "geojson":
+            outlines = read_asap(xml).tumor
+            write_geojson(xml.with_suffix(".geojson"), [
+                polygon_feature(shapely.Polygon(o), name=f"t{k}", id_seed=f"{name}/{k}")
+                for k, o in enumerate(outlines)])  # fmt: skip
+            xml.unlink()
+    caches = tmp_path / "caches"
+    _prepare(root, caches)
+    before = _masks(caches / "labeled")
+    assert before.any()  # tumour patches
+    # the pathologist removes the tumour outline of tumor_001 (a false positive in the labels)
+    ann = root / "annotations" / f"tumor_001.{kind}"
+    if kind == "xml":
+        write_asap(ann, tumor=[])
+    else:
+        write_geojson(ann, [])
+    with caplog.at_level(logging.WARNING):
+        _prepare(root, caches)
+    after = _masks(caches / "labeled")
+    _prepare(root, tmp_path / "fresh")
+    assert np.array_equal(after, _masks(tmp_path / "fresh" / "labeled"))  # as a fresh build
+    assert not after.any()  # the corrected labels reach the cache
+    warned = [r.getMessage() for r in caplog.records if "discarded" in r.getMessage()]
+    assert len(warned) == 1 and "tumor_001" in warned[0] and "annotations changed" in warned[0]
+    manifest = json.loads((caches / "labeled" / "manifest.json").read_text())
+    (record,) = manifest["slides"]
+    assert record["inputs"] == {"annotations": ann.name, "annotations_sha256": sha256(ann)}
+
+
+# --- weak rows: cache import ----------------------------------------------------------------------
+def _png(path: Path, side: int = 16) -> Path:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((side, side, 3), (230, 170, 200), np.uint8)).save(path)
+    return path
+
+
+def test_a_truncated_png_leaves_no_cache_and_cache_info_refuses_an_empty_one(
+    tmp_path: Path,
+) -> None:
+    images = tmp_path / "images"
+    good = _png(images / "s1_0_0.png", side=64)
+    truncated = images / "s1_64_0.png"
+    truncated.write_bytes(good.read_bytes()[:-40])  # the IDAT's tail and IEND cut off
+    out = tmp_path / "cache"
+    with pytest.raises(CacheError, match=re.escape(f"cannot read image {truncated}")):
+        import_patches(images, out)
+    assert not out.exists()  # not a 0-slide manifest that `cache info` calls valid
+    result = cli("lymphnode.cache", "import", str(images), str(out), cwd=tmp_path)
+    assert str(truncated) in one_error_line(result)
+    assert not out.exists()
+    # an empty cache left by an older lymphnode (or a crash before the first slide) is not valid
+    from lymphnode.patches.writer import CacheWriter
+
+    CacheWriter(tmp_path / "empty", {"source": "test"}, codec="raw", patch_size=16,
+                has_masks=False)  # fmt: skip
+    line = one_error_line(cli("lymphnode.cache", "info", str(tmp_path / "empty"), cwd=tmp_path))
+    assert "holds no complete slide (0 patches)" in line and str(tmp_path / "empty") in line
+
+
+def test_a_coordinate_beyond_int64_in_a_file_name_is_one_error_line(tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    big = _png(images / "s1_99999999999999999999999_0.png")
+    with pytest.raises(CacheError, match=r"x=99999999999999999999999, y=0 .*expected level-0 px"):
+        import_patches(images, tmp_path / "cache")
+    result = cli("lymphnode.cache", "import", str(images), str(tmp_path / "cli"), cwd=tmp_path)
+    assert big.name in one_error_line(result)
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "cli").exists()
+    _png(images / "s1_99999999999999999999999_0.png").rename(images / f"s1_{2**63 - 1}_0.png")
+    assert import_patches(images, tmp_path / "max").index["x"][0] == 2**63 - 1  # the largest
+
+
+# --- weak row: a slide name prepare cannot use, refused before anything is written ---------------
+@pytest.mark.parametrize("name", ["tumor 001", "tumör_001", "tumor\n001"])
+def test_prepare_refuses_a_slide_name_before_writing_split_json_or_caches(
+    tmp_path: Path, name: str
+) -> None:
+    root = tmp_path / "data"
+    _slide(root / "slides" / "normal_001.tif", tissue=True)
+    _slide(root / "slides" / f"{name}.tif", tissue=True)
+    caches = tmp_path / "caches"
+    result = cli("lymphnode.prepare", f"paths.root={root}", f"paths.cache_dir={caches}",
+                 "patch_size=64", "codec=raw", "workers=0", "split.test_slides=[normal_001]",
+                 cwd=tmp_path)  # fmt: skip
+    output = result.stdout + result.stderr
+    assert result.returncode == EXIT_USER_ERROR and "Traceback" not in output, output[-3000:]
+    assert "cannot name a cache shard" in output and repr(name) in output
+    assert not caches.exists() or not list(caches.rglob("*"))  # no split.json, no manifest
+
+
+# --- weak rows: train settings that were tracebacks -----------------------------------------------
+@pytest.mark.parametrize(
+    ("config", "expected"),
+    [
+        ({"task": {"optimizer": {"lr": float("nan")}}}, "task.optimizer.lr must be a finite "
+         "number > 0, got nan"),
+        ({"task": {"optimizer": {"lr": -1}}}, "task.optimizer.lr must be a finite number > 0, "
+         "got -1"),
+        ({"task": {"optimizer": {"lr": 1e-3, "weight_decay": -0.1}}},
+         "task.optimizer.weight_decay must be a finite number >= 0, got -0.1"),
+        ({"trainer": {"max_steps": -5}}, "trainer.max_steps must be an integer >= 1, or -1 (no "
+         "limit), got -5"),
+        ({"trainer": {"max_epochs": 0}}, "trainer.max_epochs must be an integer >= 1, or -1"),
+        ({"trainer": {"val_check_interval": 0}}, "trainer.val_check_interval must be an integer "
+         ">= 1 batches"),
+        ({"trainer": {"val_check_interval": 1.5}}, "trainer.val_check_interval must be a finite "
+         "number in (0, 1] of an epoch"),
+    ],
+)  # fmt: skip
+def test_training_numbers_are_refused_naming_the_key(config: dict, expected: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        validate.training(config)
+
+
+def test_the_default_training_configs_pass_the_training_check() -> None:
+    from omegaconf import OmegaConf
+    from tiny_runs import compose_train
+
+    for experiment in ("pretrain", "finetune", "scratch"):
+        cfg = OmegaConf.to_container(compose_train(f"experiment={experiment}"), resolve=False)
+        validate.training(cfg)  # type: ignore[arg-type]
+    validate.training({"trainer": {"max_steps": -1, "max_epochs": None,
+                                   "val_check_interval": 0.25}})  # fmt: skip

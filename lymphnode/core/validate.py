@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 from lymphnode.core.errors import ConfigError, LymphnodeError
 
-__all__ = ["choice", "integer", "keys", "number", "shard"]
+__all__ = ["choice", "integer", "keys", "number", "shard", "training"]
 
 T = TypeVar("T")
 
@@ -142,3 +142,42 @@ def shard(
         f"{where}{name} must be 'i/n' with 0 <= i < n (this job's index, counted from 0, and the "
         f"number of jobs: 0/4, 1/4, 2/4, 3/4) or null for one job, got {value!r}"
     )
+
+
+def _budget(name: str, value: Any, error: type[LymphnodeError]) -> None:
+    """``trainer.max_steps`` / ``max_epochs``: null, -1 (no limit) or an integer >= 1."""
+    if value is None or (value == -1 and isinstance(value, numbers.Integral)):
+        return
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+        raise error(f"{name} must be an integer >= 1, or -1 (no limit), got {value!r}")
+
+
+def training(config: Mapping[str, Any], *, error: type[LymphnodeError] = ConfigError) -> None:
+    """The numbers of a resolved train config (plain dicts) that Lightning or torch would turn
+    into a traceback or a run that learns nothing: ``task.optimizer.lr`` (a finite number > 0),
+    ``task.optimizer.weight_decay`` (finite, >= 0), ``trainer.max_steps`` and
+    ``trainer.max_epochs`` (an integer >= 1 or -1: no limit), ``trainer.val_check_interval``
+    (an integer >= 1 of batches, a fraction in (0, 1] of an epoch, or null). Each message names
+    the key, the value and what is allowed; a missing key is left to its default."""
+    task = config.get("task") if isinstance(config.get("task"), Mapping) else {}
+    optimizer = task.get("optimizer") if isinstance(task, Mapping) else None
+    if isinstance(optimizer, Mapping):
+        if "lr" in optimizer:
+            number("task.optimizer.lr", optimizer["lr"], 0.0, strict_minimum=True, error=error)
+        if optimizer.get("weight_decay") is not None:
+            number("task.optimizer.weight_decay", optimizer["weight_decay"], 0.0, error=error)
+    trainer = config.get("trainer")
+    if not isinstance(trainer, Mapping):
+        return
+    for key in ("max_steps", "max_epochs"):
+        if key in trainer:
+            _budget(f"trainer.{key}", trainer[key], error)
+    interval = trainer.get("val_check_interval")
+    if interval is None:
+        return
+    if isinstance(interval, numbers.Integral) and not isinstance(interval, bool):
+        integer("trainer.val_check_interval", interval, 1, unit="batches (or a fraction in (0, 1]"
+                " of an epoch, or null)", error=error)  # fmt: skip
+    else:
+        number("trainer.val_check_interval", interval, 0.0, 1.0, strict_minimum=True,
+               unit="of an epoch (or an integer >= 1 of batches, or null)", error=error)  # fmt: skip

@@ -168,6 +168,9 @@ def evaluate(
                 "pixel_tp": counts.tp,
                 "pixel_fp": counts.fp,
                 "pixel_fn": counts.fn,
+                # what made the heatmap (None: a heatmap written before infer recorded it)
+                "checkpoint": (heatmap.source or {}).get("checkpoint"),
+                "checkpoint_sha256": (heatmap.source or {}).get("checkpoint_sha256"),
             }
         )
         log.info(
@@ -180,6 +183,7 @@ def evaluate(
             len(scored.lesion_probs),
         )
 
+    checkpoints = _checkpoints_of(per_slide)
     result = froc(froc_data, settings.fp_rates)
     scores = [s["score"] for s in per_slide]
     truth = [int(s["tumor"]) for s in per_slide]
@@ -195,6 +199,7 @@ def evaluate(
         "n_slides": len(per_slide),
         "n_tumor_slides": int(sum(truth)),
         "n_lesions": result.n_lesions,
+        "checkpoints": checkpoints,
         "settings": {
             "threshold": settings.threshold,
             "detection_threshold": settings.detection_threshold,
@@ -207,6 +212,32 @@ def evaluate(
     }
     _write_outputs(Path(out_dir), summary, detections, result, scores, truth)
     return summary
+
+
+def _checkpoints_of(per_slide: list[dict]) -> list[dict]:
+    """The checkpoints that made the heatmaps (``{checkpoint, checkpoint_sha256, slides}``, one
+    per SHA-256; unrecorded ones under None), with a warning when there are several: the figures
+    then mix models."""
+    found: dict[str | None, dict] = {}
+    for entry in per_slide:
+        sha = entry["checkpoint_sha256"]
+        record = found.setdefault(
+            sha, {"checkpoint": entry["checkpoint"], "checkpoint_sha256": sha, "slides": []}
+        )
+        record["slides"].append(entry["slide"])
+    out = list(found.values())
+    if len(out) > 1:
+        log.warning(
+            "the heatmaps were made by %d different checkpoints (or record none): %s; the "
+            "figures mix them",
+            len(out),
+            "; ".join(
+                f"{r['checkpoint'] or 'unrecorded'} (sha256 {str(r['checkpoint_sha256'])[:12]}): "
+                f"{', '.join(r['slides'])}"
+                for r in out
+            ),
+        )
+    return out
 
 
 def _finite_or_none(value: float) -> float | None:

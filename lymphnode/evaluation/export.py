@@ -33,7 +33,7 @@ from lymphnode.core import validate
 from lymphnode.core.errors import ConfigError, EvaluationError
 from lymphnode.evaluation.camelyon16 import find_heatmaps
 from lymphnode.evaluation.lesions import detect_lesions
-from lymphnode.inference.heatmap import Heatmap, read_heatmap
+from lymphnode.inference.heatmap import HEATMAP_SUFFIX, Heatmap, check_slide_name, read_heatmap
 from lymphnode.inference.lesions import Lesion, lesion_polygons, validate_thresholds
 from lymphnode.wsi.annotations import write_asap
 from lymphnode.wsi.geojson import (
@@ -163,8 +163,10 @@ def export_heatmap(
     heatmap: Heatmap, out_dir: str | Path, settings: ExportSettings, *, source: str = ""
 ) -> dict[str, Any]:
     """Write the lesion files of one heatmap (its ``mpp`` must be known); returns a summary
-    ``{slide, lesions: {threshold: n}, detections, files}``."""
+    ``{slide, lesions: {threshold: n}, detections, files}``. The output names are the slide's
+    name, a plain file stem (:func:`check_slide_name`: no path leaves ``out_dir``)."""
     out_dir = Path(out_dir)
+    check_slide_name(heatmap.slide, f"heatmap {source or heatmap.slide!r}")
     if heatmap.mpp is None:
         raise EvaluationError(
             f"heatmap {source or heatmap.slide} has no µm/px; pass mpp=<level-0 µm/px>"
@@ -277,7 +279,14 @@ def export(
 def _check_against_slide(
     path: Path, heatmap: Heatmap, slides: str | Path, mpp: float | None
 ) -> float:
-    """The level-0 µm/px of a heatmap after checking it against its slide (EvaluationError)."""
+    """The level-0 µm/px of a heatmap after checking it against its slide (EvaluationError).
+    The heatmap's file name and the slide it records must agree: output names come from them."""
+    stem = path.name[: -len(HEATMAP_SUFFIX)] if path.name.endswith(HEATMAP_SUFFIX) else path.stem
+    if heatmap.slide != stem:
+        raise EvaluationError(
+            f"{path} holds the heatmap of slide {heatmap.slide!r}, not {stem!r}; file and slide "
+            "names must match"
+        )
     slide_path = find_slide(slides, heatmap.slide, path)
     with open_slide(slide_path) as slide:
         size, slide_mpp = tuple(slide.dimensions), slide.mpp

@@ -26,9 +26,11 @@ Coordinates: level-0 px, (x, y) top-left, as OpenSlide. Heatmap pixel (i, j) cov
 from __future__ import annotations
 
 import contextlib
+import glob
 import logging
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -199,11 +201,45 @@ def run_tiles(
     return n
 
 
+def _scratch_prefix(name: str) -> str:
+    """``.tmp-<slide>-<host>-``: what this machine's scratch folders of ``name`` start with."""
+    return f".tmp-{name}-{socket.gethostname()}-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_scratch(parent: Path, name: str) -> list[Path]:
+    """Remove the scratch folders of slide ``name`` under ``parent`` that a process of this
+    machine left when it died (kill -9, SIGBUS on a full disk, power loss): those whose process
+    id no longer runs. Folders of running processes and of other machines are kept. Returns the
+    removed folders."""
+    prefix = _scratch_prefix(name)
+    removed = []
+    for path in parent.glob(f"{glob.escape(prefix)}*"):
+        pid = path.name[len(prefix) :].split("-", 1)[0]
+        if path.is_dir() and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+            log.warning("%s: removed the scratch folder %s of a run that died", name, path)
+    return removed
+
+
 @contextlib.contextmanager
 def scratch_dir(parent: Path, name: str) -> Iterator[Path]:
-    """A temporary folder under ``parent`` for one slide's on-disk arrays, removed afterwards."""
+    """A temporary folder under ``parent`` for one slide's on-disk arrays, removed afterwards
+    (``.tmp-<slide>-<host>-<pid>-*``; those that dead processes of this machine left are removed
+    first, :func:`remove_stale_scratch`)."""
     parent.mkdir(parents=True, exist_ok=True)
-    path = Path(tempfile.mkdtemp(dir=parent, prefix=f".tmp-{name}-"))
+    remove_stale_scratch(parent, name)
+    path = Path(tempfile.mkdtemp(dir=parent, prefix=f"{_scratch_prefix(name)}{os.getpid()}-"))
     try:
         yield path
     finally:
@@ -214,6 +250,7 @@ __all__ = [
     "available_cpus",
     "model_threads",
     "predict_slide",
+    "remove_stale_scratch",
     "run_tiles",
     "scratch_dir",
     "tile_probabilities",

@@ -50,6 +50,10 @@ LEGACY_TASKS = {  # format-1 checkpoints name their task, not its class
     "multitask": "lymphnode.tasks.MultiTaskModule",
 }
 LEGACY_PREPROCESS_KEYS = ("normalize", "patch_size", "level")
+# Network arguments that name a local weights file the network starts from (SmpUNet's
+# encoder_weights, the ViT networks' weights): a network rebuilt from a checkpoint takes its
+# weights from the state dict, so these are cleared (the checkpoint is self-contained).
+WEIGHT_FILE_ARGS = ("encoder_weights", "weights")
 
 
 @dataclass
@@ -190,9 +194,11 @@ def checkpoint_parts(ckpt: Mapping[str, Any], path: str | Path) -> CheckpointPar
                 "config with _target_"
             )
         net_config = dict(hparams["net"])
-        if net_config.get("encoder_weights") is not None:
-            # the checkpoint's state dict holds the weights: the file it started from is not needed
-            net_config["encoder_weights"] = None
+        for key in WEIGHT_FILE_ARGS:
+            if net_config.get(key) is not None:
+                # the checkpoint's state dict holds the weights: the file it started from is not
+                # needed (nor read: another machine need not have it)
+                net_config[key] = None
         task_target = record.get("task_target")
     net_attribute = str(record.get("net_attribute", "net"))
     prefix = f"{net_attribute}."

@@ -14,7 +14,9 @@ per task: the worker opens the slide itself, computes its tissue mask, samples l
 each cache (:class:`lymphnode.patches.writer.ShardWriter`); the parent commits finished shards.
 Memory is that of one slide's tissue mask and one patch per worker, whatever the number or size of
 slides. A rerun with the same config skips completed slides; one with another config refuses and
-names the differing keys (``force=true`` rebuilds). Errors name the slide, the annotation file or
+names the differing keys (``force=true`` rebuilds). Each slide's manifest record keeps its
+annotation file's SHA-256 (:func:`slide_inputs`): a slide whose annotations changed since (a
+corrected outline back from QuPath) is built again, with a warning naming it. Errors name the slide, the annotation file or
 the cache; slides finished before an error stay in the caches.
 
 Every draw derives from ``seed`` and the slide's name, never from the order or the number of
@@ -39,9 +41,9 @@ from typing import Any
 import numpy as np
 
 from lymphnode.core import validate
-from lymphnode.core.errors import ConfigError, LymphnodeError, SlideError
+from lymphnode.core.errors import AnnotationError, ConfigError, LymphnodeError, SlideError
 from lymphnode.core.pool import run_jobs
-from lymphnode.patches.format import CODECS
+from lymphnode.patches.format import CODECS, SLIDE_ID_PATTERN, sha256
 from lymphnode.patches.sampling import sample_patches
 from lymphnode.patches.split import (
     SPLIT_FILE,
@@ -77,6 +79,7 @@ __all__ = [
     "process_slide",
     "settings_from_config",
     "shard_slides",
+    "slide_inputs",
 ]
 
 
@@ -363,6 +366,13 @@ def build_caches(
     annotations_dir = Path(annotations_dir) if annotations_dir is not None else None
     cache_dir = Path(cache_dir)
     sources = find_slides(slides_dir, annotations_dir)
+    for source in sources:  # before split.json or any cache is written
+        if not SLIDE_ID_PATTERN.match(source.name):
+            raise SlideError(
+                f"slide {source.path}: its name {source.name!r} cannot name a cache shard; "
+                "expected letters, digits and '._+-' (at most 200), starting with a letter or "
+                "digit: rename the slide (and its annotation file)"
+            )
     train, test = split_slides(
         sources,
         test_slides=settings["test_slides"],
@@ -426,6 +436,23 @@ def build_caches(
             "shard %d/%d: %d of the %d slides (%s)",
             index, count, len(mine), len(needed), ", ".join(s.name for s in mine) or "none",
         )  # fmt: skip
+    inputs = {source.name: slide_inputs(source) for source in mine}
+    unrecorded: list[str] = []
+    for source in mine:
+        for kind in settings["caches"]:
+            if source not in members[kind] or not writers[kind].is_complete(source.name):
+                continue
+            recorded = writers[kind].recorded_inputs(source.name)
+            if recorded is None:  # built before the record: nothing to compare
+                unrecorded.append(f"{kind}/{source.name}")
+            elif recorded != inputs[source.name]:
+                writers[kind].discard(source.name, _changed_inputs(source, recorded, inputs))
+    if unrecorded:
+        log.warning(
+            "%d complete slides (%s) record no annotation hash (built before prepare recorded "
+            "them): a changed annotation file is not noticed for them; force=true rebuilds",
+            len(unrecorded), ", ".join(unrecorded[:5]) + (" ..." if len(unrecorded) > 5 else ""),
+        )  # fmt: skip
     jobs: list[SlideJob] = []
     for source in mine:
         shards = tuple(
@@ -457,7 +484,7 @@ def build_caches(
 
     def record(job: SlideJob, result: SlideResult) -> bool:
         for kind, info in result.done.items():
-            writers[kind].commit(result.name, info)
+            writers[kind].commit(result.name, info, inputs=inputs[result.name])
         if result.error is not None:
             errors.append(result.error)
         return not errors  # after an error no slide starts; running ones finish and are kept
@@ -489,6 +516,32 @@ def build_caches(
         writer.finalize(names)
         log.info("%s cache: %s", kind, writer.path)
     return {kind: writer.path for kind, writer in writers.items()}
+
+
+def slide_inputs(source: SlideSource) -> dict[str, Any]:
+    """What a slide's shards are built from besides the cache configuration, as its manifest
+    record keeps it: the annotation file's name and SHA-256 of its bytes (both None for a slide
+    without one). A corrected outline (QuPath round trip) changes the hash, so a rerun of
+    ``prepare`` builds that slide again instead of keeping the old masks."""
+    path = source.annotations
+    if path is None:
+        return {"annotations": None, "annotations_sha256": None}
+    try:
+        digest = sha256(path)
+    except OSError as exc:
+        raise AnnotationError(f"annotation file {path} (slide {source.path}): {exc}") from exc
+    return {"annotations": path.name, "annotations_sha256": digest}
+
+
+def _changed_inputs(
+    source: SlideSource, recorded: Mapping[str, Any], now: Mapping[str, Any]
+) -> str:
+    """One line: how a slide's inputs changed since its shard was built."""
+    old, new = recorded.get("annotations_sha256"), now.get("annotations_sha256")
+    return (
+        f"its annotations changed since the cache was built ({recorded.get('annotations')} "
+        f"sha256 {str(old)[:12]} -> {source.annotations} sha256 {str(new)[:12]})"
+    )
 
 
 def shard_slides(slides: Sequence[SlideSource], shard: tuple[int, int] | None) -> list[SlideSource]:

@@ -20,6 +20,7 @@ import glob
 import hashlib
 import logging
 import re
+import shutil
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ import numpy as np
 
 from lymphnode.core import validate
 from lymphnode.core.errors import CacheError, ConfigError
-from lymphnode.patches.format import CODECS, SLIDE_ID_PATTERN
+from lymphnode.patches.format import CODECS, MANIFEST_NAME, SHARDS_DIR, SLIDE_ID_PATTERN
 from lymphnode.patches.reader import PatchCache
 from lymphnode.patches.writer import CacheWriter
 
@@ -249,6 +250,7 @@ def _compile(slide_pattern: str | None) -> re.Pattern[str] | None:
     return pattern
 
 
+MAX_COORDINATE = 2**63 - 1  # level-0 px: the index stores x and y as int64
 _DEFAULT = re.compile(DEFAULT_PATTERN)
 _FALLBACK = re.compile(FALLBACK_PATTERN)
 
@@ -294,6 +296,11 @@ def parse_name(
             ) from None
         if x < 0 or y < 0:
             raise CacheError(f"file name {name!r}: x={x}, y={y} must be >= 0 (level-0 px)")
+        if max(x, y) > MAX_COORDINATE:
+            raise CacheError(
+                f"file name {name!r}: x={x}, y={y} from {shown}: expected level-0 px <= "
+                f"{MAX_COORDINATE:,} (the cache stores 64-bit coordinates)"
+            )
     return slide, x, y, fell_back
 
 
@@ -406,6 +413,9 @@ def import_patches(
         "coordinates": bool(coordinates),
         "label_from_mask": bool(label_from_mask),
     }
+    out = Path(out)
+    created = not out.exists()
+    fresh = created or not (out / MANIFEST_NAME).exists()
     writer = CacheWriter(
         out,
         config,
@@ -415,18 +425,33 @@ def import_patches(
         quality=quality,
         force=force,
     )
-    for slide_id, items in by_slide.items():
-        if writer.is_complete(slide_id):
-            continue
-        with writer.slide(slide_id, n=len(items)) as shard:
-            for image_path, mask_path, x, y in items:
-                mask = _read_mask(mask_path, max_pixels) if mask_path is not None else None
-                label = int(mask.any()) if mask is not None and label_from_mask else -1
-                image = _read_rgb(image_path, max_pixels)
-                shard.add(image, mask, x=x, y=y, level=0, label=label)
-        writer.commit(slide_id, shard.info)
+    try:
+        for slide_id, items in by_slide.items():
+            if writer.is_complete(slide_id):
+                continue
+            with writer.slide(slide_id, n=len(items)) as shard:
+                for image_path, mask_path, x, y in items:
+                    mask = _read_mask(mask_path, max_pixels) if mask_path is not None else None
+                    label = int(mask.any()) if mask is not None and label_from_mask else -1
+                    image = _read_rgb(image_path, max_pixels)
+                    shard.add(image, mask, x=x, y=y, level=0, label=label)
+            writer.commit(slide_id, shard.info)
+    except BaseException:
+        if fresh and not writer.manifest_slides():
+            _remove_new_cache(out, created)  # nothing half-written: no 0-slide cache left behind
+        raise
     writer.finalize(list(by_slide))
     return PatchCache(out)
+
+
+def _remove_new_cache(out: Path, created: bool) -> None:
+    """Remove the empty cache an import that failed before its first slide had started: the
+    folder when the import made it, else only the manifest and shards/ it wrote."""
+    if created:
+        shutil.rmtree(out, ignore_errors=True)
+        return
+    (out / MANIFEST_NAME).unlink(missing_ok=True)
+    shutil.rmtree(out / SHARDS_DIR, ignore_errors=True)
 
 
 #: The name of earlier releases (one folder as ``inputs``).

@@ -498,6 +498,35 @@ class CacheWriter:
                 return (self.path / SHARDS_DIR / slide_id).is_dir()
         return False
 
+    def manifest_slides(self) -> list[str]:
+        """The ids of the slides the manifest records complete (re-read from disk)."""
+        return [s["id"] for s in self._refresh()["slides"] if s.get("status") == "complete"]
+
+    def recorded_inputs(self, slide_id: str) -> dict[str, Any] | None:
+        """What a complete slide's record says it was built from (``inputs``, e.g. its
+        annotation file's SHA-256; :meth:`commit`); None when the slide is not complete or its
+        record predates the field."""
+        check_slide_id(slide_id)
+        for record in self._refresh()["slides"]:
+            if record["id"] == slide_id and record.get("status") == "complete":
+                inputs = record.get("inputs")
+                return dict(inputs) if isinstance(inputs, Mapping) else None
+        return None
+
+    def discard(self, slide_id: str, reason: str) -> None:
+        """Drop a complete slide from the manifest and delete its shard (its inputs changed: it
+        is built again). The manifest goes first, so a crash between the two leaves a shard
+        that no manifest entry names (removed at :meth:`finalize`), never a record without
+        files."""
+        check_slide_id(slide_id)
+        with locked(self.path):
+            manifest = self._refresh()
+            manifest["slides"] = [s for s in manifest["slides"] if s["id"] != slide_id]
+            write_manifest(self.path, manifest)
+            shutil.rmtree(self.path / SHARDS_DIR / slide_id, ignore_errors=True)
+        log.warning("patch cache %s: slide %s discarded and built again: %s", self.path,
+                    slide_id, reason)  # fmt: skip
+
     def slide(self, slide_id: str, n: int | None = None) -> ShardWriter:
         """A :class:`ShardWriter` for ``slide_id``; ``n``, when given, is the exact patch count.
 
@@ -521,8 +550,14 @@ class CacheWriter:
             n=n,
         )
 
-    def commit(self, slide_id: str, info: Mapping[str, Any]) -> None:
-        """Record a finished shard (``ShardWriter.info``) in the manifest, atomically."""
+    def commit(
+        self, slide_id: str, info: Mapping[str, Any], inputs: Mapping[str, Any] | None = None
+    ) -> None:
+        """Record a finished shard (``ShardWriter.info``) in the manifest, atomically.
+
+        ``inputs``: what the slide's bytes were built from besides the cache's configuration
+        (JSON values; ``prepare`` records its annotation file's name and SHA-256), kept in its
+        record so that a rerun notices a changed input (:meth:`recorded_inputs`)."""
         check_slide_id(slide_id)
         if not isinstance(info, Mapping) or info.get("id") != slide_id:
             raise CacheError(
@@ -550,6 +585,8 @@ class CacheWriter:
             "n": int(info["n"]),
             "checksums": dict(checksums),
         }
+        if inputs is not None:
+            record["inputs"] = jsonable(dict(inputs))
         with locked(self.path):
             manifest = self._refresh()
             slides = [s for s in manifest["slides"] if s["id"] != slide_id]
