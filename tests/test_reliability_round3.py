@@ -395,12 +395,15 @@ def test_a_corrected_annotation_rebuilds_its_slide_on_a_rerun_of_prepare(
         write_geojson(ann, [])
     with caplog.at_level(logging.WARNING):
         _prepare(root, caches)
+    messages = [r.getMessage() for r in caplog.records]
     after = _masks(caches / "labeled")
     _prepare(root, tmp_path / "fresh")
     assert np.array_equal(after, _masks(tmp_path / "fresh" / "labeled"))  # as a fresh build
     assert not after.any()  # the corrected labels reach the cache
-    warned = [r.getMessage() for r in caplog.records if "discarded" in r.getMessage()]
+    warned = [m for m in messages if "discarded" in m]
     assert len(warned) == 1 and "tumor_001" in warned[0] and "annotations changed" in warned[0]
+    empty = [m for m in messages if "holds no tumour outline" in m]
+    assert len(empty) == 1 and str(ann) in empty[0]  # an emptied file is not silent either
     manifest = json.loads((caches / "labeled" / "manifest.json").read_text())
     (record,) = manifest["slides"]
     assert record["inputs"] == {"annotations": ann.name, "annotations_sha256": sha256(ann)}
@@ -501,3 +504,35 @@ def test_the_default_training_configs_pass_the_training_check() -> None:
         validate.training(cfg)  # type: ignore[arg-type]
     validate.training({"trainer": {"max_steps": -1, "max_epochs": None,
                                    "val_check_interval": 0.25}})  # fmt: skip
+
+
+# --- weak row: more patches than a slide has positions ---------------------------------------------
+def test_sampling_never_repeats_a_position_and_names_the_cause_when_the_slide_runs_out() -> None:
+    from lymphnode.core.errors import SamplingError
+    from lymphnode.patches.sampling import sample_patches
+    from lymphnode.wsi.tissue import TissueMask
+
+    tissue = TissueMask(np.ones((80, 80), bool), 1.0)  # all tissue, level-0 px
+    args = {"slide_size": (80, 80), "patch_size": 64, "seed": 0, "tissue": tissue,
+            "annotations": None, "labeled": False, "min_tissue_fraction": 0.0}  # fmt: skip
+    found = sample_patches(n=200, **args)  # 17 x 17 = 289 top-left positions fit
+    positions = [(p.x, p.y) for p in found]
+    assert len(positions) == 200 and len(set(positions)) == 200
+    with pytest.raises(SamplingError, match=r"draws repeated a position already taken"):
+        sample_patches(n=300, max_tries=20_000, **args)
+    assert [(p.x, p.y) for p in sample_patches(n=200, **args)] == positions  # same seed, same
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("split.test_fraction=abc", "split.test_fraction must be a finite number in 0..1"),
+        ("split.test_fraction=-0.5", "split.test_fraction must be a finite number in 0..1"),
+        ("seed=abc", "seed must be an integer >= 0, got 'abc'"),
+    ],
+)
+def test_prepare_split_settings_are_one_error_line(
+    tmp_path: Path, override: str, expected: str
+) -> None:
+    result = cli("lymphnode.prepare", f"paths.root={tmp_path}", override, cwd=tmp_path)
+    assert expected in one_error_line(result)

@@ -160,10 +160,18 @@ def settings_from_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
         "workers": workers,
         "shard": shard,
         "force": bool(cfg.get("force", False)),
-        "seed": int(cfg.get("seed", 0)),
-        "split_seed": int(split.get("seed", cfg.get("seed", 0))),
+        "seed": validate.integer("seed", cfg.get("seed", 0), minimum=0),
+        "split_seed": validate.integer(
+            "split.seed", split.get("seed", cfg.get("seed", 0)), minimum=0
+        ),
         "test_slides": list(test_slides) if test_slides is not None else None,
-        "test_fraction": float(split.get("test_fraction", 0.2)),
+        "test_fraction": validate.number(
+            "split.test_fraction",
+            split.get("test_fraction", 0.2),
+            0.0,
+            1.0,
+            unit="(the share of tumor and of normal slides held out)",
+        ),
         "qupath": QupathClasses.from_config(cfg.get("qupath")),
         "asap": AsapGroups.from_config(cfg.get("asap")),
     }
@@ -404,7 +412,15 @@ def build_caches(
     # stops the build here.
     for source in sources:
         if source.annotations is not None and any(source in members[k] for k in settings["caches"]):
-            read_annotations(source, settings["qupath"], settings["asap"])
+            annotations = read_annotations(source, settings["qupath"], settings["asap"])
+            if annotations is not None and not annotations.tumor:
+                log.warning(
+                    "annotation file %s (slide %s) holds no tumour outline (an empty file, or "
+                    "only lines / points / classes that are not tumour): every patch of this slide "
+                    "is labelled non-tumour",
+                    source.annotations,
+                    source.path,
+                )
 
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)

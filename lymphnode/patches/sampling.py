@@ -103,7 +103,8 @@ def sample_patches(
         slide_name: name used in error messages.
 
     Returns:
-        ``n`` locations in the order drawn; level-0 top-left ``(x, y)``, label 1/0 (-1 unlabeled).
+        ``n`` locations in the order drawn, no two at the same position (a repeat is drawn
+        again); level-0 top-left ``(x, y)``, label 1/0 (-1 unlabeled).
 
     Raises:
         ConfigError: a parameter is out of range or the patch does not fit in the slide.
@@ -141,21 +142,31 @@ def sample_patches(
         rng=rng,
     )
     found: list[PatchLocation] = []
+    seen: set[tuple[int, int]] = set()  # a position drawn twice would be one patch in two folds
+    duplicates = 0
     counts = {TUMOR: 0, NON_TUMOR: 0, UNLABELED: 0}
     tries = 0
     for label in classes.tolist():
         while True:
             if tries >= max_tries:
-                raise SamplingError(
-                    _quota_message(name, counts, wanted, tries, labeled, reason="max_tries reached")
+                reason = "max_tries reached" + (
+                    f"; {duplicates} draws repeated a position already taken (the slide has "
+                    "fewer distinct positions than asked for: lower counts)"
+                    if duplicates
+                    else ""
                 )
+                raise SamplingError(_quota_message(name, counts, wanted, tries, labeled, reason))
             if not sampler.can_draw(label):
                 raise SamplingError(
                     _quota_message(name, counts, wanted, tries, labeled, sampler.why_not(label))
                 )
             tries += 1
             location = sampler.draw(label)
+            if location is not None and (location.x, location.y) in seen:
+                duplicates += 1
+                continue
             if location is not None:
+                seen.add((location.x, location.y))
                 found.append(location)
                 counts[label] += 1
                 break
