@@ -253,7 +253,7 @@ def test_pickle_payloads_missing_and_unreadable_files_are_refused(tmp_path: Path
     marker = tmp_path / "ran"
     path = tmp_path / "evil.bin"
     with path.open("wb") as f:
-        pickle.dump({"cls_token": _Payload(marker)}, f)
+        pickle.dump({"cls_token": _Payload(marker)}, f, protocol=2)  # torch.load's own
     with pytest.raises(
         ConfigError,
         match=r"evil\.bin cannot be read as a torch weights file with weights_only=True",

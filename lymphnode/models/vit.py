@@ -42,7 +42,8 @@ from lymphnode.core import validate
 from lymphnode.core.errors import ConfigError
 from lymphnode.models.contract import InputNeeds
 from lymphnode.models.unet import NORMS, DoubleConv, UNetOutput
-from lymphnode.models.vit_presets import ViTPreset, build_vit, preset
+from lymphnode.models.vit_presets import ViTPreset, build_vit
+from lymphnode.models.vit_presets import preset as find_preset
 from lymphnode.models.vit_weights import load_vit_weights
 
 log = logging.getLogger(__name__)
@@ -100,7 +101,7 @@ class ViTUNet(nn.Module):
     ) -> None:
         super().__init__()
         where = "ViTUNet: "
-        p = _preset(preset)
+        p = find_preset(preset)
         if weights is not None and not isinstance(weights, str | Path):
             raise ConfigError(
                 f"{where}weights={weights!r} is invalid; expected null or the path "
@@ -273,10 +274,6 @@ class ViTUNet(nn.Module):
         if bool(source_config.get("recon", True)) == self.recon:
             return []
         return ["recon_head."]
-
-
-def _preset(name: Any) -> ViTPreset:
-    return preset(name)
 
 
 def _plain_value(value: Any) -> Any:
