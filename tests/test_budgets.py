@@ -12,6 +12,7 @@ import torch
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from tiny_runs import RECORDER, STEPS_PER_EPOCH, Recorder, compose_train, run, write_caches
 
+from lymphnode.core.boundary import RunInterrupted
 from lymphnode.tasks.budget import is_interrupted
 
 
@@ -123,7 +124,8 @@ def test_sigterm_is_interrupted_with_the_step_reached(tmp_path: Path, caches: Pa
         tmp_path, caches, "trainer.max_steps=50", "trainer.val_check_interval=10",
         RECORDER, "+callbacks.recorder.sigterm_at=3",
     )  # fmt: skip
-    assert isinstance(outcome, SIGTERMException)
+    assert isinstance(outcome, RunInterrupted) and outcome.exit_code == 143  # the CLI exits 143
+    assert isinstance(outcome.__cause__, SIGTERMException)
     assert results["status"] == "interrupted" and results["steps"]["last"] == 3
     assert "interrupted (sigterm) at step 3" in results["error"]
     last = Path(results["config"]["run_dir"]) / "checkpoints" / "last.ckpt"
@@ -131,10 +133,10 @@ def test_sigterm_is_interrupted_with_the_step_reached(tmp_path: Path, caches: Pa
     best = results["checkpoints"]["best"]
     assert best is None or Path(best).is_file()
     assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 3
-    # resumable: the rerun continues from step 3 to the budget
+    # resumable: the same command (with ckpt_path=last) continues from step 3 to the budget
     outcome, resumed = run(
         tmp_path, caches, "trainer.max_steps=50", "trainer.val_check_interval=10",
-        "ckpt_path=last", RECORDER,
+        "ckpt_path=last", RECORDER, "+callbacks.recorder.sigterm_at=3",
     )  # fmt: skip
     assert not isinstance(outcome, BaseException), resumed["error"]
     assert resumed["status"] == "completed" and resumed["steps"]["last"] == 50

@@ -68,6 +68,7 @@ def test_the_fingerprint_ignores_result_neutral_keys_only() -> None:
         ((), "scratch"),
         (("model=smp_unet",), "scratch@smpunet"),
         (("method=semi",), "scratch+semi"),
+        (("++task.semi.weight=1",), "scratch+semi"),  # derived: semi-supervised settings are set
         (("experiment=finetune", "model=smp_unet", "pretext=masked", "method=semi"),
          "pretrained-masked@smpunet+semi"),
     ],

@@ -12,6 +12,8 @@ composition of lymphnode's configs resolves, inside a CLI or not).
   method (``method: null``), ``"@<network>"`` for another network (its class name in lower case:
   ``@smpunet``) and ``"+<method>"`` for another method (``+semi``), so that different arms never
   share a run folder;
+- ``${method_of:${oc.select:task.semi,null}}``: ``semi`` when semi-supervised settings are set,
+  else None (the default of conf/train.yaml's ``method``);
 - ``${shard_dir:${shard}[,default]}``: ``shard-<i>-of-<n>`` for prepare's ``shard=i/n`` (each job
   of a sharded build logs into its own folder), ``default`` (``""``) for null or a malformed value
   (prepare itself refuses that one, naming it).
@@ -65,6 +67,12 @@ def arm_variant(model_target: Any, method: Any = None) -> str:
     return out
 
 
+def method_of(semi: Any) -> str | None:
+    """The fine-tuning method a config implies: ``"semi"`` when semi-supervised settings
+    (``task.semi``) are set, else None (the paper's multi-task fine-tuning)."""
+    return None if semi is None else "semi"
+
+
 def shard_dir(shard: Any, default: Any = "") -> str:
     """``shard-<i>-of-<n>`` for a valid ``"i/n"``, else ``str(default)``."""
     from lymphnode.core.errors import ConfigError
@@ -82,6 +90,7 @@ RESOLVERS: dict[str, Callable[..., Any]] = {
     "pretext_suffix": pretext_suffix,
     "run_arm": run_arm,
     "arm_variant": arm_variant,
+    "method_of": method_of,
     "shard_dir": shard_dir,
 }
 
@@ -98,6 +107,7 @@ def register() -> None:
 __all__ = [
     "RESOLVERS",
     "arm_variant",
+    "method_of",
     "network_name",
     "pretext_suffix",
     "pretrained_if",

@@ -11,10 +11,13 @@ from conf/task/ and conf/pretext/):
 - ``multitask``: segmentation + reconstruction fine-tuning (or training from scratch), with its
   own lr scale / frozen start for the pretrained weights;
 - ``callbacks``: per-depth weight / gradient norms, the non-finite loss guard, the all-tumour
-  baseline;
+  baseline, the progress output (a bar on a terminal, log lines otherwise);
 - ``checkpointing``: checkpoint selection (``best.ckpt`` by ``selection``, ``last.ckpt`` = last step);
 - ``budget``: a run's step / epoch / time budget and why it stopped (for results.json);
 - ``spawn``: what a ``ddp_spawn`` fit's processes send back to the one that writes results.json.
+- ``build``: the run's objects from the config (DataModule, task, callbacks, loggers, Trainer);
+- ``lifecycle``: a run's identity, skip / resume / refuse, fitting, evaluating its checkpoints and
+  its results.json (what ``python -m lymphnode.train`` runs).
 
 Checkpoint reading lives in :mod:`lymphnode.models.checkpoint`.
 """
