@@ -490,3 +490,33 @@ def test_full_size_presets_have_the_published_parameter_counts(name: str) -> Non
     millions = sum(p.numel() for p in vit.parameters()) / 1e6
     published, rounding = PUBLISHED_SIZES[name]
     assert abs(millions - published) <= rounding, millions
+
+
+def test_model_vit_composes_with_the_demo_profile_and_the_command_line() -> None:
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.utils import instantiate
+
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+            demo = compose("train", overrides=["experiment=finetune", "profile=demo", "model=vit"])
+            full = compose(
+                "train",
+                overrides=[
+                    "experiment=finetune",
+                    "model=vit",
+                    "model.preset=virchow2",
+                    "model.weights=/data/Virchow2.bin",
+                    "model.depth=2",
+                ],
+            )
+    finally:
+        GlobalHydra.instance().clear()
+    assert demo.model.vit_kwargs.embed_dim == 96 and demo.model.preset == "uni"
+    net = instantiate(demo.model)  # builds: a tiny random ViT with UNI's quirks
+    assert isinstance(net, ViTUNet) and len(net.encoder.blocks) == 4
+    assert net(torch.randn(1, 3, 128, 128)).seg.shape == (1, 1, 128, 128)  # the demo's patches
+    assert full.model.preset == "virchow2" and full.model.depth == 2
+    assert full.model.weights == "/data/Virchow2.bin" and full.model.vit_kwargs is None
