@@ -203,6 +203,9 @@ def run_inference(
         except LymphnodeError as exc:
             status[name] = f"failed: {exc}"
             log.error("%s failed: %s", name, exc)
+        except OSError as exc:  # a full disk (scratch arrays, heatmap, overlay): this slide fails
+            status[name] = f"failed: cannot write its outputs in {out}: {exc}"
+            log.error("%s failed: cannot write its outputs in %s: %s", name, out, exc)
     return status
 
 

@@ -536,3 +536,27 @@ def test_prepare_split_settings_are_one_error_line(
 ) -> None:
     result = cli("lymphnode.prepare", f"paths.root={tmp_path}", override, cwd=tmp_path)
     assert expected in one_error_line(result)
+
+
+# --- weak row: a full disk during infer -----------------------------------------------------------
+def test_a_full_disk_fails_the_slide_by_name_without_sigbus_or_scratch_left(
+    tmp_path: Path, slides: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno as errno_module
+
+    from lymphnode.inference import stitch
+
+    calls = []
+
+    def full(fd: int, offset: int, length: int) -> None:
+        calls.append(length)
+        raise OSError(errno_module.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(stitch.os, "posix_fallocate", full)
+    ckpt = _checkpoint(tmp_path / "m.ckpt", seg_bias=3.0)
+    out = tmp_path / "out"
+    status = run_inference(ckpt, [slides / "tumor_009.tif"], out, settings=CPU, progress=False)
+    assert status["tumor_009"].startswith(f"failed: cannot write its outputs in {out}")
+    assert "sum.npy (No space left on device)" in status["tumor_009"]
+    assert calls and calls[0] >= 24 * 32 * 4  # the whole (24, 32) float32 map, allocated up front
+    assert list(out.iterdir()) == []  # no scratch folder, no heatmap

@@ -7,6 +7,8 @@ downsample.
 
 from __future__ import annotations
 
+import errno
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +41,25 @@ class TileBlocks:
     ready: torch.cuda.Event | None = None
 
 
+def scratch_array(path: Path, shape: tuple[int, int]) -> np.ndarray:
+    """A zeroed float32 ``.npy`` memory map at ``path`` whose blocks are allocated on disk now:
+    a full disk is an ``OSError`` (ENOSPC) here, not a SIGBUS when a page is first written
+    (file systems without ``fallocate`` keep the sparse file)."""
+    array = np.lib.format.open_memmap(path, "w+", np.float32, shape)
+    try:
+        fd = os.open(path, os.O_RDWR)
+        try:
+            os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            return array  # no fallocate here: as before
+        del array
+        raise OSError(exc.errno, f"cannot allocate {path} ({exc.strerror})") from exc
+    return array
+
+
 class HeatmapStitcher:
     """Accumulates tile probabilities into on-disk (memory-mapped) sum and weight arrays.
 
@@ -58,8 +79,8 @@ class HeatmapStitcher:
         self.window = np.outer(self._window_1d, self._window_1d)
         self._window_t: dict[torch.device, torch.Tensor] = {}
         workdir.mkdir(parents=True, exist_ok=True)
-        self.sum = np.lib.format.open_memmap(workdir / "sum.npy", "w+", np.float32, shape)
-        self.weight = np.lib.format.open_memmap(workdir / "weight.npy", "w+", np.float32, shape)
+        self.sum = scratch_array(workdir / "sum.npy", shape)
+        self.weight = scratch_array(workdir / "weight.npy", shape)
         # heatmap row/col of each tile pixel relative to the tile's level-0 corner, per corner
         # phase: computed on the fly because corners need not be aligned to the heatmap grid.
         self._offsets = (np.arange(patch_size) + 0.5) * level_downsample  # level-0 px
