@@ -206,3 +206,18 @@ def test_a_corrupt_pretraining_record_is_refused_naming_it(tmp_path: Path, cache
     refused = attempt(tmp_path, caches, *STEPS, experiment="finetune")
     assert isinstance(refused, ConfigError) and str(record) in str(refused)
     assert read_results(record) is None
+
+
+def test_an_older_record_without_the_keys_added_since_is_still_the_same_run(
+    tmp_path: Path, caches: Path
+) -> None:
+    """A record written before ``method`` (and the fingerprint) existed: the rerun skips it
+    (a key added with a null default keeps the old behaviour), it is not refused."""
+    value, first = run(tmp_path, caches, *STEPS)
+    path = run_dir(tmp_path) / "results.json"
+    older = {k: v for k, v in first.items() if k != "fingerprint"}
+    older["config"] = {k: v for k, v in first["config"].items() if k != "method"}
+    write_results(path, older)
+    before = path.read_bytes()
+    again, _ = run(tmp_path, caches, *STEPS)
+    assert again == value and path.read_bytes() == before

@@ -8,7 +8,14 @@ from pathlib import Path
 import pytest
 
 from lymphnode.core.errors import CacheError, ConfigError
-from lymphnode.core.records import config_differences, flatten, read_record, resume_or_refuse
+from lymphnode.core.records import (
+    config_differences,
+    fingerprint,
+    flatten,
+    is_ignored,
+    read_record,
+    resume_or_refuse,
+)
 
 
 def test_flatten_and_differences_ignore_key_order_and_name_nested_keys() -> None:
@@ -61,3 +68,19 @@ def test_unreadable_or_malformed_records_are_refused_naming_the_file(tmp_path: P
     (tmp_path / "noconf.json").write_text('{"config": 3}')
     with pytest.raises(ConfigError, match=r"its 'config' is 3, expected a dict"):
         read_record(tmp_path / "noconf.json", what="m", required_keys={"config": dict})
+
+
+def test_ignored_keys_and_keys_added_with_a_null_default_are_no_difference() -> None:
+    old = {"seed": 0, "logger": {"csv": {"save_dir": "/a"}}, "trainer": {"max_steps": 40}}
+    new = {"seed": 0, "logger": {}, "trainer": {"max_steps": 60}, "method": None}
+    assert config_differences(old, new, ignore=["logger"], absent_is_null=True) == [
+        "trainer.max_steps: 40 → 60"
+    ]
+    assert 'method: <absent> → null' in config_differences(old, new, ignore=["logger"])
+    assert config_differences(old, {**new, "method": "semi"}, ["logger", "trainer"], True) == [
+        'method: <absent> → "semi"'
+    ]
+    assert is_ignored("logger.csv", ["logger"]) and not is_ignored("loggers", ["logger"])
+    same = fingerprint({"a": 1, "b": {"c": 2}, "log": 3}, ["log"])
+    assert same == fingerprint({"b": {"c": 2}, "a": 1, "log": 4}, ["log"])
+    assert same != fingerprint({"a": 2, "b": {"c": 2}}, ["log"]) and len(same) == 16

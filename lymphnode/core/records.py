@@ -72,16 +72,28 @@ def fingerprint(config: Mapping[str, Any], ignore: Iterable[str] = ()) -> str:
 
 
 def config_differences(
-    old: Mapping[str, Any], new: Mapping[str, Any], ignore: Iterable[str] = ()
+    old: Mapping[str, Any],
+    new: Mapping[str, Any],
+    ignore: Iterable[str] = (),
+    absent_is_null: bool = False,
 ) -> list[str]:
     """``"key: old → new"`` for every flattened key whose value differs, sorted by key (values as
     JSON; ``<absent>`` for a key only one side has), leaving out the keys of ``ignore`` and those
-    below them (:func:`is_ignored`). Empty when the configs are equal."""
+    below them (:func:`is_ignored`). With ``absent_is_null``, a key that ``old`` lacks and ``new``
+    sets to null is no difference (a key added since, whose null default keeps the old
+    behaviour). Empty when the configs are equal."""
     a, b = _compared(old, ignore), _compared(new, ignore)
+
+    def differs(key: str) -> bool:
+        before, after = a.get(key, _ABSENT), b.get(key, _ABSENT)
+        if absent_is_null and before is _ABSENT and after is None:
+            return False
+        return before != after
+
     return [
         f"{key}: {_show(a.get(key, _ABSENT))} → {_show(b.get(key, _ABSENT))}"
         for key in sorted(set(a) | set(b))
-        if a.get(key, _ABSENT) != b.get(key, _ABSENT)
+        if differs(key)
     ]
 
 
@@ -145,6 +157,7 @@ def resume_or_refuse(
     required_keys: Mapping[str, type] | None = None,
     error: type[LymphnodeError] = ConfigError,
     ignore: Iterable[str] = (),
+    absent_is_null: bool = False,
 ) -> Resume:
     """Compare ``config`` with the config stored under ``config_key`` in the record at ``path``.
 
@@ -156,7 +169,8 @@ def resume_or_refuse(
     - an unreadable record: raise ``error`` naming the file and ``remedy``; with ``force``,
       ``Resume(None)``.
 
-    Keys of ``ignore`` (and below them) do not count as differences (:func:`config_differences`).
+    Keys of ``ignore`` (and below them) do not count as differences, nor with ``absent_is_null``
+    keys the record lacks that ``config`` sets to null (:func:`config_differences`).
     """
     keys = {config_key: dict, **(required_keys or {})}
     try:
@@ -167,7 +181,7 @@ def resume_or_refuse(
         raise error(f"{exc}; {remedy}") from exc
     if record is None:
         return Resume(None)
-    changes = config_differences(record[config_key], config, ignore)
+    changes = config_differences(record[config_key], config, ignore, absent_is_null)
     if changes and not force:
         raise error(
             f"{path} was made with another config (differing keys: {'; '.join(changes)}); {remedy}"

@@ -12,7 +12,8 @@ checkpoints and its record (``<run_dir>/results.json``).
   skipped (its recorded metric is returned); ``interrupted`` by a signal, it resumes from its
   ``last.ckpt``; ``failed`` (or a ``debug`` smoke test), it trains again. A ``completed`` or
   ``interrupted`` record of another config is refused with one message naming every changed key
-  (``trainer.max_steps: 40 → 60``), through :func:`lymphnode.core.records.resume_or_refuse`, unless
+  (``trainer.max_steps: 40 → 60``), through :func:`lymphnode.core.records.resume_or_refuse` (a
+  key the record lacks and this config sets to null is a key added since, not a change), unless
   ``rerun=force`` (train again from step 0 and replace the record). An explicit ``ckpt_path``
   continues the run and may change its budget (:data:`BUDGET_KEYS`) only.
 - **Record.** results.json is written atomically at the end, also when the run fails (``status:
@@ -158,7 +159,7 @@ def plan_run(cfg: DictConfig, run_dir: Path, previous: Mapping[str, Any] | None)
     config = resolved_config(cfg)
     recorded = previous.get("config")
     changes = tuple(
-        config_differences(recorded, config, RESULT_NEUTRAL_KEYS)
+        config_differences(recorded, config, RESULT_NEUTRAL_KEYS, absent_is_null=True)
         if isinstance(recorded, Mapping)
         else ()
     )
@@ -178,7 +179,7 @@ def plan_run(cfg: DictConfig, run_dir: Path, previous: Mapping[str, Any] | None)
     explicit = cfg.get("ckpt_path") is not None  # the user continues this run, maybe for longer
     resume_or_refuse(
         run_dir / RESULTS_FILE, config, what="run record", remedy=_refusal_remedy(status),
-        ignore=RESULT_NEUTRAL_KEYS + (BUDGET_KEYS if explicit else ()),
+        ignore=RESULT_NEUTRAL_KEYS + (BUDGET_KEYS if explicit else ()), absent_is_null=True,
     )  # fmt: skip
     if explicit:
         return Plan("train", dict(previous), changes)
