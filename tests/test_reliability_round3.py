@@ -560,3 +560,27 @@ def test_a_full_disk_fails_the_slide_by_name_without_sigbus_or_scratch_left(
     assert "sum.npy (No space left on device)" in status["tumor_009"]
     assert calls and calls[0] >= 24 * 32 * 4  # the whole (24, 32) float32 map, allocated up front
     assert list(out.iterdir()) == []  # no scratch folder, no heatmap
+
+
+# --- weak row: two prepares on the same caches ----------------------------------------------------
+def test_a_slide_another_prepare_finished_meanwhile_is_skipped_not_an_error(
+    tmp_path: Path,
+) -> None:
+    from lymphnode.patches.build import PatchSettings, ShardJob, SlideJob, process_slide
+    from lymphnode.patches.split import SlideSource
+    from lymphnode.patches.writer import CacheWriter
+
+    slide = _slide(tmp_path / "slides" / "normal_001.tif", tissue=True)
+    writer = CacheWriter(tmp_path / "unlabeled", {"source": "test"}, codec="raw", patch_size=64,
+                         has_masks=False)  # fmt: skip
+    source = SlideSource(name="normal_001", path=slide, annotations=None)
+    job = SlideJob(source, (ShardJob(cache="unlabeled", writer=writer, n=4, labeled=False),),
+                   PatchSettings(patch_size=64, level=0, sampling={"min_tissue_fraction": 0.5}),
+                   seed=0)  # fmt: skip
+    first = process_slide(job)  # the winner
+    assert first.error is None and first.patches == 4
+    writer.commit("normal_001", first.done["unlabeled"])
+    second = process_slide(job)  # the loser planned the slide before the winner committed it
+    assert second.error is None, second.error  # not "already complete ... force=true"
+    assert second.done == {} and second.patches == 0
+    assert writer.manifest_slides() == ["normal_001"]

@@ -265,6 +265,11 @@ def process_slide(job: SlideJob) -> SlideResult:
             size = patch.patch_size
             extent = round(size * ds)  # level-0 px
             for shard_job in job.shards:
+                if shard_job.writer.is_complete(source.name):
+                    # another prepare on the same caches (same config) finished it meanwhile
+                    log.info("%s: already complete in the %s cache (another prepare built it)",
+                             source.name, shard_job.cache)  # fmt: skip
+                    continue
                 locations = sample_patches(
                     slide_size=slide.dimensions,
                     n=shard_job.n,
