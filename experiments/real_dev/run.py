@@ -50,6 +50,24 @@ PRETEXTS = ("reconstruction", "masked", "contrastive", "dense_contrastive", "sta
 # and heads at the full lr; scratch runs ignore it. `--finetune task.pretrained_lr_scale=1` gives
 # the paper's single lr (experiments/real_dev/README.md has both).
 FINETUNE_RECIPE = ("task.pretrained_lr_scale=0.1", "task.pretrained_lr_scope=encoder")
+# Cross-centre methods (#18 §2): each one more fine-tuning arm of the sweep, in its own run folders
+# (<arm>+<method>); `--variants` picks them (experiments/real_dev/README.md has their tables).
+STAIN_UNLABELED = "${paths.cache_dir}/unlabeled"
+VARIANTS: dict[str, tuple[str, ...]] = {
+    # HED jitter at the strong end of Tellez et al. 2019 (scale and offset ±0.2 per stain)
+    "hed_strong": ("method=hed_strong", "data.transforms.hed={sigma:0.2,bias:0.2}"),
+    # RandStainNA: a random stain per patch from the unlabeled pool's stain distribution
+    "randstain": ("method=randstain", f"data.transforms.randstain={{cache:{STAIN_UNLABELED}}}"),
+    # Reinhard normalisation to the labelled cache's stain (fitted there, applied everywhere)
+    "reinhard": ("method=reinhard", "data.stain_norm={method:reinhard}"),
+    # FixMatch pseudo-labels on the unlabeled pool under strong stain views
+    "fixmatch": ("semi=fixmatch",),
+    # RandStainNA + FixMatch
+    "randstain_fixmatch": (
+        "semi=fixmatch", "method=randstain_fixmatch",
+        f"data.transforms.randstain={{cache:{STAIN_UNLABELED}}}",
+    ),
+}  # fmt: skip
 SLIDE_PROTOCOL = {"pool": ("tumor_001", "tumor_004"), "test": ("tumor_064",)}
 TEST_FRACTION = 1 / 3  # patch protocol: the held-out share of each class
 SPLIT_SEED = 0
@@ -141,13 +159,15 @@ def protocol_runs(args: argparse.Namespace, protocol: str) -> None:
         run([*py, "lymphnode.train", "experiment=pretrain", f"pretext={pretext}", *common])
     sizes = ",".join(str(s) for s in args.sizes)
     folds = ",".join(str(k) for k in range(args.folds))
-    run(
-        [
-            *py, "lymphnode.train", "--multirun", "experiment=table", *common,
-            f"pretext={','.join(args.pretexts)}", f"data.labeled_size={sizes}",
-            f"data.fold={folds}", *FINETUNE_RECIPE, *args.finetune,
-        ]
-    )  # fmt: skip
+    for variant in args.variants:
+        run(
+            [
+                *py, "lymphnode.train", "--multirun", "experiment=table", *common,
+                f"pretext={','.join(args.pretexts)}", f"data.labeled_size={sizes}",
+                f"data.fold={folds}", *FINETUNE_RECIPE, *VARIANTS.get(variant, ()),
+                *args.finetune,
+            ]
+        )  # fmt: skip
     # the selected checkpoint (selection=val_f1), and what val_loss and the final step would give
     for checkpoint, out in (
         ("best", "report"),
@@ -156,6 +176,10 @@ def protocol_runs(args: argparse.Namespace, protocol: str) -> None:
     ):
         report = [*py, "lymphnode.report", str(root / "runs"), "--out", str(root / out)]
         run([*report, "--checkpoint", checkpoint])
+    if args.cross_centre:  # the test set re-stained to each CAMELYON17 centre (cross_centre.py)
+        centre = [sys.executable, str(HERE / "cross_centre.py")]
+        run([*centre, "build", str(root), "--data", str(data)])
+        run([*centre, "evaluate", str(root)])
     # per-slide test figures of the selected and the final-step checkpoints (per_slide.py)
     for checkpoint in ("best", "last"):
         run(
@@ -185,6 +209,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="a Hydra override for the fine-tuning sweep only (not the pretrainings), after "
         "the sweep's recipe (FINETUNE_RECIPE), e.g. --finetune task.pretrained_lr_scale=1; "
         "repeatable",
+    )
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        choices=["default", *VARIANTS],
+        default=["default"],
+        help="fine-tuning arms beside the recipe's (each its own run folders): default (the "
+        "recipe alone), " + ", ".join(VARIANTS),
+    )
+    parser.add_argument(
+        "--no-cross-centre",
+        dest="cross_centre",
+        action="store_false",
+        help="skip the cross-centre check (cross_centre.py build + evaluate)",
     )
     parser.add_argument(
         "override", nargs="*", help="extra Hydra overrides for every train run (key=value)"

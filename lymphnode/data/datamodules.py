@@ -32,12 +32,14 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
+from pytorch_lightning.utilities import CombinedLoader
 from torch.utils.data import DataLoader
 
 from lymphnode.core import validate
 from lymphnode.core.errors import CacheError, ConfigError
 from lymphnode.data.datasets import CacheDataset
 from lymphnode.data.samplers import EpochSampler
+from lymphnode.data.stain_transfer import fit_lab_distribution
 from lymphnode.data.transforms import build_eval_transform, build_train_transform
 from lymphnode.models.preprocess import Preprocess, normalize_stats
 from lymphnode.models.stain import (
@@ -52,7 +54,15 @@ log = logging.getLogger(__name__)
 
 CLASSES = (0, 1)  # 0 non-tumor, 1 tumor (the cache's label convention)
 CLASS_NAMES = {0: "non-tumor", 1: "tumor"}
-_TRANSFORM_KEYS = ("d4", "color_jitter", "hed", "crop", "blur", "grayscale")
+_TRANSFORM_KEYS = ("d4", "color_jitter", "hed", "crop", "blur", "grayscale", "randstain")
+_RANDSTAIN_KEYS = ("cache", "n_patches", "seed", "spread", "p")
+_RANDSTAIN_DEFAULTS: dict[str, Any] = {
+    "cache": None,  # the cache whose stains are sampled (the unlabeled pool); required
+    "n_patches": 256,  # patches of it the distribution is fitted to
+    "seed": 0,  # its own seed: the distribution must not change with the run seed
+    "spread": 1.0,  # multiple of the pool's standard deviations
+    "p": 0.8,  # probability per image
+}
 FOLD_BY = ("patch", "slide")
 _STAIN_KEYS = ("method", "reference", "reference_cache", "n_patches", "seed", "options")
 _STAIN_DEFAULTS: dict[str, Any] = {
@@ -228,6 +238,28 @@ def _transform_options(transforms: Mapping[str, Any] | None) -> dict[str, Any]:
     return {k: _plain(v) for k, v in transforms.items()}
 
 
+def _randstain_options(randstain: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """``transforms.randstain`` with its defaults, checked (the distribution is fitted later)."""
+    if randstain is None or randstain is False:
+        return None
+    if not isinstance(randstain, Mapping) or not randstain.get("cache"):
+        raise ConfigError(
+            f"transforms.randstain={randstain!r} is invalid: expected null or a mapping with "
+            f"'cache' (the unlabeled cache whose stains are sampled) and optional "
+            f"{list(_RANDSTAIN_KEYS[1:])}"
+        )
+    validate.keys("transforms.randstain", randstain, _RANDSTAIN_KEYS)
+    options = {**_RANDSTAIN_DEFAULTS, **_plain(randstain)}
+    validate.integer("transforms.randstain.n_patches", options["n_patches"], 2)
+    validate.integer("transforms.randstain.seed", options["seed"], 0)
+    spread, p = options["spread"], options["p"]
+    if not (isinstance(spread, (int, float)) and 0.0 <= spread < 100.0):
+        raise ConfigError(f"transforms.randstain.spread={spread!r} is invalid: expected >= 0")
+    if not (isinstance(p, (int, float)) and 0.0 <= p <= 1.0):
+        raise ConfigError(f"transforms.randstain.p={p!r} is invalid: expected in [0, 1]")
+    return options
+
+
 def _plain(value: Any) -> Any:
     """OmegaConf containers -> dict/list (albumentations and our checks want plain types)."""
     if isinstance(value, Mapping):
@@ -280,6 +312,8 @@ class _CacheDataModule(pl.LightningDataModule):
         self.persistent_workers = bool(persistent_workers)
         self.drop_last = bool(drop_last)
         self.transform_options = _transform_options(transforms)
+        self.randstain_options = _randstain_options(self.transform_options.pop("randstain", None))
+        self._randstain: dict[str, Any] | None = None
         self._normalize = normalize_stats(_plain(normalize))
         self.stain_options = _stain_options(stain_norm)
         build_train_transform(Preprocess(0, 1), **self.transform_options)  # validates them now
@@ -371,9 +405,33 @@ class _CacheDataModule(pl.LightningDataModule):
         log.info("fitting %s stain normalisation to %s", options["method"], source)
         return normalizer.fit(images)
 
+    @property
+    def randstain(self) -> dict[str, Any] | None:
+        """The RandStainNA arguments (``distribution`` fitted on first use from ``n_patches``
+        seeded patches of ``transforms.randstain.cache``), or None when it is off."""
+        options = self.randstain_options
+        if options is None:
+            return None
+        if self._randstain is None:
+            cache = PatchCache(Path(options["cache"]))
+            n = min(int(options["n_patches"]), len(cache))
+            rng = np.random.default_rng(options["seed"])
+            chosen = np.sort(rng.choice(len(cache), size=n, replace=False))
+            distribution = fit_lab_distribution([cache[int(i)][0] for i in chosen])
+            log.info(
+                "RandStainNA: stain distribution of %d patches of %s: %s",
+                n, options["cache"], distribution.as_dict(),
+            )  # fmt: skip
+            self._randstain = {
+                "distribution": distribution, "spread": options["spread"], "p": options["p"],
+            }  # fmt: skip
+        return self._randstain
+
     def train_transform(self) -> Any:
         """The training pipeline (augmentations from ``transforms``), seeded by ``seed``."""
-        return build_train_transform(self.preprocess, **self.transform_options, seed=self.seed)
+        return build_train_transform(
+            self.preprocess, **self.transform_options, randstain=self.randstain, seed=self.seed
+        )
 
     def eval_transform(self) -> Any:
         """The validation/test pipeline: [centre crop to ``transforms.crop``] +
@@ -519,6 +577,11 @@ class PretrainDataModule(_CacheDataModule):
         self.view_options: dict[str, Any] | None = None
         if view_transforms is not None:
             self.view_options = _transform_options(view_transforms)
+            if self.view_options.pop("randstain", None) is not None:
+                raise ConfigError(
+                    "view_transforms.randstain is set: RandStainNA is configured once, in "
+                    "transforms.randstain (it applies to the views too)"
+                )
             crop = self.transform_options.get("crop")
             if self.view_options.setdefault("crop", crop) != crop:
                 raise ConfigError(
@@ -548,8 +611,13 @@ class PretrainDataModule(_CacheDataModule):
             train_tf, val_tf = self.train_transform(), self.eval_transform()
         else:  # every view augmented, validation too (identical views would make the loss trivial)
             options = self.view_options if self.view_options is not None else self.transform_options
-            train_tf = build_train_transform(self.preprocess, **options, seed=self.seed)
-            val_tf = build_train_transform(self.preprocess, **options, seed=self.seed + 1)
+            stain = self.randstain
+            train_tf = build_train_transform(
+                self.preprocess, **options, randstain=stain, seed=self.seed
+            )
+            val_tf = build_train_transform(
+                self.preprocess, **options, randstain=stain, seed=self.seed + 1
+            )
         self.train_dataset = CacheDataset(self.cache_dir, train, train_tf, False, self.views)
         self.val_dataset = CacheDataset(self.cache_dir, val, val_tf, False, self.views)
         log.info(
@@ -584,6 +652,11 @@ class FinetuneDataModule(_CacheDataModule):
             (each fold holds whole slides, so a validation fold's patches come from slides that
             none of its training patches come from; folds are then of unequal size and need at
             least ``folds`` slides in the subset).
+        unlabeled_dir: an unlabeled cache (the pretraining pool) for semi-supervised
+            fine-tuning (``task.semi``): each training batch is then ``{"labeled": batch,
+            "unlabeled": batch}``, the unlabeled patches with the training augmentations (the
+            weak view), shuffled by (seed, epoch); an epoch is still one pass over the labeled
+            patches. None (default): labeled batches only.
         other arguments: as :class:`PretrainDataModule`.
 
     Raises:
@@ -611,6 +684,7 @@ class FinetuneDataModule(_CacheDataModule):
         transforms: Mapping[str, Any] | None = None,
         normalize: Mapping[str, Sequence[float]] | None = None,
         stain_norm: Mapping[str, Any] | None = None,
+        unlabeled_dir: str | Path | None = None,
     ) -> None:
         super().__init__(
             train_cache=labeled_dir,
@@ -626,6 +700,8 @@ class FinetuneDataModule(_CacheDataModule):
         )
         self.labeled_dir = Path(labeled_dir)
         self.test_dir = Path(test_dir)
+        self.unlabeled_dir = None if unlabeled_dir is None else Path(unlabeled_dir)
+        self.unlabeled_dataset: CacheDataset | None = None
         self.folds = validate.integer("folds", folds, 2)
         self.labeled_size = validate.integer("labeled_size", labeled_size, 1)
         self.fold = validate.integer("fold", fold, 0, self.folds - 1, where=f"folds={self.folds}: ")
@@ -718,6 +794,16 @@ class FinetuneDataModule(_CacheDataModule):
             train, val = self.train_indices(), self.val_indices()
             self.train_dataset = CacheDataset(self.labeled_dir, train, self.train_transform(), True)
             self.val_dataset = CacheDataset(self.labeled_dir, val, self.eval_transform(), True)
+            if self.unlabeled_dir is not None:
+                unlabeled = PatchCache(self.unlabeled_dir)
+                if unlabeled.patch_size < (self.transform_options.get("crop") or self.patch_size):
+                    raise CacheError(
+                        f"unlabeled cache {self.unlabeled_dir} has {unlabeled.patch_size} px "
+                        f"patches: expected at least the training input ({self.patch_size} px)"
+                    )
+                self.unlabeled_dataset = CacheDataset(
+                    self.unlabeled_dir, None, self.train_transform(), False
+                )
             log.info(
                 "fine-tuning data: labeled_size=%d subset_seed=%d fold %d/%d by %s -> %d train / %d "
                 "validation patches of %s",
@@ -733,6 +819,15 @@ class FinetuneDataModule(_CacheDataModule):
         if stage in (None, "test") and self.test_dataset is None:
             self._check_test_cache()
             self.test_dataset = CacheDataset(self.test_dir, None, self.eval_transform(), True)
+
+    def train_dataloader(self) -> Any:
+        """The labeled batches; with ``unlabeled_dir`` a ``CombinedLoader`` of ``{"labeled",
+        "unlabeled"}`` batches, as many as labeled ones per epoch (``min_size``)."""
+        labeled = self._loader(self.train_dataset, train=True, name="train")
+        if self.unlabeled_dir is None:
+            return labeled
+        unlabeled = self._loader(self.unlabeled_dataset, train=True, name="unlabeled")
+        return CombinedLoader({"labeled": labeled, "unlabeled": unlabeled}, mode="min_size")
 
     def test_dataloader(self) -> DataLoader:
         """The whole test cache in cache order, no augmentation; under DDP every patch on one

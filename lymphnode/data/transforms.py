@@ -40,6 +40,7 @@ from skimage.color import hed_from_rgb, rgb_from_hed
 import lymphnode  # noqa: F401  (sets NO_ALBUMENTATIONS_UPDATE before albumentations is used)
 from lymphnode.core import validate
 from lymphnode.core.errors import ConfigError
+from lymphnode.data.stain_transfer import RandStainNA
 from lymphnode.models.preprocess import Preprocess
 from lymphnode.models.stain import OD_LUT
 
@@ -230,11 +231,12 @@ def build_train_transform(
     crop: int | None = None,
     blur: Mapping[str, float] | bool | None = None,
     grayscale: Mapping[str, float] | bool | None = None,
+    randstain: Mapping[str, Any] | None = None,
     seed: int | None = None,
 ) -> A.Compose:
-    """The training pipeline: [random crop] -> stain norm -> D4 -> [colour jitter] -> [HED] ->
-    [blur] -> [greyscale] -> normalise -> tensor (the contract's two steps around the
-    augmentations).
+    """The training pipeline: [random crop] -> stain norm -> [RandStainNA] -> D4 -> [colour
+    jitter] -> [HED] -> [blur] -> [greyscale] -> normalise -> tensor (the contract's two steps
+    around the augmentations).
 
     Args:
         preprocess: the preprocessing contract (stain state, normalisation).
@@ -250,6 +252,10 @@ def build_train_transform(
             ``sigma_min..sigma_max`` px, probability ``p``), or a mapping overriding those keys.
         grayscale: None/False (default) for none, True/{} for :data:`DEFAULT_GRAYSCALE`, or
             ``{p}``: the image becomes its luminance in all 3 channels with probability p.
+        randstain: None (default) for none, or the arguments of
+            :class:`lymphnode.data.stain_transfer.RandStainNA` (``distribution`` fitted from an
+            unlabeled pool, ``spread``, ``p``): a random stain per image from the pool's
+            distribution (the DataModule fits it from ``transforms.randstain.cache``).
         seed: seed of the pipeline's random generator (None: fresh entropy). DataLoader workers
             reseed their copy (see :class:`lymphnode.data.datasets.CacheDataset`).
 
@@ -262,6 +268,8 @@ def build_train_transform(
         steps.append(A.RandomCrop(crop, crop, p=1.0))
     if preprocess.stain is not None:
         steps.append(PreprocessStep(preprocess, "stain"))
+    if randstain is not None:
+        steps.append(RandStainNA(**randstain))
     if d4:
         steps.append(A.D4(p=1.0))
     jitter = _merge_options("color_jitter", color_jitter, DEFAULT_COLOR_JITTER)

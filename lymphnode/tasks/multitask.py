@@ -43,6 +43,7 @@ from lymphnode.tasks.base import (
     require_keys,
 )
 from lymphnode.tasks.reconstruction import RECON_LOSSES
+from lymphnode.tasks.semi import SemiSettings, generator_for, pseudo_label_loss, strong_stain
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +110,11 @@ class MultiTaskModule(TaskModule):
         freeze_pretrained_steps: the pretrained parameters stay fixed for this many optimizer
             steps first (no update, no weight decay; their BatchNorm statistics still adapt),
             then train: linear probing then fine-tuning (LP-FT). 0, the default, never freezes.
+        semi: null (the default: supervised only) or the settings of semi-supervised fine-tuning
+            with the unlabeled pool (:mod:`lymphnode.tasks.semi`, FixMatch-style weak-to-strong
+            pseudo-labels under strong stain views; keys ``weight, threshold, warmup_steps, sigma,
+            bias, jitter``). Needs unlabeled batches from the DataModule (``data.unlabeled_dir``;
+            ``semi=fixmatch`` sets both).
 
     Logs ``train/loss``, ``train/seg_loss``, ``train/recon_mse``; on val and test
     ``{stage}/loss``, ``{stage}/seg_loss``, ``{stage}/recon_mse``, pixel-wise
@@ -138,6 +144,7 @@ class MultiTaskModule(TaskModule):
         pretrained_lr_scale: float = 1.0,
         freeze_pretrained_steps: int = 0,
         pretrained_lr_scope: str = "network",
+        semi: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if pretrained_lr_scope not in LR_SCOPES:
@@ -172,6 +179,7 @@ class MultiTaskModule(TaskModule):
             raise ConfigError(f"threshold={threshold!r} is invalid; expected a number in (0, 1)")
         if pretrained is not None and not isinstance(pretrained, str | Path):
             raise ConfigError(f"pretrained={pretrained!r} is invalid; expected a path or null")
+        self.semi = SemiSettings.parse(plain(semi) if semi is not None else None)
         self._init_common(
             net,
             {},
@@ -212,6 +220,7 @@ class MultiTaskModule(TaskModule):
                 "pretrained_lr_scale": self.pretrained_lr_scale,
                 "freeze_pretrained_steps": self.freeze_pretrained_steps,
                 "pretrained_lr_scope": self.pretrained_lr_scope,
+                "semi": None if self.semi is None else self.semi.as_dict(),
             }
         )
         self.val_metrics = _seg_metrics("val", self.threshold)
@@ -336,10 +345,40 @@ class MultiTaskModule(TaskModule):
         self.log(f"{stage}/recon_mse", mse.detach(), **kwargs)
         return loss, y, out
 
-    def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
+        unlabeled = None
+        if "labeled" in batch:  # {"labeled": batch, "unlabeled": batch} (data.unlabeled_dir)
+            unlabeled, batch = batch.get("unlabeled"), batch["labeled"]
         if batch_idx == 0:
             _check_mask_values(batch)
-        return self._losses(batch, "train")[0]
+        loss = self._losses(batch, "train")[0]
+        if self.semi is not None:
+            if unlabeled is None:
+                raise ConfigError(
+                    "task.semi is set but the DataModule gives no unlabeled batch: expected "
+                    "data.unlabeled_dir=<unlabeled cache> (semi=fixmatch sets both)"
+                )
+            loss = loss + self._semi_loss(unlabeled["image"])
+        return loss
+
+    def _semi_loss(self, x: Tensor) -> Tensor:
+        """The weighted FixMatch loss of one unlabeled batch (normalised (B, 3, H, W) weak views)."""
+        assert self.semi is not None
+        with torch.no_grad():
+            weak = torch.sigmoid(self.net(x).seg.float())
+        rgb = self.denormalize(x.float())
+        strong_rgb = strong_stain(rgb, self.semi, generator_for(0, int(self.global_step)))
+        mean = torch.tensor(self.preprocess.mean, device=x.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.preprocess.std, device=x.device).view(1, -1, 1, 1)
+        strong = ((strong_rgb - mean) / std).to(x.dtype)
+        if self.channels_last:
+            strong = strong.contiguous(memory_format=torch.channels_last)
+        loss, confident = pseudo_label_loss(self.net(strong).seg, weak, self.semi.threshold)
+        weight = self.semi.weight_at(int(self.global_step))
+        kwargs: dict[str, Any] = {"on_step": True, "on_epoch": True, "batch_size": x.shape[0]}
+        self.log("train/semi_loss", loss.detach(), **kwargs)
+        self.log("train/semi_confident", confident.detach(), **kwargs)
+        return weight * loss
 
     def _eval_step(self, batch: Mapping[str, Tensor], batch_idx: int, stage: str) -> None:
         if batch_idx == 0:
