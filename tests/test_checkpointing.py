@@ -7,10 +7,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_runs import RECORDER, STEPS_PER_EPOCH, Recorder, run, write_caches
+from tiny_runs import (
+    FINETUNE,
+    RECORDER,
+    STEPS_PER_EPOCH,
+    TINY,
+    Recorder,
+    compose_train,
+    run,
+    write_caches,
+)
 
 from lymphnode.core.errors import ConfigError
 from lymphnode.tasks.checkpointing import SelectionCheckpoint, check_selection, is_better
+from lymphnode.train import train
 
 
 @pytest.fixture(scope="module")
@@ -40,10 +50,14 @@ def test_pretraining_refuses_f1_selection() -> None:
     assert check_selection("val_loss", "pretrain") == "val_loss"
 
 
-def test_bad_selection_fails_the_run_and_is_recorded(tmp_path: Path, caches: Path) -> None:
-    outcome, results = run(tmp_path, caches, "selection=median", "trainer.max_steps=2")
-    assert isinstance(outcome, ConfigError)
-    assert results["status"] == "failed" and "selection='median'" in results["error"]
+def test_bad_selection_is_refused_before_the_run_writes_anything(
+    tmp_path: Path, caches: Path
+) -> None:
+    cfg = compose_train("experiment=scratch", f"paths.root={tmp_path}",
+                        f"paths.cache_dir={caches}", *TINY, *FINETUNE, "selection=median")  # fmt: skip
+    with pytest.raises(ConfigError, match="selection='median'"):
+        train(cfg)
+    assert not list(tmp_path.rglob("results.json"))
 
 
 def test_is_better_is_strict_and_never_picks_nan() -> None:

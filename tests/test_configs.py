@@ -21,10 +21,10 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, WandbLogger
 
-from lymphnode.tasks import build as train_mod  # the objects lymphnode.train builds
 from lymphnode.core.errors import CheckpointError, ConfigError
 from lymphnode.models.preprocess import Preprocess
 from lymphnode.tasks import MultiTaskModule, NonFiniteLossGuard, ReconstructionModule
+from lymphnode.tasks import build as train_mod  # the objects lymphnode.train builds
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 EXPERIMENTS = ("pretrain", "finetune", "scratch")
@@ -338,7 +338,9 @@ def test_loggers_default_csv_and_offline_wandb(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.delenv("WANDB_MODE", raising=False)
     plain = compose_train("experiment=finetune")  # CSV by default (issue 19), wandb one key away
     assert [type(lg).__name__ for lg in train_mod.build_loggers(plain)] == ["CSVLogger"]
-    cfg = compose_train("experiment=finetune", "data.labeled_size=80", "data.fold=2", "logger=wandb")
+    cfg = compose_train(
+        "experiment=finetune", "data.labeled_size=80", "data.fold=2", "logger=wandb"
+    )
     assert cfg.logger.wandb.mode == "offline"  # without WANDB_MODE: never online by accident
     assert (cfg.logger.wandb.group, cfg.logger.wandb.job_type) == ("labeled-80", "pretrained")
     loggers = train_mod.build_loggers(cfg)

@@ -76,7 +76,7 @@ def test_ignored_keys_and_keys_added_with_a_null_default_are_no_difference() -> 
     assert config_differences(old, new, ignore=["logger"], absent_is_null=True) == [
         "trainer.max_steps: 40 → 60"
     ]
-    assert 'method: <absent> → null' in config_differences(old, new, ignore=["logger"])
+    assert "method: <absent> → null" in config_differences(old, new, ignore=["logger"])
     assert config_differences(old, {**new, "method": "semi"}, ["logger", "trainer"], True) == [
         'method: <absent> → "semi"'
     ]

@@ -54,20 +54,21 @@ def test_toy_network_and_pretext_pretrain_finetune_and_infer(tmp_path: Path) -> 
     paths = (f"paths.root={tmp_path}", f"paths.cache_dir={caches}")
 
     _cli("lymphnode.train", "experiment=pretrain", "pretext=toy", SEARCHPATH, *paths, *RUN)
-    pretrain = tmp_path / "runs" / "pretrain-toy" / "checkpoints" / "best.ckpt"  # pretext's folder
+    # the pretext's and the network's folder (a network other than the paper's UNet: @<class>)
+    pretrain = tmp_path / "runs" / "pretrain-toy@toynet" / "checkpoints" / "best.ckpt"
     ckpt = torch.load(pretrain, map_location="cpu", weights_only=True)
     assert ckpt["lymphnode"]["task_target"] == "toy_lymphnode.DenoisePretext"
     assert ckpt["hyper_parameters"]["net"] == {"_target_": "toy_lymphnode.ToyNet", "width": 4}
     assert (
         "val/denoise_mse"
-        in (tmp_path / "runs" / "pretrain-toy" / "csv" / "metrics.csv").read_text()
+        in (tmp_path / "runs" / "pretrain-toy@toynet" / "csv" / "metrics.csv").read_text()
     )
 
     result = _cli("lymphnode.train", "experiment=finetune", "pretext=toy", SEARCHPATH, *paths, *RUN,
                   "data.labeled_size=10", "data.folds=5")  # fmt: skip
     output = result.stdout + result.stderr
     assert "initialised from pretrained" in output and "loaded 6 tensors" in output
-    finetuned = tmp_path / "runs" / "pretrained-toy" / "size10" / "fold0" / "seed0"
+    finetuned = tmp_path / "runs" / "pretrained-toy@toynet" / "size10" / "fold0" / "seed0"
     best = finetuned / "checkpoints" / "best.ckpt"
     ckpt = torch.load(best, map_location="cpu", weights_only=True)
     assert ckpt["lymphnode"]["task_target"] == "lymphnode.tasks.multitask.MultiTaskModule"
