@@ -192,7 +192,7 @@ def read_heatmap(path: str | Path) -> Heatmap:
     meta = _read_description(path, data=True)
     data = meta["_data"]
     slide = check_slide_name(meta.get("slide"), f"heatmap {path}")
-    downsample = meta.get("downsample")
+    downsample: Any = meta.get("downsample")
     if not _number(downsample) or downsample < 1:
         raise _field(path, "downsample", downsample, "a finite number >= 1 level-0 px per map px")
     size = meta.get("level0_size")
@@ -202,7 +202,7 @@ def read_heatmap(path: str | Path) -> Heatmap:
         or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in size)
     ):
         raise _field(path, "level0_size", size, "[width, height], two integers >= 1 px")
-    mpp = meta.get("mpp")
+    mpp: Any = meta.get("mpp")
     if mpp is not None and (not _number(mpp) or mpp <= 0):
         raise _field(path, "mpp", mpp, "null or a finite number > 0 µm per level-0 px")
     source = meta.get("source")
