@@ -255,37 +255,76 @@ def _adapt_on(model: Any, cache_dir: Path, crop: int | None, batch_size: int) ->
     adapt_batchnorm(model.task, (b["image"] for b in loader), model.probabilities)
 
 
+def _checkpoint_of(record: Mapping[str, Any], run_dir: Path) -> Path:
+    best = Path(record["checkpoints"]["best"])
+    return best if best.is_file() else run_dir / "checkpoints" / best.name
+
+
+def _stamp(path: Path) -> list[int]:
+    """What identifies a file's content cheaply: [size, mtime ns]."""
+    stat = path.stat()
+    return [stat.st_size, stat.st_mtime_ns]
+
+
 def evaluate_run(
-    run: Run, runs_dir: Path, targets: Mapping[str, Path], adapts: Sequence[str]
+    run: Run,
+    runs_dir: Path,
+    targets: Mapping[str, Path],
+    adapts: Sequence[str],
+    memo: Path | None = None,
 ) -> list[Figure]:
-    """Counts of one run's selected checkpoint on every target, for every adaptation."""
-    record = read_record(runs_dir / run.name / "results.json", what="results.json",
-                         error=EvaluationError)  # fmt: skip
-    assert record is not None
+    """Counts of one run's selected checkpoint on every target, for every adaptation.
+
+    ``memo``: a JSON file of this run's counts from an earlier call; reused for the (target,
+    adaptation) pairs it holds when the checkpoint and the target caches are the same files
+    (size and mtime), computed and added otherwise."""
+    run_dir = runs_dir / run.name
+    record = read_record(run_dir / "results.json", what="results.json", error=EvaluationError)
+    if record is None:
+        raise EvaluationError(f"{run_dir / 'results.json'} does not exist")
     config = record["config"]
     crop = (config["data"].get("transforms") or {}).get("crop")
     batch_size = int(config["data"]["batch_size"])
-    best = Path(record["checkpoints"]["best"])
-    if not best.is_file():
-        best = runs_dir / run.name / "checkpoints" / best.name
-    model = load_inference_model(best)
-    threshold = float(model.hparams["threshold"])
-    source_state = {k: v.clone() for k, v in model.task.state_dict().items()}
+    checkpoint = _checkpoint_of(record, run_dir)
+    stamps = {"checkpoint": _stamp(checkpoint)}
+    stamps.update({t: _stamp(c / "manifest.json") for t, c in targets.items()})
+    known: dict[str, Any] = {}
+    if memo is not None and memo.is_file():
+        old = read_record(memo, what="cross-centre memo", error=EvaluationError) or {}
+        if old.get("checkpoint") == stamps["checkpoint"]:
+            known = {
+                k: v
+                for k, v in (old.get("counts") or {}).items()
+                if old.get("stamps", {}).get(k.split("|")[0]) == stamps.get(k.split("|")[0])
+            }
+    model = None
+    source_state: dict[str, Any] = {}
     figures = []
     for adapt in adapts:
         for target, cache_dir in targets.items():
-            model.task.load_state_dict(source_state)
-            model.task.eval()
-            if adapt == "adabn":
-                _adapt_on(model, cache_dir, crop, batch_size)
-            slides = count_test_cache(model, cache_dir, crop=crop, batch_size=batch_size,
-                                      threshold=threshold)  # fmt: skip
-            counts, pixels, tumour = PixelCounts(), 0, 0
-            for entry in slides.values():
-                counts, pixels, tumour = counts + entry.counts, pixels + entry.pixels, (
-                    tumour + entry.tumour_pixels)  # fmt: skip
+            key = f"{target}|{adapt}"
+            if key not in known:
+                if model is None:
+                    model = load_inference_model(checkpoint)
+                    source_state = {k: v.clone() for k, v in model.task.state_dict().items()}
+                model.task.load_state_dict(source_state)
+                model.task.eval()
+                if adapt == "adabn":
+                    _adapt_on(model, cache_dir, crop, batch_size)
+                slides = count_test_cache(model, cache_dir, crop=crop, batch_size=batch_size,
+                                          threshold=float(model.hparams["threshold"]))  # fmt: skip
+                counts, pixels, tumour = PixelCounts(), 0, 0
+                for entry in slides.values():
+                    counts = counts + entry.counts
+                    pixels, tumour = pixels + entry.pixels, tumour + entry.tumour_pixels
+                known[key] = [counts.tp, counts.fp, counts.fn, pixels, tumour]
+            tp, fp, fn, pixels, tumour = known[key]
             baseline = all_tumour_f1(tumour / pixels) if tumour else float("nan")
-            figures.append(Figure(run, target, adapt, counts, baseline))
+            figures.append(Figure(run, target, adapt, PixelCounts(tp, fp, fn), baseline))
+    if memo is not None:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        atomic.write_json(memo, {"checkpoint": stamps["checkpoint"], "stamps": stamps,
+                                 "counts": known})  # fmt: skip
     return figures
 
 
@@ -396,7 +435,8 @@ def evaluate(
     figures: list[Figure] = []
     for run in runs:
         start = time.perf_counter()
-        got = evaluate_run(run, runs_dir, targets, adapts)
+        memo = root / "cross_centre" / "memo" / f"{run.name.replace('/', '__')}.json"
+        got = evaluate_run(run, runs_dir, targets, adapts, memo)
         figures += got
         mean = {a: np.mean([f.counts.f1 for f in got if f.adapt == a and f.target != UNSHIFTED])
                 for a in adapts}  # fmt: skip
