@@ -14,12 +14,17 @@ seed 0; ``slide``: train on tumor_001 + tumor_004, test on tumor_064), it
 3. pretrains with every pretext of ``--pretexts`` (``python -m lymphnode.train experiment=pretrain
    pretext=<p> profile=real_dev``; default reconstruction, masked, contrastive, dense_contrastive,
    stain);
-4. runs the table sweep, each pretext's fine-tuning (the pretrained encoder at lr × 0.1,
+4. runs the table sweep (once per ``--variants`` arm: the recipe, or a cross-centre method in its
+   own run folders), each pretext's fine-tuning (the pretrained encoder at lr × 0.1,
    ``FINETUNE_RECIPE``) and scratch (once) × sizes × folds
    (``--multirun experiment=table pretext=<p1>,<p2>,...``);
 5. writes the reports (``python -m lymphnode.report``) into ``<out>/<protocol>/report/`` (the
    selected checkpoint), ``report_val_loss/`` and ``report_last/`` (the other selections);
-6. writes the per-slide figures (``per_slide.py``: test P/R/F1 on each test slide, checked against
+6. the cross-centre check (``cross_centre.py``): the test set re-stained to each CAMELYON17
+   centre's stain (Macenko and Reinhard transfer), every run evaluated on each with its own and
+   with test-time-adapted BatchNorm statistics, into ``<out>/<protocol>/cross_centre/``; with
+   ``--loco-variants`` also leave-one-centre-out arms (the centre left out of the unlabeled pool);
+7. writes the per-slide figures (``per_slide.py``: test P/R/F1 on each test slide, checked against
    each run's recorded F1) into ``<out>/<protocol>/per_slide/`` and ``per_slide_last/``.
 
 Every step but the per-slide one (this folder's script, on lymphnode's library) is a lymphnode
@@ -180,6 +185,8 @@ def protocol_runs(args: argparse.Namespace, protocol: str) -> None:
         centre = [sys.executable, str(HERE / "cross_centre.py")]
         run([*centre, "build", str(root), "--data", str(data)])
         run([*centre, "evaluate", str(root)])
+        if args.loco_variants:
+            loco_runs(args, root, pool_list)
     # per-slide test figures of the selected and the final-step checkpoints (per_slide.py)
     for checkpoint in ("best", "last"):
         run(
@@ -191,6 +198,58 @@ def protocol_runs(args: argparse.Namespace, protocol: str) -> None:
                 checkpoint,
             ]
         )
+
+
+def _link(link: Path, target: Path) -> None:
+    """``link`` -> ``target`` (a relative symlink), replacing an older link."""
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if link.is_symlink():
+        link.unlink()
+    if not link.exists():
+        link.symlink_to(os.path.relpath(target, link.parent))
+
+
+def loco_runs(args: argparse.Namespace, root: Path, pool_list: Path) -> None:
+    """Leave one centre out of the unlabeled pool (#18 §1): for every CAMELYON17 centre ``c``,
+    ``<root>/loco/centre<c>`` holds the protocol's labeled and test caches (links), an unlabeled
+    cache without centre ``c``'s crops, the pretrainings of ``--loco-pretexts`` on it and the
+    fine-tuning arms of ``--loco-variants`` (scratch only without pretexts); they are evaluated on
+    centre ``c``'s re-stained test sets only (links to ``<root>/cross_centre/caches``): a centre
+    whose stain neither the pretraining nor RandStainNA nor FixMatch saw."""
+    sys.path.insert(0, str(HERE))
+    from cross_centre import METHODS, centre_crops, target_name
+
+    py = [sys.executable, "-m"]
+    sizes = ",".join(str(s) for s in args.sizes)
+    folds = ",".join(str(k) for k in range(args.folds))
+    for centre in centre_crops(args.data / "unlabeled"):
+        loco = root / "loco" / f"centre{centre}"
+        print(f"== leave centre {centre} out: {loco} ==", flush=True)
+        for name in ("labeled", "test"):
+            _link(loco / "caches" / name, root / "caches" / name)
+        for method in METHODS:
+            name = target_name(method, centre)
+            _link(loco / "cross_centre" / "caches" / name, root / "cross_centre" / "caches" / name)
+        run([
+            *py, "lymphnode.cache", "import", str(args.data / "unlabeled"), "--list",
+            str(pool_list), "--no-coordinates", f"--exclude=centre_{centre}_*",
+            str(loco / "caches" / "unlabeled"),
+        ])  # fmt: skip
+        common = [f"hydra.searchpath=[file://{HERE / 'conf'}]", "profile=real_dev",
+                  f"paths.root={loco}", *args.override]  # fmt: skip
+        for pretext in args.loco_pretexts:
+            run([*py, "lymphnode.train", "experiment=pretrain", f"pretext={pretext}", *common])
+        arms = (
+            [f"pretext={','.join(args.loco_pretexts)}"] if args.loco_pretexts else ["init=scratch"]
+        )
+        for variant in args.loco_variants:
+            run([
+                *py, "lymphnode.train", "--multirun", "experiment=table", *common, *arms,
+                f"data.labeled_size={sizes}", f"data.fold={folds}", *FINETUNE_RECIPE,
+                *VARIANTS.get(variant, ()), *args.finetune,
+            ])  # fmt: skip
+        run([sys.executable, str(HERE / "cross_centre.py"), "evaluate", str(loco), "--centres",
+             centre, "--label", f" (centre {centre} left out of the unlabeled pool)"])  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -217,6 +276,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=["default"],
         help="fine-tuning arms beside the recipe's (each its own run folders): default (the "
         "recipe alone), " + ", ".join(VARIANTS),
+    )
+    parser.add_argument(
+        "--loco-variants",
+        nargs="*",
+        choices=["default", *VARIANTS],
+        default=[],
+        help="leave-one-centre-out: these fine-tuning arms again with each CAMELYON17 centre left "
+        "out of the unlabeled pool, tested on that centre (default: none)",
+    )
+    parser.add_argument(
+        "--loco-pretexts",
+        nargs="*",
+        choices=PRETEXTS,
+        default=[],
+        help="leave-one-centre-out: pretrain these pretexts without the centre (default: none, "
+        "scratch arms only)",
     )
     parser.add_argument(
         "--no-cross-centre",
