@@ -584,3 +584,15 @@ def test_a_slide_another_prepare_finished_meanwhile_is_skipped_not_an_error(
     assert second.error is None, second.error  # not "already complete ... force=true"
     assert second.done == {} and second.patches == 0
     assert writer.manifest_slides() == ["normal_001"]
+
+
+# --- weak row: a 200000-deep nested GeoJSON -------------------------------------------------------
+def test_a_deeply_nested_geojson_is_an_annotation_error_naming_the_file(tmp_path: Path) -> None:
+    from lymphnode.core.errors import AnnotationError
+    from lymphnode.wsi.geojson import QupathClasses, read_qupath
+
+    path = tmp_path / "tumor_001.geojson"
+    path.write_text('{"type": "FeatureCollection", "features": ' + "[" * 200_000 + "]" * 200_000
+                    + "}")  # fmt: skip
+    with pytest.raises(AnnotationError, match=re.escape(f"{path}: nested deeper than")):
+        read_qupath(path, QupathClasses())

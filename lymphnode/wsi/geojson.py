@@ -205,6 +205,11 @@ def _load(path: Path) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as e:
         raise AnnotationError(f"{path}: not valid JSON: {e}") from e
+    except RecursionError as e:  # e.g. 200000 nested arrays: no GeoJSON is that deep
+        raise AnnotationError(
+            f"{path}: nested deeper than Python's JSON reader goes; expected a GeoJSON "
+            "FeatureCollection (polygon coordinates are 3-4 levels deep)"
+        ) from e
 
 
 def _features_of(data: Any, path: Path) -> list[Any]:
