@@ -13,15 +13,21 @@ CPU (default): the full models are too slow to time here (a ViT-g block costs ~1
 decoder, heads) and one block is timed alone on the tokens of the same batch (with the input
 gradient and its AdamW step in ``train``); the full-depth figure is the sum, 1-block network +
 (blocks - 1) x block, labelled ``est.`` (every block of a ViT costs the same). GPU (``--device
-cuda``): the full-depth network is measured directly.
+cuda``, or ``--full-depth`` on the CPU): the full-depth network is measured directly.
 
-Peak memory: on the CPU the peak RSS of a fresh child process per preset and mode (the 1-block
-network: NOT the full model's); on CUDA ``torch.cuda.max_memory_allocated`` of the full-depth run.
+GFLOP/tile: the full-depth network's forward, counted by torch's FlopCounterMode (2 per
+multiply-add) on the meta device. Peak memory: on the CPU the peak RSS of a fresh child process
+per preset and mode (the 1-block network: NOT the full model's; with ``--full-depth``, the full
+model's); on CUDA ``torch.cuda.max_memory_allocated`` of the full-depth run.
 Prints Markdown.
 
     python experiments/benchmarks/vit_throughput.py                      # CPU, 1 thread
     python experiments/benchmarks/vit_throughput.py --presets uni virchow2 --threads 2
     python experiments/benchmarks/vit_throughput.py --device cuda --batch 32 --dtype bf16
+    python experiments/benchmarks/vit_throughput.py --full-depth --presets uni --modes infer
+
+Measured on this machine's CPU (2 shared cores, 1 thread; numbers vary ~30% with the load): the
+full-depth UNI network at 0.34 tiles/s against 0.25-0.38 estimated from the 1-block runs.
 """
 
 from __future__ import annotations
@@ -58,6 +64,22 @@ def _best_seconds(step: Callable[[], None], args: argparse.Namespace, cuda: bool
     return min(times)
 
 
+def _gflop_per_tile(preset: str, size: int) -> float:
+    """Forward GFLOP (2 per multiply-add) of the full-depth network on one tile, counted by
+    torch's FlopCounterMode on the meta device (shapes only: nothing is allocated or run)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from lymphnode.models import ViTUNet
+
+    with torch.device("meta"):
+        net = ViTUNet(preset, recon=False)
+        x = torch.randn(1, 3, size, size)
+    with FlopCounterMode(display=False) as counter:
+        net(x)
+    return counter.get_total_flops() / 1e9
+
+
 def _measure(preset: str, mode: str, args: argparse.Namespace) -> dict[str, Any]:
     """Seconds per batch of the network (at ``depth``) and, on the CPU, of one block alone."""
     import torch
@@ -69,7 +91,7 @@ def _measure(preset: str, mode: str, args: argparse.Namespace) -> dict[str, Any]
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     full = TABLE[preset].blocks
-    depth = full if cuda else 1
+    depth = full if args.full_depth else 1
     torch.manual_seed(0)
     net = ViTUNet(preset, depth=depth, recon=False).to(device)
     if args.channels_last:
@@ -105,7 +127,9 @@ def _measure(preset: str, mode: str, args: argparse.Namespace) -> dict[str, Any]
     result: dict[str, Any] = {"depth": depth, "full": full}
     result["net"] = _best_seconds(stepper(net, x, seg_loss), args, cuda)
     result["cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
-    if not cuda:  # one block alone, on the tokens of this batch (class/register tokens included)
+    if (
+        not args.full_depth
+    ):  # one block alone, on the tokens of this batch (class/register tokens included)
         vit = net.encoder
         grid = (args.size // net.patch_size) ** 2
         tokens = torch.randn(args.batch, vit.num_prefix_tokens + grid, vit.embed_dim)
@@ -123,6 +147,7 @@ def _child(preset: str, mode: str, args: argparse.Namespace, queue: Any) -> None
     torch.set_num_threads(args.threads)
     result = _measure(preset, mode, args)
     result["rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB
+    result["gflop"] = _gflop_per_tile(preset, args.size)
     queue.put(result)
 
 
@@ -158,7 +183,18 @@ def main() -> None:
         help="autocast dtype (fp32: none)",
     )
     parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument(
+        "--full-depth",
+        action="store_true",
+        help="time the full-depth network (the default with --device cuda)",
+    )
     args = parser.parse_args()  # fmt: skip
+    args.full_depth = args.full_depth or args.device == "cuda"
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit("error: --device cuda: no CUDA GPU is visible to torch")
     for p in args.presets:
         patch = 14 if p in PATCH_14 else 16
         if args.size % patch:
@@ -169,23 +205,25 @@ def main() -> None:
         f"{os.cpu_count()} cores, {args.threads} torch thread(s)), batch {args.batch} x "
         f"{args.size} px, {args.dtype}, fastest of {args.steps} batches after {args.warmup}\n"
     )
-    if args.device == "cuda":
-        print("| preset | mode | blocks | tiles/s | peak MiB (CUDA) |")
-        print("|---|---|---|---|---|")
+    if args.full_depth:
+        print("| preset | mode | blocks | GFLOP/tile fwd | tiles/s | peak MiB |")
+        print("|---|---|---|---|---|---|")
     else:
-        print("| preset | mode | blocks | tiles/s, 1-block network | ms/tile per block | "
-              "tiles/s full depth | peak RSS MiB (1 block) |")  # fmt: skip
-        print("|---|---|---|---|---|---|---|")
+        print("| preset | mode | blocks | GFLOP/tile fwd | tiles/s, 1-block network | "
+              "ms/tile per block | tiles/s full depth | peak RSS MiB (1 block) |")  # fmt: skip
+        print("|---|---|---|---|---|---|---|---|")
     for preset in args.presets:
         for mode in args.modes:
             r = run(preset, mode, args)
-            if args.device == "cuda":
+            if args.full_depth:
                 rate = args.batch / r["net"]
-                print(f"| {preset} | {mode} | {r['full']} | {rate:.1f} | {r['cuda_mib']:.0f} |")
+                peak = r["cuda_mib"] if r["cuda_mib"] is not None else r["rss_mib"]
+                print(f"| {preset} | {mode} | {r['full']} | {r['gflop']:.0f} | {rate:.2f} | "
+                      f"{peak:.0f} |")  # fmt: skip
                 continue
             per_block = r["block"] / args.batch  # seconds per tile
             whole = r["net"] / args.batch + (r["full"] - 1) * per_block
-            print(f"| {preset} | {mode} | {r['full']} | {args.batch / r['net']:.2f} | "
+            print(f"| {preset} | {mode} | {r['full']} | {r['gflop']:.0f} | {args.batch / r['net']:.2f} | "
                   f"{per_block * 1e3:.0f} | {1 / whole:.3f} est. | {r['rss_mib']:.0f} |")  # fmt: skip
 
 
