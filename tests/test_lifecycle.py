@@ -122,7 +122,10 @@ def test_a_forced_rerun_trains_again_and_records_what_it_replaced(
     tmp_path: Path, caches: Path
 ) -> None:
     _, first = run(tmp_path, caches, *STEPS)
+    stale = run_dir(tmp_path) / "checkpoints" / "best-val_loss.ckpt"  # another selection's file
+    stale.write_bytes(b"old")
     _, forced = run(tmp_path, caches, *STEPS, "trainer.max_steps=3", "rerun=force")
+    assert not stale.exists()  # the replaced run's checkpoints are not mistaken for this one's
     assert forced["status"] == "completed", forced["error"]
     assert forced["steps"]["last"] == 3 and forced["config"]["trainer"]["max_steps"] == 3
     assert forced["replaced"] == {

@@ -31,6 +31,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import signal
 import tempfile
 import time
@@ -587,6 +588,15 @@ def new_record(cfg: DictConfig, plan: Plan) -> dict[str, Any]:
     return results
 
 
+def _remove_stale_checkpoints(run_dir: Path) -> None:
+    """Remove the checkpoints of the attempt a fresh start replaces (failed, or ``rerun=force``),
+    so that none of them is taken for this attempt's."""
+    stale = run_dir / "checkpoints"
+    if stale.is_dir():
+        log.info("%s: removing the replaced attempt's checkpoints", stale)
+        shutil.rmtree(stale)
+
+
 def train(cfg: DictConfig) -> float:
     """Run one pretraining or fine-tuning run; return ``metrics[cfg.optimized_metric]``.
 
@@ -633,6 +643,8 @@ def _train_run(cfg: DictConfig, run_dir: Path) -> float:
         )  # fmt: skip
         cfg.ckpt_path = "last"  # recorded as such in results.json
     check_run(cfg)  # bad input before anything is written: no results.json
+    if plan.previous is not None and cfg.get("ckpt_path") is None and _is_rank_zero():
+        _remove_stale_checkpoints(run_dir)
     results = new_record(cfg, plan)
     try:
         _fit_and_evaluate(cfg, run_dir, results)
