@@ -336,7 +336,7 @@ def test_a_heatmap_with_a_missing_or_bad_field_is_one_error_line_in_export_and_e
 
 
 # --- row 2 (bad): corrected annotations are ignored by a rerun of prepare -------------------------
-def _prepare(root: Path, cache_dir: Path) -> None:
+def _prepare(root: Path, cache_dir: Path, *extra: str) -> None:
     """prepare's labeled cache of tumor_001 (tumor_002 held out) under ``cache_dir``."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -345,7 +345,7 @@ def _prepare(root: Path, cache_dir: Path) -> None:
 
     overrides = [f"paths.root={root}", f"paths.cache_dir={cache_dir}", "patch_size=64",
                  "counts.labeled=8", "codec=raw", "workers=0", "caches=[labeled]",
-                 "split.test_slides=[tumor_002]"]  # fmt: skip
+                 "split.test_slides=[tumor_002]", *extra]  # fmt: skip
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
@@ -596,3 +596,27 @@ def test_a_deeply_nested_geojson_is_an_annotation_error_naming_the_file(tmp_path
                     + "}")  # fmt: skip
     with pytest.raises(AnnotationError, match=re.escape(f"{path}: nested deeper than")):
         read_qupath(path, QupathClasses())
+
+
+# --- weak row: an outline a few px past the slide's edge -------------------------------------------
+def test_an_outline_5px_past_the_edge_is_refused_naming_annotation_tolerance_which_lets_it_pass(
+    tmp_path: Path,
+) -> None:
+    from lymphnode.core.errors import AnnotationError
+    from lymphnode.synth import make_slide
+    from lymphnode.wsi.annotations import read_asap, write_asap
+
+    root = tmp_path / "data"
+    for i, name in enumerate(("tumor_001", "tumor_002")):
+        make_slide(root / "slides" / f"{name}.tif", seed=500 + i, tumor=True, size=(2048, 2048),
+                   annotation_path=root / "annotations" / f"{name}.xml")  # fmt: skip
+    xml = root / "annotations" / "tumor_001.xml"
+    corner = np.array([[1900, 1900], [2053, 1900], [2053, 2053], [1900, 2053]], float)
+    write_asap(xml, tumor=[*read_asap(xml).tumor, corner])  # 5 px past the right and bottom
+    with pytest.raises(AnnotationError) as info:
+        _prepare(root, tmp_path / "strict")
+    message = str(info.value)
+    assert str(xml) in message and "x 1900..2053" in message
+    assert "annotation_tolerance=0 level-0 px" in message
+    _prepare(root, tmp_path / "tolerant", "annotation_tolerance=8")
+    assert len(_masks(tmp_path / "tolerant" / "labeled")) == 8

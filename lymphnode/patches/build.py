@@ -103,6 +103,7 @@ class PatchSettings:
     slide_mpp: float | None = None  # level-0 µm/px of slides that lack it
     tissue_downsample: float = 32.0
     sampling: Mapping[str, Any] = field(default_factory=dict)
+    annotation_tolerance: float = 0.0  # level-0 px an outline may reach past the slide's edge
 
 
 def settings_from_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -133,6 +134,9 @@ def settings_from_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
         slide_mpp=float(slide_mpp) if slide_mpp is not None else None,
         tissue_downsample=float(tissue_downsample),
         sampling=sampling,
+        annotation_tolerance=validate.number(
+            "annotation_tolerance", cfg.get("annotation_tolerance", 0.0), 0.0, unit="level-0 px"
+        ),
     )
     workers = validate.integer("workers", cfg.get("workers"), minimum=0)
     shard = validate.shard("shard", cfg.get("shard"))
@@ -260,7 +264,17 @@ def process_slide(job: SlideJob) -> SlideResult:
             ds = float(slide.level_downsamples[level])
             annotations = read_annotations(source, job.qupath, job.asap)
             if annotations is not None:
-                annotations.validate_within(*slide.dimensions, path=source.path)
+                tolerance = patch.annotation_tolerance
+                try:
+                    annotations.validate_within(
+                        *slide.dimensions, path=source.path, tolerance=tolerance
+                    )
+                except AnnotationError as exc:
+                    raise AnnotationError(
+                        f"{exc} (annotation_tolerance={tolerance:g} level-0 "
+                        "px; outlines drawn a little past the edge pass with a larger one, e.g. "
+                        "annotation_tolerance=64)"
+                    ) from exc
             tissue = tissue_mask(slide, downsample=patch.tissue_downsample)
             size = patch.patch_size
             extent = round(size * ds)  # level-0 px
