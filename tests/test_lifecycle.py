@@ -51,12 +51,14 @@ def test_the_fingerprint_ignores_result_neutral_keys_only() -> None:
     base = resolved_config(compose_train("experiment=scratch", "paths.root=/r"))
     neutral = resolved_config(compose_train(
         "experiment=scratch", "paths.root=/r", "logger=none", "~callbacks.lr_monitor",
-        "callbacks.progress_bar.refresh_rate=0", "data.num_workers=7", "rerun=force",
+        "callbacks.progress_bar.refresh_rate=0", "data.pin_memory=true", "rerun=force",
         "trainer.enable_model_summary=false",
     ))  # fmt: skip
     assert run_fingerprint(neutral) == run_fingerprint(base)
+    # data.num_workers counts: 0 vs 2 workers gave val/loss 0.72837 vs 0.72839 (4 tiny steps)
     for override in ("trainer.max_steps=60", "task.pretrained_lr_scale=0.1", "model=smp_unet",
-                     "task.optimizer.lr=0.05", "paths.cache_dir=/elsewhere"):  # fmt: skip
+                     "task.optimizer.lr=0.05", "paths.cache_dir=/elsewhere",
+                     "data.num_workers=0"):  # fmt: skip
         other = resolved_config(compose_train("experiment=scratch", "paths.root=/r", override))
         assert run_fingerprint(other) != run_fingerprint(base), override
     assert "logger" in RESULT_NEUTRAL_KEYS and "trainer.max_steps" not in RESULT_NEUTRAL_KEYS
@@ -224,3 +226,4 @@ def test_an_older_record_without_the_keys_added_since_is_still_the_same_run(
     before = path.read_bytes()
     again, _ = run(tmp_path, caches, *STEPS)
     assert again == value and path.read_bytes() == before
+
