@@ -103,14 +103,19 @@ def reference(name: str, seed: int = 0) -> nn.Module:
     return model.eval()
 
 
-def to_hf_dinov2(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A timm ViT state dict with transformers' Dinov2Model names (what Phikon-v2 ships), plus
-    the mask token Dinov2Model has and timm does not."""
+def to_hf_dinov2(state: dict[str, torch.Tensor], version: int = 4) -> dict[str, torch.Tensor]:
+    """A timm ViT state dict with transformers' Dinov2Model names (what Phikon-v2 ships: version
+    4; transformers 5 renamed the attention to q/k/v/o_proj), plus the mask token Dinov2Model has
+    and timm does not. Checked against real Dinov2Model files of transformers 4.57 and 5.25."""
     out: dict[str, torch.Tensor] = {}
+    attention_out = "attention.output.dense" if version == 4 else "attention.o_proj"
+    qkv = ("attention.attention.query", "attention.attention.key", "attention.attention.value")
+    if version == 5:
+        qkv = ("attention.q_proj", "attention.k_proj", "attention.v_proj")
     block_names = {
         "norm1": "norm1",
         "norm2": "norm2",
-        "attn.proj": "attention.output.dense",
+        "attn.proj": attention_out,
         "mlp.fc1": "mlp.fc1",
         "mlp.fc2": "mlp.fc2",
     }
@@ -128,10 +133,8 @@ def to_hf_dinov2(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             layer = f"encoder.layer.{index}"
             if rest.startswith("attn.qkv."):
                 leaf = rest.rsplit(".", 1)[1]
-                for part, chunk in zip(
-                    ("query", "key", "value"), value.chunk(3, dim=0), strict=True
-                ):
-                    out[f"{layer}.attention.attention.{part}.{leaf}"] = chunk.clone()
+                for part, chunk in zip(qkv, value.chunk(3, dim=0), strict=True):
+                    out[f"{layer}.{part}.{leaf}"] = chunk.clone()
             elif rest in ("ls1.gamma", "ls2.gamma"):
                 out[f"{layer}.layer_scale{rest[2]}.lambda1"] = value
             else:
@@ -174,6 +177,17 @@ def test_every_preset_loads_its_layout_strictly_and_matches_timm(name: str, tmp_
         assert torch.equal(vit.forward_features(x), ref.forward_features(x))
         grid = net.encode(x)
     assert grid.shape == (2, TINY["embed_dim"], 3, 2)
+
+
+def test_phikon_v2_also_loads_transformers_5_names(tmp_path: Path) -> None:
+    ref = reference("phikon_v2", seed=3)
+    path = tmp_path / "phikon_v5.safetensors"
+    state = {k: v.contiguous() for k, v in ref.state_dict().items()}
+    save_file(to_hf_dinov2(state, version=5), str(path))
+    net = tiny("phikon_v2", weights=path).eval()
+    x = torch.randn(1, 3, 48, 32)
+    with torch.no_grad():
+        assert torch.equal(net.encoder.forward_features(x), ref.forward_features(x))
 
 
 def test_a_timm_preset_takes_any_vit_by_arch_with_timms_normalisation(tmp_path: Path) -> None:
@@ -430,6 +444,24 @@ def test_hf_names_map_to_timms_and_unknown_keys_stay() -> None:
         "hf_vit",
     )
     assert list(vit) == ["blocks.3.mlp.fc1.bias"]
+    gate, up = torch.ones(3, 4), 2 * torch.ones(3, 4)
+    v5, _ = hf_to_timm(
+        {
+            "encoder.layer.2.mlp.gate_proj.weight": gate,
+            "encoder.layer.2.mlp.up_proj.weight": up,
+            "encoder.layer.2.mlp.down_proj.weight": torch.zeros(4, 3),
+            "encoder.layer.2.attention.o_proj.bias": torch.zeros(4),
+        },
+        "hf_dinov2",
+    )
+    assert torch.equal(v5["blocks.2.mlp.fc1.weight"], torch.cat([gate, up]))  # silu(gate) * up
+    assert sorted(v5) == [
+        "blocks.2.attn.proj.bias",
+        "blocks.2.mlp.fc1.weight",
+        "blocks.2.mlp.fc2.weight",
+    ]
+    vit5, _ = hf_to_timm({"layers.0.layernorm_before.weight": torch.zeros(2)}, "hf_vit")
+    assert list(vit5) == ["blocks.0.norm1.weight"]
 
 
 # --- through the task modules (the contract they probe today) -----------------------------------

@@ -7,13 +7,14 @@ those of the preset's layout:
 - ``timm``: timm's own state dict (``patch_embed.proj.weight``, ``blocks.0.attn.qkv.weight``, ...),
   what UNI, UNI2-h, Virchow2, H-optimus-0/1 and Prov-GigaPath publish;
 - ``hf_dinov2``: Hugging Face transformers' ``Dinov2Model`` (Phikon-v2): ``embeddings.*``,
-  ``encoder.layer.{i}.attention.attention.{query,key,value}``, ``layer_scale{1,2}.lambda1``,
-  ``mlp.fc1``/``mlp.fc2`` (or SwiGLU's ``mlp.weights_in``/``weights_out``), ``layernorm``;
+  ``encoder.layer.{i}.attention.attention.{query,key,value}`` (transformers 5:
+  ``attention.{q,k,v,o}_proj``), ``layer_scale{1,2}.lambda1``, ``mlp.fc1``/``mlp.fc2`` (or SwiGLU's
+  ``mlp.weights_in``/``weights_out``; transformers 5: ``mlp.{gate,up,down}_proj``), ``layernorm``;
 - ``hf_vit``: transformers' ``ViTModel``: ``layernorm_before``/``layernorm_after``,
-  ``intermediate.dense``/``output.dense``.
+  ``intermediate.dense``/``output.dense`` (transformers 5: ``layers.{i}.``, ``mlp.fc1``/``fc2``).
 
 Hugging Face names are mapped to timm's (query/key/value concatenated into timm's fused ``qkv``,
-q then k then v along the output dimension); a ``dinov2.``/``vit.`` prefix is stripped; names
+q then k then v along the output dimension; SwiGLU's gate then up into ``mlp.fc1``); a ``dinov2.``/``vit.`` prefix is stripped; names
 already timm's pass unchanged (a Hugging Face preset also takes a file converted to timm). Dropped,
 and logged: classifier/pooler tensors (``head.*``, ``classifier.*``, ``pooler.*``) and Dinov2's
 ``embeddings.mask_token`` (its masked-image-modelling token, unused by a forward pass); with a
@@ -39,7 +40,7 @@ log = logging.getLogger(__name__)
 
 DROPPED_PREFIXES = ("head.", "classifier.", "pooler.")  # heads a feature extractor has no use for
 HF_PREFIXES = ("dinov2.", "vit.")  # *ForImageClassification wrappers
-HF_MARKERS = ("encoder.layer.", "embeddings.")  # a file in a Hugging Face layout
+HF_MARKERS = ("encoder.layer.", "layers.", "embeddings.")  # a file in a Hugging Face layout
 _HF_EMBEDDINGS = {
     "embeddings.cls_token": "cls_token",
     "embeddings.register_tokens": "reg_token",
@@ -50,50 +51,59 @@ _HF_EMBEDDINGS = {
     "layernorm.bias": "norm.bias",
 }
 _HF_DROPPED = ("embeddings.mask_token",)
-# per-block names (after "encoder.layer.{i}."), by layout -> timm's (after "blocks.{i}.")
+# per-block module names (after "encoder.layer.{i}." in transformers 4, "layers.{i}." in ViTModel
+# 5), by layout -> timm's (after "blocks.{i}."); transformers 4 and 5 names both
+_ATTENTION_OUT = {"attention.output.dense": "attn.proj", "attention.o_proj": "attn.proj"}
 _HF_BLOCK = {
     "hf_dinov2": {
+        **_ATTENTION_OUT,
         "norm1": "norm1",
         "norm2": "norm2",
-        "attention.output.dense": "attn.proj",
-        "layer_scale1.lambda1": "ls1.gamma",
-        "layer_scale2.lambda1": "ls2.gamma",
+        "layer_scale1": "ls1",
+        "layer_scale2": "ls2",
         "mlp.fc1": "mlp.fc1",
         "mlp.fc2": "mlp.fc2",
         "mlp.weights_in": "mlp.fc1",  # Dinov2SwiGLUFFN: silu(x1) * x2 = timm's SwiGLUPacked
         "mlp.weights_out": "mlp.fc2",
+        "mlp.down_proj": "mlp.fc2",  # transformers 5's SwiGLU (gate_proj/up_proj: _FUSED)
     },
     "hf_vit": {
+        **_ATTENTION_OUT,
         "layernorm_before": "norm1",
         "layernorm_after": "norm2",
-        "attention.output.dense": "attn.proj",
         "intermediate.dense": "mlp.fc1",
         "output.dense": "mlp.fc2",
+        "mlp.fc1": "mlp.fc1",
+        "mlp.fc2": "mlp.fc2",
     },
 }
-_LAYER = re.compile(r"^encoder\.layer\.(\d+)\.(.+)\.(weight|bias|lambda1)$")
-_QKV = ("query", "key", "value")
-
-
-def _rename_block(layout: str, index: str, inner: str, leaf: str) -> str | None:
-    table = _HF_BLOCK[layout]
-    if leaf == "lambda1":
-        inner, leaf = f"{inner}.lambda1", ""
-    target = table.get(inner)
-    if target is None:
-        return None
-    return f"blocks.{index}.{target}" + (f".{leaf}" if leaf else "")
+# modules whose tensors timm fuses, concatenated along the output dimension in this order:
+# attention query/key/value -> attn.qkv; SwiGLU gate/up (silu(gate) * up) -> mlp.fc1
+_FUSED: dict[str, tuple[str, int]] = {
+    "attention.attention.query": ("attn.qkv", 0),
+    "attention.attention.key": ("attn.qkv", 1),
+    "attention.attention.value": ("attn.qkv", 2),
+    "attention.q_proj": ("attn.qkv", 0),
+    "attention.k_proj": ("attn.qkv", 1),
+    "attention.v_proj": ("attn.qkv", 2),
+    "mlp.gate_proj": ("mlp.fc1", 0),
+    "mlp.up_proj": ("mlp.fc1", 1),
+}
+_FUSED_PARTS = {"attn.qkv": 3, "mlp.fc1": 2}
+_LAYER = re.compile(r"^(?:encoder\.layer|layers)\.(\d+)\.(.+)\.(weight|bias|lambda1)$")
 
 
 def hf_to_timm(state: Mapping[str, Tensor], layout: str) -> tuple[dict[str, Tensor], list[str]]:
-    """``state`` (a Hugging Face ``hf_dinov2``/``hf_vit`` state dict) with timm's names; returns
-    it and the dropped keys. Keys no rule knows keep their names (a strict load then reports
-    them); a block's query/key/value are fused only when all three are there."""
+    """``state`` (a Hugging Face ``hf_dinov2``/``hf_vit`` state dict, transformers 4 or 5 names)
+    with timm's names; returns it and the dropped keys. Keys no rule knows keep their names (a
+    strict load then reports them); fused tensors (qkv, SwiGLU's gate + up) are built only when
+    all their parts are there, otherwise the parts keep their names too."""
     if layout not in _HF_BLOCK:
         raise ValueError(f"layout={layout!r} is not a Hugging Face layout ({', '.join(_HF_BLOCK)})")
+    table = _HF_BLOCK[layout]
     out: dict[str, Tensor] = {}
     dropped: list[str] = []
-    qkv: dict[tuple[str, str], dict[str, tuple[str, Tensor]]] = {}  # (block, leaf) -> q/k/v
+    fused: dict[tuple[str, str, str], dict[int, tuple[str, Tensor]]] = {}  # (block, target, leaf)
     for key, value in state.items():
         name = key
         for prefix in HF_PREFIXES:
@@ -106,21 +116,22 @@ def hf_to_timm(state: Mapping[str, Tensor], layout: str) -> tuple[dict[str, Tens
             continue
         match = _LAYER.match(name)
         if match:
-            index, inner, leaf = match.groups()
-            part = inner.removeprefix("attention.attention.")
-            if part in _QKV and leaf in ("weight", "bias"):
-                qkv.setdefault((index, leaf), {})[part] = (key, value)
+            index, module, leaf = match.groups()
+            if module in _FUSED and leaf in ("weight", "bias"):
+                target, order = _FUSED[module]
+                fused.setdefault((index, target, leaf), {})[order] = (key, value)
                 continue
-            renamed = _rename_block(layout, index, inner, leaf)
-            if renamed is not None:
-                out[renamed] = value
+            if module in table:
+                timm_leaf = "gamma" if leaf == "lambda1" else leaf
+                out[f"blocks.{index}.{table[module]}.{timm_leaf}"] = value
                 continue
         out[key] = value  # unknown: kept, reported by the strict load
-    for (index, leaf), parts in sorted(qkv.items()):
-        if set(parts) == set(_QKV):
-            out[f"blocks.{index}.attn.qkv.{leaf}"] = torch.cat([parts[p][1] for p in _QKV], dim=0)
+    for (index, target, leaf), parts in sorted(fused.items()):
+        if sorted(parts) == list(range(_FUSED_PARTS[target])):
+            tensors = [parts[i][1] for i in sorted(parts)]
+            out[f"blocks.{index}.{target}.{leaf}"] = torch.cat(tensors, dim=0)
         else:
-            out.update({key: value for key, value in parts.values()})
+            out.update(dict(parts.values()))
     return out, dropped
 
 
