@@ -253,6 +253,8 @@ def main(cfg: DictConfig) -> None:
         # torch threads on the CPU (None: the cores the workers leave free); read with get() so
         # that a conf/infer.yaml without the key still composes (`+num_threads=N` then sets it)
         num_threads=None if cfg.get("num_threads") is None else int(cfg.num_threads),
+        adapt_bn=cfg.get("adapt_bn", False),
+        adapt_tiles=cfg.get("adapt_tiles", 512),
     )
     slides = resolve_slides(slides_spec)  # type: ignore[arg-type]
     status = run_inference(

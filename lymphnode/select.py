@@ -66,6 +66,8 @@ def main(cfg: DictConfig) -> None:
         device=str(cfg.device),
         min_tissue_fraction=float(cfg.min_tissue_fraction),
         num_threads=None if cfg.get("num_threads") is None else int(cfg.num_threads),
+        adapt_bn=cfg.get("adapt_bn", False),
+        adapt_tiles=cfg.get("adapt_tiles", 512),
     )
     slides = resolve_slides(_list(cfg, "slides"))
     selection = select_patches(

@@ -153,3 +153,60 @@ def test_a_bad_split_file_is_refused_naming_it(tmp_path: Path, text: str, match:
         resolve_slides(f"split:{split}")
     with pytest.raises(ConfigError, match=r"missing\.json does not exist \(written by"):
         resolve_slides(f"split:{tmp_path / 'missing.json'}")
+
+
+def _odd_bn_checkpoint(path: Path) -> Path:
+    """A tiny UNet checkpoint whose BatchNorm statistics are far from any slide's (running mean
+    3, variance 0.05): its maps change when the statistics are re-estimated on the slide."""
+    net = {"_target_": "lymphnode.models.UNet", "base_width": 4, "depth": 2, "top_skip": True}
+    torch.manual_seed(0)
+    module = MultiTaskModule(net=net, preprocess=Preprocess(level=0, patch_size=64))
+    for name, buf in module.named_buffers():
+        if name.endswith("running_mean"):
+            buf.fill_(3.0)
+        elif name.endswith("running_var"):
+            buf.fill_(0.05)
+    ckpt = {"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict()}
+    module.on_save_checkpoint(ckpt)
+    torch.save(ckpt, path)
+    return path
+
+
+def test_adapt_bn_uses_the_slides_statistics_restores_the_models_and_is_recorded(
+    slides: Path, tmp_path: Path
+) -> None:
+    from lymphnode.inference.grid import TileDataset
+    from lymphnode.inference.predict import adapted_to
+    from lymphnode.inference.settings import InferenceSettings
+    from lymphnode.models.checkpoint import load_inference_model
+    from lymphnode.wsi.slide import open_slide
+
+    ckpt = _odd_bn_checkpoint(tmp_path / "m.ckpt")
+    model = load_inference_model(ckpt)
+    before = {k: v.clone() for k, v in model.task.state_dict().items()}
+    slide = open_slide(slides / "tumor_001.tif")
+    corners = np.array([[x, y] for y in (128, 256, 384) for x in (256, 384, 512, 640)])
+    dataset = TileDataset(slide, corners, model.preprocess, 64)
+    settings = InferenceSettings(adapt_bn=True, adapt_tiles=5, num_workers=0, device="cpu")
+    with adapted_to(model.task, dataset, model.preprocess, settings, "tumor_001") as record:
+        assert record["statistics"] == "adapted" and record["tiles"] == 5
+        bn = model.task.net.encoder[0][1]
+        assert not torch.equal(bn.running_mean, before["net.encoder.0.1.running_mean"])
+    after = model.task.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())  # the checkpoint's again
+    off = InferenceSettings(adapt_bn=False, num_workers=0, device="cpu")
+    with adapted_to(model.task, dataset, model.preprocess, off, "tumor_001") as record:
+        assert record == {"statistics": "source"}
+
+    out = tmp_path / "wsi"
+    first = _run(f"checkpoint={ckpt}", f"slides=[{slides / 'tumor_001.tif'}]", f"out_dir={out}",
+                 "adapt_bn=true", "adapt_tiles=8")  # fmt: skip
+    assert first.returncode == 0, first.stderr
+    adapted = read_heatmap(out / "tumor_001.heatmap.tif")
+    assert adapted.source is not None and adapted.source["settings"]["adapt_bn"] is True
+    second = _run(f"checkpoint={ckpt}", f"slides=[{slides / 'tumor_001.tif'}]", f"out_dir={out}")
+    assert second.returncode == 0 and "1 done" in second.stdout  # other settings: recomputed
+    source = read_heatmap(out / "tumor_001.heatmap.tif")
+    assert not np.allclose(source.probabilities, adapted.probabilities)
+    bad = _run(f"checkpoint={ckpt}", f"slides={slides}", f"out_dir={out}", "adapt_tiles=0")
+    assert bad.returncode == 1 and "adapt_tiles" in bad.stderr

@@ -44,6 +44,7 @@ from lymphnode.core.errors import (
     TissueError,
 )
 from lymphnode.inference.grid import TileDataset, plan_slide, tile_loader
+from lymphnode.inference.predict import adapted_to
 from lymphnode.inference.selection import overlaps_any, select_spread
 from lymphnode.inference.settings import InferenceSettings
 from lymphnode.inference.uncertainty import SCORES, tile_scores
@@ -260,10 +261,11 @@ def score_candidates(
     dataset = TileDataset(slide, corners, preprocess, patch_size)
     bar = tqdm(total=len(dataset), desc=slide.path.stem, unit="tile", disable=not progress,
                leave=False)  # fmt: skip
-    _, scores = tile_scores(  # in the order of ``corners`` (the loader does not shuffle)
-        model, tile_loader(dataset, settings), preprocess=preprocess, settings=settings,
-        score=score, on_batch=bar.update,
-    )  # fmt: skip
+    with adapted_to(model, dataset, preprocess, settings, slide.path.stem):
+        _, scores = tile_scores(  # in the order of ``corners`` (the loader does not shuffle)
+            model, tile_loader(dataset, settings), preprocess=preprocess, settings=settings,
+            score=score, on_batch=bar.update,
+        )  # fmt: skip
     bar.close()
     return scores
 

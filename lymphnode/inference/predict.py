@@ -34,9 +34,12 @@ import socket
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 
+from lymphnode.inference.adapt import adapt_batchnorm, batchnorm_record
 from lymphnode.inference.grid import TileDataset, plan_slide, tile_loader
 from lymphnode.inference.heatmap import Heatmap
 from lymphnode.inference.settings import InferenceSettings, resolve_device
@@ -110,8 +113,9 @@ def predict_slide(
     bar = tqdm(
         total=len(dataset), desc=slide.path.stem, unit="tile", disable=not progress, leave=False
     )
-    run_tiles(model, loader, stitcher, preprocess=preprocess, settings=settings,
-              on_batch=lambda n: bar.update(n))  # fmt: skip
+    with adapted_to(model, dataset, preprocess, settings, slide.path.stem):
+        run_tiles(model, loader, stitcher, preprocess=preprocess, settings=settings,
+                  on_batch=lambda n: bar.update(n))  # fmt: skip
     bar.close()
     heat = stitcher.result()
     del stitcher
@@ -122,6 +126,43 @@ def predict_slide(
         level0_size=slide.dimensions,
         mpp=slide.mpp,
     )
+
+
+@contextlib.contextmanager
+def adapted_to(
+    model: torch.nn.Module,
+    dataset: TileDataset,
+    preprocess: Preprocess,
+    settings: InferenceSettings,
+    name: str,
+) -> Iterator[dict[str, Any]]:
+    """With ``settings.adapt_bn``: the model's BatchNorm statistics re-estimated on up to
+    ``settings.adapt_tiles`` evenly spaced tiles of ``dataset`` (the slide's own tissue, AdaBN)
+    for the duration, the checkpoint's restored after; otherwise nothing changes. Yields
+    :func:`lymphnode.inference.adapt.batchnorm_record` of the statistics used."""
+    if not settings.adapt_bn or len(dataset) == 0:
+        yield batchnorm_record()
+        return
+    device = resolve_device(settings.device)
+    model.to(device)
+    if settings.channels_last:
+        model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    n = len(dataset)
+    chosen = np.unique(np.linspace(0, n - 1, min(n, settings.adapt_tiles)).round().astype(int))
+    subset = TileDataset(dataset.slide, dataset.corners[chosen], preprocess, dataset.patch_size)
+    loader = tile_loader(subset, settings)
+    batches = (
+        preprocess.normalize(images, device, channels_last=settings.channels_last)
+        for images, _ in loader
+    )
+    try:
+        with _torch_settings(model_threads(settings, device), device):
+            record = adapt_batchnorm(model, batches, model.probabilities)  # type: ignore[arg-type]
+        log.info("%s: BatchNorm statistics adapted on %d tiles (AdaBN)", name, record["tiles"])
+        yield record
+    finally:
+        model.load_state_dict(saved)
 
 
 def available_cpus() -> int:

@@ -28,6 +28,10 @@ class InferenceSettings:
     min_tissue_fraction: a tile is read when this fraction of it is tissue (0: when it touches any).
     num_threads: torch intra-op threads while the model runs on the CPU (None: the cores left to
         the model by the workers, at least 1 and at most torch's current setting; restored after).
+    adapt_bn: test-time adaptation (AdaBN, :mod:`lymphnode.inference.adapt`): before a slide is
+        predicted, the network's BatchNorm statistics are re-estimated on up to ``adapt_tiles`` of
+        its own tissue tiles (evenly spaced over the grid), then restored for the next slide.
+    adapt_tiles: at most this many tiles per slide for ``adapt_bn``.
     """
 
     patch_size: int | None = None
@@ -42,6 +46,8 @@ class InferenceSettings:
     device: str = "auto"
     min_tissue_fraction: float = 0.0
     num_threads: int | None = None
+    adapt_bn: bool = False
+    adapt_tiles: int = 512
 
     def __post_init__(self) -> None:
         """ConfigError naming the setting, its value and the allowed range, before any slide or
@@ -58,6 +64,11 @@ class InferenceSettings:
         validate.integer("batch_size", self.batch_size, 1, where=where)
         validate.integer("num_workers", self.num_workers, 0, where=where)
         validate.number("min_tissue_fraction", self.min_tissue_fraction, 0.0, 1.0, where=where)
+        if not isinstance(self.adapt_bn, bool):
+            raise ConfigError(
+                f"{where}adapt_bn={self.adapt_bn!r} is invalid: expected true or false"
+            )
+        validate.integer("adapt_tiles", self.adapt_tiles, 1, where=where)
         resolve_device(self.device)
 
 
