@@ -271,11 +271,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument(
         "--variants",
-        nargs="+",
+        nargs="*",
         choices=["default", *VARIANTS],
         default=["default"],
         help="fine-tuning arms beside the recipe's (each its own run folders): default (the "
-        "recipe alone), " + ", ".join(VARIANTS),
+        "recipe alone), " + ", ".join(VARIANTS) + "; none: no sweep (reports only)",
     )
     parser.add_argument(
         "--loco-variants",
