@@ -223,7 +223,9 @@ def stub_model(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
     """``load_inference_model`` returns the red-channel stub with a 64 px level-0 contract."""
     pre = Preprocess(level=0, patch_size=P, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
     model = InferenceModel(task=_Stub(_red), preprocess=pre, hparams={})
-    monkeypatch.setattr("lymphnode.models.checkpoint.load_inference_model", lambda path: model)
+    monkeypatch.setattr(
+        "lymphnode.models.checkpoint.load_inference_model", lambda path, **kwargs: model
+    )
     return model
 
 
