@@ -55,7 +55,7 @@ def test_build_and_evaluate_a_tiny_run(tmp_path: Path) -> None:
             np.testing.assert_array_equal(mask, orig_mask)  # labels never move
             changed += int(not np.array_equal(image, orig))
         assert changed == len(test), name  # every patch re-stained
-    assert (root / "cross_centre" / "restained.png").is_file()
+    assert (root / "cross_centre" / "restained.jpg").is_file()
 
     _, results = tiny_runs.run(root, caches, "trainer.max_steps=4", "trainer.max_epochs=-1")
     assert results["status"] == "completed", results.get("error")

@@ -14,7 +14,7 @@ re-stained to the stain of one of that centre's crops (drawn per patch, seeded b
 the centre's spread of stains is kept), written as PNG with its unchanged mask under
 ``<root>/cross_centre/images/<method>_centre<c>/`` and imported with ``lymphnode.cache import``
 into ``<root>/cross_centre/caches/<method>_centre<c>``. A montage of real crops beside re-stained
-test patches goes to ``<root>/cross_centre/restained.png``.
+test patches goes to ``<root>/cross_centre/restained.jpg``.
 
 ``evaluate <root>``: every completed fine-tuning run below ``<root>/runs`` (its selected
 checkpoint) predicts the unshifted test cache and every re-stained one, as the test step does
@@ -158,7 +158,7 @@ def build(root: Path, data: Path, *, methods: Sequence[str] = METHODS, seed: int
                      "--masks", str(masks), str(cache_dir)])  # fmt: skip
     if summaries:
         atomic.write_json(out / "banks.json", summaries)
-    montage(out / "restained.png", crops, items, methods, seed)
+    montage(out / "restained.jpg", crops, items, methods, seed)
 
 
 def montage(
@@ -201,7 +201,9 @@ def montage(
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=80)
     plt.close(fig)
-    atomic.write_bytes(path, buffer.getvalue())
+    out = io.BytesIO()  # JPEG: tissue photographs, a tenth of the PNG's size
+    Image.open(buffer).convert("RGB").save(out, format="JPEG", quality=85)
+    atomic.write_bytes(path, out.getvalue())
 
 
 # ------------------------------------------------------------------------------- evaluation
