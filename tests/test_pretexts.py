@@ -340,7 +340,13 @@ class NoEncoder(nn.Module):
 
 
 def test_contrastive_refuses_a_network_without_an_encoder() -> None:
-    with pytest.raises(ConfigError, match=r"pretext contrastive needs a network with encode\(\)"):
+    # the network contract, checked once when the task builds it: class and every missing member
+    with pytest.raises(
+        ConfigError,
+        match=r"network test_pretexts\.NoEncoder does not implement the network contract .*: it "
+        r"lacks encoder_prefix, in_channels, seg_head, recon_head, config, min_size, "
+        r"encoder_channels, encode, depth_groups, prepare_transfer$",
+    ):
         ContrastiveModule(net={"_target_": "test_pretexts.NoEncoder"})
 
 

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from lymphnode.core.errors import CheckpointError, ConfigError
 from lymphnode.models import allowlist
+from lymphnode.models.contract import require_contract
 from lymphnode.models.preprocess import Preprocess
 from lymphnode.models.registry import TARGET, build_network
 
@@ -328,9 +329,9 @@ def plan_pretrained_transfer(
     report = LoadReport(path=path, transfer=parts.transfer, task=parts.task_target)
     model_state = net.state_dict()
     source_args = {k: v for k, v in parts.net_config.items() if k != TARGET}
-    prepare = getattr(net, "prepare_transfer", None)
-    prefixes: list[str] = list(prepare(source_args)) if callable(prepare) else []
-    encoder_prefix = str(getattr(net, "encoder_prefix", "encoder."))
+    contract = require_contract(net)  # the task checked it when it built the network
+    prefixes: list[str] = list(contract.prepare_transfer(source_args))
+    encoder_prefix = contract.encoder_prefix
     if parts.transfer == "encoder":
         ckpt_state = {k: v for k, v in ckpt_state.items() if k.startswith(encoder_prefix)}
         if not ckpt_state:

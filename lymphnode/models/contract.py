@@ -1,15 +1,14 @@
 """The network contract: what the task modules, checkpoints and inference may rely on.
 
-A PROPOSAL (issue #20, part 1) written down as ``typing.Protocol``s; the tasks do not use it yet
-(they still probe these members with ``getattr``). :class:`lymphnode.models.UNet`,
-:class:`lymphnode.models.SmpUNet` and :class:`lymphnode.models.ViTUNet` already implement
-:class:`SegmentationNetwork`; ViTUNet also :class:`DeclaresInputNeeds`. Once the tasks take it:
+Written down as ``typing.Protocol``s (issue #20, part 1). :class:`lymphnode.models.UNet`,
+:class:`lymphnode.models.SmpUNet` and :class:`lymphnode.models.ViTUNet` implement
+:class:`SegmentationNetwork`; ViTUNet also :class:`DeclaresInputNeeds`.
 
-- ``build_network`` checks :func:`missing_members` once, with one ConfigError naming the class and
-  what it lacks, instead of each task's own ``getattr`` fallback;
+- every task module checks its network once when it builds it (:func:`require_contract`: one
+  ConfigError naming the class and every member it lacks) and then uses the members directly;
 - the reconstruction head is optional: ``recon_head`` None and ``forward(x).recon`` None, and a
   task that needs it (the reconstruction, masked and stain pretexts, ``recon_weight > 0``) says
-  so at construction;
+  so at construction (:func:`require_recon_head`);
 - where the weights came from (a pretext checkpoint, a foundation model's file, nothing) is not
   part of the contract: the encoder is ``encoder_prefix``, whatever initialised it, so one
   ``task.encoder_lr_scale`` can treat every network alike (part 4).
@@ -25,6 +24,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from torch import Tensor, nn
+
+from lymphnode.core.errors import ConfigError
 
 
 class NetworkOutput(Protocol):
@@ -124,6 +125,30 @@ def missing_members(net: nn.Module) -> list[str]:
     return [name for name in CONTRACT_MEMBERS if not hasattr(net, name)]
 
 
+def require_contract(net: nn.Module) -> SegmentationNetwork:
+    """``net`` itself, typed as the contract; ConfigError naming its class and every member it
+    lacks when it does not implement :class:`SegmentationNetwork`."""
+    missing = missing_members(net)
+    if missing:
+        cls = type(net)
+        raise ConfigError(
+            f"network {cls.__module__}.{cls.__qualname__} does not implement the network contract "
+            f"(lymphnode.models.contract.SegmentationNetwork): it lacks {', '.join(missing)}"
+        )
+    return net  # type: ignore[return-value]
+
+
+def require_recon_head(net: SegmentationNetwork, task: str) -> nn.Module:
+    """The network's reconstruction head; ConfigError naming ``task`` (what needs it) and the
+    network's class when it has none (e.g. ``ViTUNet(recon=False)``)."""
+    if net.recon_head is None:
+        raise ConfigError(
+            f"{task} needs a network with a reconstruction head; {type(net).__name__} was built "
+            "without one (recon_head=None); with model=vit set model.recon=true"
+        )
+    return net.recon_head
+
+
 __all__ = [
     "CONTRACT_MEMBERS",
     "DeclaresInputNeeds",
@@ -131,4 +156,6 @@ __all__ = [
     "NetworkOutput",
     "SegmentationNetwork",
     "missing_members",
+    "require_contract",
+    "require_recon_head",
 ]

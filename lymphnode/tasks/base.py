@@ -37,6 +37,7 @@ from torch import Tensor, nn
 import lymphnode
 from lymphnode.core import validate
 from lymphnode.core.errors import ConfigError
+from lymphnode.models.contract import SegmentationNetwork, require_contract
 from lymphnode.models.preprocess import Preprocess
 from lymphnode.models.registry import TARGET, build_network
 from lymphnode.tasks.callbacks import NonFiniteLossGuard
@@ -158,13 +159,12 @@ def stage_log_kwargs(stage: str, batch_size: int) -> dict[str, Any]:
     }
 
 
-def freeze_heads(net: nn.Module, names: Sequence[str]) -> None:
-    """``requires_grad_(False)`` on the network's submodules ``names`` that exist (heads a task
-    does not train get no gradient, which DDP would reject)."""
-    for name in names:
-        module = getattr(net, name, None)
-        if isinstance(module, nn.Module):
-            module.requires_grad_(False)
+def freeze_heads(*heads: nn.Module | None) -> None:
+    """``requires_grad_(False)`` on the network's heads a task does not train (they get no
+    gradient, which DDP would reject); None (a head the network lacks) is skipped."""
+    for head in heads:
+        if head is not None:
+            head.requires_grad_(False)
 
 
 def image_grid(rows: Sequence[Tensor], pad: int = 2) -> np.ndarray:
@@ -193,7 +193,7 @@ class TaskModule(pl.LightningModule):
     when they predict tumour probabilities (what ``infer`` asks for).
     """
 
-    net: nn.Module
+    net: nn.Module  # implements SegmentationNetwork (checked when built); see `network`
     net_attribute = "net"  # where the network lives; checkpoints record it (state_dict prefix)
     # What a fine-tuning run takes from this task's checkpoints (checkpoint["lymphnode"]["transfer"]):
     # "network" (every tensor) or "encoder" (a pretext that trains only the encoder).
@@ -220,6 +220,7 @@ class TaskModule(pl.LightningModule):
             )
         self._net_config = {**DEFAULT_NET, **net_defaults, **net}
         self.net = build_network(self._net_config)
+        require_contract(self.net)  # one ConfigError naming the class and what it lacks
         self._optimizer_factory = resolve_factory("optimizer", optimizer)  # type: ignore[assignment]
         if self._optimizer_factory is None:
             raise ConfigError("optimizer=None is invalid; expected an optimizer factory")
@@ -255,6 +256,11 @@ class TaskModule(pl.LightningModule):
 
     task_name = "task"
 
+    @property
+    def network(self) -> SegmentationNetwork:
+        """``self.net`` as the network contract it was checked against when built."""
+        return self.net  # type: ignore[return-value]
+
     # --- the preprocessing contract -------------------------------------------------------
     @property
     def preprocess(self) -> Preprocess:
@@ -267,7 +273,7 @@ class TaskModule(pl.LightningModule):
         return self._preprocess
 
     def _check_patch_size(self, preprocess: Preprocess) -> None:
-        minimum = int(getattr(self.net, "min_size", 1))
+        minimum = int(self.network.min_size)
         if preprocess.patch_size < minimum:
             raise ConfigError(
                 f"preprocess patch_size={preprocess.patch_size} px is smaller than the network's "

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from lymphnode.core import validate
 from lymphnode.core.errors import ConfigError, LymphnodeError
+from lymphnode.models.contract import SegmentationNetwork
 
 log = logging.getLogger(__name__)
 
@@ -90,11 +91,12 @@ class DepthNormLogger(pl.Callback):
     ) -> None:
         if trainer.global_step % self.every_n_steps:
             return
-        net = getattr(pl_module, "net", None)
-        if not isinstance(net, nn.Module) or not callable(getattr(net, "depth_groups", None)):
+        net = getattr(pl_module, "net", None)  # a lymphnode TaskModule's network
+        if not isinstance(net, nn.Module) or not isinstance(net, SegmentationNetwork):
             raise ConfigError(
-                f"DepthNormLogger needs a network `.net` with a depth_groups() method (as "
-                f"lymphnode.models.UNet); {type(pl_module).__name__} has {type(net).__name__}"
+                f"DepthNormLogger needs a lymphnode task module whose network `.net` implements "
+                f"the network contract (depth_groups()); {type(pl_module).__name__} has "
+                f"{type(net).__name__}"
             )
         pl_module.log_dict(depth_norms(net), on_step=True, on_epoch=False)
 

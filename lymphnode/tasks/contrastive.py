@@ -43,7 +43,6 @@ from lightly.models.utils import select_most_similar
 from torch import Tensor
 
 from lymphnode.core import validate
-from lymphnode.core.errors import ConfigError
 from lymphnode.models.preprocess import Preprocess
 from lymphnode.tasks.base import (
     DEFAULT_OPTIMIZER,
@@ -67,8 +66,9 @@ class ContrastiveModule(TaskModule):
     """SimCLR on the encoder: NT-Xent between the projections of two views of each patch.
 
     Args:
-        net: the network's config (conf/model/*.yaml); it must provide ``encode`` and
-            ``encoder_channels`` (otherwise ConfigError names the network).
+        net: the network's config (conf/model/*.yaml); any network of the contract
+            (:class:`lymphnode.models.contract.SegmentationNetwork`): ``encode`` and
+            ``encoder_channels`` feed the projection head, ``encoder_prefix`` names what trains.
         temperature: NT-Xent temperature (0.2; SimCLR used 0.1-0.5, lower for small batches).
         hidden_dim, projection_dim: the projection head's hidden and output widths (an MLP with
             batch norm, discarded after pretraining).
@@ -119,18 +119,11 @@ class ContrastiveModule(TaskModule):
             log_images_every_n_epochs,
             n_log_images,
         )
-        if not callable(getattr(self.net, "encode", None)) or not hasattr(
-            self.net, "encoder_channels"
-        ):
-            raise ConfigError(
-                f"pretext contrastive needs a network with encode() and encoder_channels; "
-                f"{self._net_config.get('_target_')} has none (use model=unet or model=smp_unet)"
-            )
-        prefix = str(getattr(self.net, "encoder_prefix", "encoder."))
+        prefix = self.network.encoder_prefix  # the contract guarantees encode() and the rest
         for name, param in self.net.named_parameters():
             if not name.startswith(prefix):
                 param.requires_grad_(False)  # decoder and heads: untouched, not transferred
-        channels = int(getattr(self.net, "encoder_channels"))  # noqa: B009  (checked above)
+        channels = int(self.network.encoder_channels)
         self.head = SimCLRProjectionHead(channels, self.hidden_dim, self.projection_dim)
         self.criterion = NTXentLoss(temperature=self.temperature, gather_distributed=True)
         if self.dense_weight > 0:
@@ -162,7 +155,7 @@ class ContrastiveModule(TaskModule):
 
     def _encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Encoder features (B, C, h, w) and their global projection (B, projection_dim)."""
-        features = getattr(self.net, "encode")(x)  # noqa: B009
+        features = self.network.encode(x)  # (B, encoder_channels, h, w)
         return features, self.head(features.mean(dim=(2, 3)))
 
     def dense_loss(self, f1: Tensor, f2: Tensor) -> Tensor:

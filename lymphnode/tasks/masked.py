@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from lymphnode.core import validate
 from lymphnode.core.errors import ConfigError
+from lymphnode.models.contract import require_recon_head
 from lymphnode.models.preprocess import Preprocess
 from lymphnode.tasks.base import (
     DEFAULT_OPTIMIZER,
@@ -121,11 +122,12 @@ class MaskedModule(TaskModule):
             log_images_every_n_epochs,
             n_log_images,
         )
-        channels = int(getattr(self.net, "in_channels", 3))
+        require_recon_head(self.network, "pretext masked")
+        channels = int(self.network.in_channels)
         self.fill_value = nn.Parameter(
             torch.zeros(1, channels, 1, 1), requires_grad=fill == "learned"
         )
-        freeze_heads(self.net, ["seg_head"])
+        freeze_heads(self.network.seg_head)
         self.save_hyperparameters(
             {
                 **self._common_hparams(),

@@ -2,7 +2,14 @@
 
 Loss = BCE with logits (optional ``pos_weight``) + ``dice_weight`` x soft Dice loss
 + ``recon_weight`` x reconstruction loss. The paper keeps the reconstruction term (weight 1.0)
-because fine-tuning on segmentation alone destroys what pretraining learned; weight 0 turns it off.
+because fine-tuning on segmentation alone destroys what pretraining learned; weight 0 turns it off
+(and then the network needs no reconstruction head: ``ViTUNet(recon=False)``).
+
+How fast the encoder trains does not depend on where its weights came from (a foundation model's
+file, an smp/timm file, a lymphnode pretext, nothing): ``encoder_lr_scale`` and
+``freeze_encoder_steps`` cover the parameters under the network's ``encoder_prefix``. The older
+``pretrained_lr_*`` / ``freeze_pretrained_steps`` cover only the tensors copied from
+``pretrained`` (a scratch run ignores them), with the same optimizer groups.
 
 Batches are dicts: ``{"image": (B, 3, H, W) float32 normalised, "mask": (B, 1, H, W) float32 in
 {0, 1} (1 = tumour), ...}``.
@@ -33,11 +40,13 @@ from lymphnode.models.checkpoint import (
     load_pretrained_weights,
     plan_pretrained_transfer,
 )
+from lymphnode.models.contract import require_recon_head
 from lymphnode.models.preprocess import Preprocess
 from lymphnode.tasks.base import (
     DEFAULT_OPTIMIZER,
     DEFAULT_SCHEDULER,
     TaskModule,
+    freeze_heads,
     image_grid,
     plain,
     require_keys,
@@ -110,6 +119,13 @@ class MultiTaskModule(TaskModule):
         freeze_pretrained_steps: the pretrained parameters stay fixed for this many optimizer
             steps first (no update, no weight decay; their BatchNorm statistics still adapt),
             then train: linear probing then fine-tuning (LP-FT). 0, the default, never freezes.
+        encoder_lr_scale: the encoder's parameters (under the network's ``encoder_prefix``)
+            train at this multiple of the optimizer's lr, whatever initialised them: 1.0 (the
+            default) one lr for all; 0.1 discriminative fine-tuning; 0 frozen (``requires_grad``
+            off: no update, no weight decay, no gradient computed; BatchNorm statistics of a CNN
+            encoder still adapt). Cannot be combined with the ``pretrained_lr_*`` settings.
+        freeze_encoder_steps: the encoder stays fixed for this many optimizer steps first, then
+            trains at ``encoder_lr_scale`` (warm-up freezing, LP-FT for any weight source).
         semi: null (the default: supervised only) or the settings of semi-supervised fine-tuning
             with the unlabeled pool (:mod:`lymphnode.tasks.semi`, FixMatch-style weak-to-strong
             pseudo-labels under strong stain views; keys ``weight, threshold, warmup_steps, sigma,
@@ -117,7 +133,8 @@ class MultiTaskModule(TaskModule):
             ``semi=fixmatch`` sets both).
 
     Logs ``train/loss``, ``train/seg_loss``, ``train/recon_mse``; on val and test
-    ``{stage}/loss``, ``{stage}/seg_loss``, ``{stage}/recon_mse``, pixel-wise
+    ``{stage}/loss``, ``{stage}/seg_loss``, ``{stage}/recon_mse`` (``recon_mse`` only when
+    ``recon_weight`` > 0), pixel-wise
     ``{stage}/seg_precision``, ``{stage}/seg_recall``, ``{stage}/seg_f1``, ``{stage}/seg_iou``
     (counts accumulated over the epoch; F1 is the paper's metric and equals the pooled Dice)
     and ``{stage}/seg_dice`` (mean per-patch Dice, 1 for a patch where truth and prediction are
@@ -145,6 +162,8 @@ class MultiTaskModule(TaskModule):
         freeze_pretrained_steps: int = 0,
         pretrained_lr_scope: str = "network",
         semi: Mapping[str, Any] | None = None,
+        encoder_lr_scale: float = 1.0,
+        freeze_encoder_steps: int = 0,
     ) -> None:
         super().__init__()
         if pretrained_lr_scope not in LR_SCOPES:
@@ -156,6 +175,17 @@ class MultiTaskModule(TaskModule):
         freeze_pretrained_steps = validate.integer(
             "freeze_pretrained_steps", freeze_pretrained_steps, 0
         )
+        encoder_lr_scale = validate.number("encoder_lr_scale", encoder_lr_scale, 0.0)
+        freeze_encoder_steps = validate.integer("freeze_encoder_steps", freeze_encoder_steps, 0)
+        self._encoder_lr_set = encoder_lr_scale != 1.0 or freeze_encoder_steps > 0
+        if self._encoder_lr_set and (pretrained_lr_scale != 1.0 or freeze_pretrained_steps > 0):
+            raise ConfigError(
+                f"encoder_lr_scale={encoder_lr_scale} / freeze_encoder_steps="
+                f"{freeze_encoder_steps} cannot be combined with pretrained_lr_scale="
+                f"{pretrained_lr_scale} / freeze_pretrained_steps={freeze_pretrained_steps}: "
+                "expected one of the two (the encoder_* keys cover the encoder whatever "
+                "initialised it, the pretrained_* keys only the tensors from task.pretrained)"
+            )
         seg_loss = validate.keys(
             "seg_loss", plain(seg_loss) if seg_loss is not None else {}, SEG_LOSS_KEYS
         )
@@ -199,16 +229,24 @@ class MultiTaskModule(TaskModule):
         self.pretrained_lr_scale = float(pretrained_lr_scale)
         self.freeze_pretrained_steps = int(freeze_pretrained_steps)
         self.pretrained_lr_scope = pretrained_lr_scope
-        self._pretrained_params: list[torch.nn.Parameter] = []
+        self.encoder_lr_scale = float(encoder_lr_scale)
+        self.freeze_encoder_steps = int(freeze_encoder_steps)
+        self._scaled_params: list[torch.nn.Parameter] = []  # the group with its own lr_scale
+        self._scaled_freeze_steps = 0  # ... fixed for this many optimizer steps first
         self.pretrained_report: LoadReport | None = None
         self._weights_initialised = pretrained is None  # True once pretrained / checkpoint loaded
         if pos_weight is not None:
             self.register_buffer("_pos_weight", torch.tensor([pos_weight]), persistent=False)
         else:
             self._pos_weight = None
-        recon_head = getattr(self.net, "recon_head", None)
-        if recon_weight == 0 and isinstance(recon_head, torch.nn.Module):
-            recon_head.requires_grad_(False)  # no gradient reaches it (DDP would object)
+        if recon_weight:
+            require_recon_head(self.network, f"recon_weight={recon_weight}")
+        else:
+            freeze_heads(self.network.recon_head)  # no gradient reaches it (DDP would object)
+        if self.encoder_lr_scale == 0.0:
+            for name, param in self.net.named_parameters():
+                if name.startswith(self.network.encoder_prefix):
+                    param.requires_grad_(False)  # frozen: out of the optimizer, no gradient
         self.save_hyperparameters(
             {
                 **self._common_hparams(),
@@ -221,6 +259,8 @@ class MultiTaskModule(TaskModule):
                 "freeze_pretrained_steps": self.freeze_pretrained_steps,
                 "pretrained_lr_scope": self.pretrained_lr_scope,
                 "semi": None if self.semi is None else self.semi.as_dict(),
+                "encoder_lr_scale": self.encoder_lr_scale,
+                "freeze_encoder_steps": self.freeze_encoder_steps,
             }
         )
         self.val_metrics = _seg_metrics("val", self.threshold)
@@ -266,7 +306,7 @@ class MultiTaskModule(TaskModule):
         if report is None:
             report, _ = plan_pretrained_transfer(self.net, self.pretrained)
         loaded = set(report.loaded)
-        prefix = str(getattr(self.net, "encoder_prefix", "encoder."))
+        prefix = self.network.encoder_prefix
         return [
             n
             for n, p in self.net.named_parameters()
@@ -276,40 +316,56 @@ class MultiTaskModule(TaskModule):
             and (self.pretrained_lr_scope == "network" or n.startswith(prefix))
         ]
 
+    def encoder_parameter_names(self) -> list[str]:
+        """Names (in ``self.net``) of the trainable parameters under the network's
+        ``encoder_prefix``: what ``encoder_lr_scale`` and ``freeze_encoder_steps`` cover, whatever
+        initialised them (empty when the encoder is frozen, ``encoder_lr_scale=0``)."""
+        prefix = self.network.encoder_prefix
+        return [
+            n for n, p in self.net.named_parameters() if p.requires_grad and n.startswith(prefix)
+        ]
+
     def optimizer_param_groups(self) -> list[dict[str, Any]]:
-        """Two groups when fine-tuning treats the pretrained parameters apart
-        (``pretrained_lr_scale`` != 1 or ``freeze_pretrained_steps`` > 0): the pretrained ones
-        (``lr_scale``) and the rest; otherwise one."""
-        if self.pretrained is None or (
+        """Two groups when fine-tuning treats part of the network apart: the encoder's
+        parameters (``encoder_lr_scale`` != 1 or ``freeze_encoder_steps`` > 0) or the pretrained
+        ones (``pretrained_lr_scale`` != 1 or ``freeze_pretrained_steps`` > 0), sorted by name,
+        with their ``lr_scale``, then the rest in the network's order; otherwise one."""
+        if self._encoder_lr_set:
+            names = set(self.encoder_parameter_names())
+            scale, freeze, what = self.encoder_lr_scale, self.freeze_encoder_steps, "encoder"
+        elif self.pretrained is None or (
             self.pretrained_lr_scale == 1.0 and self.freeze_pretrained_steps == 0
         ):
             return super().optimizer_param_groups()
-        if self.pretrained_report is None and not self._weights_initialised:
-            self.load_pretrained()  # now, not at fit start: planning first would read it twice
-        names = set(self.pretrained_parameter_names())
+        else:
+            if self.pretrained_report is None and not self._weights_initialised:
+                self.load_pretrained()  # now, not at fit start: planning first would read it twice
+            names = set(self.pretrained_parameter_names())
+            scale, freeze, what = (
+                self.pretrained_lr_scale,
+                self.freeze_pretrained_steps,
+                "pretrained",
+            )
         if not names:
             return super().optimizer_param_groups()
         named = dict(self.net.named_parameters())
-        self._pretrained_params = [named[n] for n in sorted(names)]
-        ids = {id(p) for p in self._pretrained_params}
+        self._scaled_params = [named[n] for n in sorted(names)]
+        self._scaled_freeze_steps = freeze
+        ids = {id(p) for p in self._scaled_params}
         rest = [p for p in self.parameters() if p.requires_grad and id(p) not in ids]
         log.info(
-            "fine-tuning %d pretrained parameter tensors at lr x %g%s, %d others at lr",
-            len(self._pretrained_params),
-            self.pretrained_lr_scale,
-            f", fixed for the first {self.freeze_pretrained_steps} steps"
-            if self.freeze_pretrained_steps
-            else "",
+            "fine-tuning %d %s parameter tensors at lr x %g%s, %d others at lr",
+            len(self._scaled_params),
+            what,
+            scale,
+            f", fixed for the first {freeze} steps" if freeze else "",
             len(rest),
         )
-        return [
-            {"params": self._pretrained_params, "lr_scale": self.pretrained_lr_scale},
-            {"params": rest},
-        ]
+        return [{"params": self._scaled_params, "lr_scale": scale}, {"params": rest}]
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        if self.global_step < self.freeze_pretrained_steps:
-            for param in self._pretrained_params:
+        if self.global_step < self._scaled_freeze_steps:
+            for param in self._scaled_params:
                 param.grad = None  # the optimizer skips it: no update, no weight decay
 
     # --- steps ------------------------------------------------------------------------------
@@ -322,18 +378,16 @@ class MultiTaskModule(TaskModule):
                 f"{(x.shape[0], 1, *x.shape[-2:])} for images of shape {tuple(x.shape)}"
             )
         y = y.to(x.dtype)
-        out = self.net(x)  # recon (B, 3, H, W), seg (B, 1, H, W) logits
+        out = self.net(x)  # seg (B, 1, H, W) logits, recon (B, 3, H, W) or None
         seg_loss = F.binary_cross_entropy_with_logits(out.seg, y, pos_weight=self._pos_weight)
         if self.dice_weight:
             seg_loss = seg_loss + self.dice_weight * soft_dice_loss(out.seg, y)
         loss = seg_loss
+        mse = None  # not computed at recon_weight=0
         if self.recon_weight:
             mse = F.mse_loss(out.recon, x)
             recon = mse if self.recon_loss == "mse" else F.l1_loss(out.recon, x)
             loss = loss + self.recon_weight * recon
-        else:
-            with torch.no_grad():
-                mse = F.mse_loss(out.recon, x)
         kwargs: dict[str, Any] = {
             "on_step": stage == "train",
             "on_epoch": True,
@@ -342,7 +396,8 @@ class MultiTaskModule(TaskModule):
         }
         self.log(f"{stage}/loss", loss.detach(), prog_bar=stage != "test", **kwargs)
         self.log(f"{stage}/seg_loss", seg_loss.detach(), **kwargs)
-        self.log(f"{stage}/recon_mse", mse.detach(), **kwargs)
+        if mse is not None:
+            self.log(f"{stage}/recon_mse", mse.detach(), **kwargs)
         return loss, y, out
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:

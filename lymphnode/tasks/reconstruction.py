@@ -20,11 +20,13 @@ from torch import Tensor
 from torchmetrics import MeanMetric
 
 from lymphnode.core.errors import ConfigError
+from lymphnode.models.contract import require_recon_head
 from lymphnode.models.preprocess import Preprocess
 from lymphnode.tasks.base import (
     DEFAULT_OPTIMIZER,
     DEFAULT_SCHEDULER,
     TaskModule,
+    freeze_heads,
     image_grid,
     require_keys,
     stage_log_kwargs,
@@ -89,9 +91,8 @@ class ReconstructionModule(TaskModule):
             n_log_images,
         )
         self.loss_name = loss
-        seg_head = getattr(self.net, "seg_head", None)
-        if isinstance(seg_head, torch.nn.Module):
-            seg_head.requires_grad_(False)
+        require_recon_head(self.network, "pretext reconstruction")
+        freeze_heads(self.network.seg_head)
         self.save_hyperparameters({**self._common_hparams(), "loss": loss})
         self.val_psnr = MeanMetric()
         self.test_psnr = MeanMetric()

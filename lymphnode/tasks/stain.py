@@ -28,6 +28,7 @@ from skimage.color import hed_from_rgb, rgb_from_hed
 from torch import Tensor
 
 from lymphnode.core import validate
+from lymphnode.models.contract import require_recon_head
 from lymphnode.models.preprocess import Preprocess
 from lymphnode.tasks.base import (
     DEFAULT_OPTIMIZER,
@@ -128,7 +129,8 @@ class StainModule(TaskModule):
             log_images_every_n_epochs,
             n_log_images,
         )
-        freeze_heads(self.net, ["seg_head"])
+        require_recon_head(self.network, "pretext stain")  # its recon predicts the stain
+        freeze_heads(self.network.seg_head)
         self.save_hyperparameters(
             {
                 **self._common_hparams(),
