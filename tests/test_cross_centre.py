@@ -15,7 +15,13 @@ from torch import nn
 
 from lymphnode.core.errors import ConfigError
 from lymphnode.data.datamodules import FinetuneDataModule
-from lymphnode.data.stain_transfer import RandStainNA, StainBank, fit_lab_distribution
+from lymphnode.data.stain_transfer import (
+    RandStainNA,
+    StainBank,
+    fit_lab_distribution,
+    fit_source,
+    transfer,
+)
 from lymphnode.inference.adapt import adapt_batchnorm, batchnorm_layers
 from lymphnode.models.stain import MacenkoNormalizer
 from lymphnode.models.unet import UNet
@@ -115,6 +121,32 @@ def test_stain_bank_targets_are_seeded_per_patch() -> None:
     assert picks == [bank.index_for(k, seed=0) for k in range(40)]
     assert len(set(picks)) > 1
     assert picks != [bank.index_for(k, seed=1) for k in range(40)]
+
+
+def test_set_level_transfer_keeps_differences_between_patches() -> None:
+    """With the source stain of the whole set, a dark patch stays darker than a pale one (a
+    per-patch normaliser maps both to the same statistics)."""
+    pale = stained_image(STAINS_A, seed=11)
+    dark = np.clip(pale.astype(np.int16) - 60, 0, 255).astype(np.uint8)
+    target = [stained_image(STAINS_B, seed=12)]
+    for method in ("macenko", "reinhard"):
+        bank = StainBank.fit(target, method)
+        source = fit_source([pale, dark], method)
+        l_pale = _lab_tissue_stats(bank.restain(pale, 0, source))[0][0]
+        l_dark = _lab_tissue_stats(bank.restain(dark, 0, source))[0][0]
+        assert l_dark < l_pale - 5, method  # LAB lightness units
+        l_pale_own = _lab_tissue_stats(bank.restain(pale, 0))[0][0]
+        l_dark_own = _lab_tissue_stats(bank.restain(dark, 0))[0][0]
+        assert abs(l_dark_own - l_pale_own) < abs(l_dark - l_pale), method
+    # the fixed map takes a set stained with A to B's stain vectors
+    source = fit_source([stained_image(STAINS_A, seed=k) for k in range(3)], "macenko")
+    bank = StainBank.fit([stained_image(STAINS_B, seed=13)], "macenko")
+    recovered = MacenkoNormalizer().fit(bank.restain(stained_image(STAINS_A, 14), 0, source))
+    assert recovered.stain_matrix is not None
+    for k in range(2):
+        assert _angle(recovered.stain_matrix[k], _unit(STAINS_B)[k]) < 4.0
+    with pytest.raises(ConfigError, match="one method"):
+        transfer(pale, source, StainBank.fit(target, "reinhard").states[0])
 
 
 def test_stain_bank_refuses_bad_input() -> None:

@@ -10,8 +10,10 @@ folder only, test sets that carry the stains of the CAMELYON17 centres of the un
 ``build <root>``: for every centre ``c`` of ``<data>/unlabeled`` (``centre_<c>_...png``) and every
 transfer method (``macenko``: stain-matrix transfer; ``reinhard``: CIELAB statistics transfer;
 :class:`lymphnode.data.stain_transfer.StainBank`), each test patch of ``<root>/caches/test`` is
-re-stained to the stain of one of that centre's crops (drawn per patch, seeded by its position, so
-the centre's spread of stains is kept), written as PNG with its unchanged mask under
+re-stained from the test set's pooled stain (the Radboud centre's, one estimate for all test
+patches, so that a dark lymphocyte patch stays darker than a pale tumour patch) to the stain of
+one of that centre's crops (drawn per patch, seeded by its position, so the centre's spread of
+stains is kept; the crops' intensity statistics pooled, their chroma per crop), written as PNG with its unchanged mask under
 ``<root>/cross_centre/images/<method>_centre<c>/`` and imported with ``lymphnode.cache import``
 into ``<root>/cross_centre/caches/<method>_centre<c>``. A montage of real crops beside re-stained
 test patches goes to ``<root>/cross_centre/restained.jpg``.
@@ -63,7 +65,7 @@ from lymphnode.core import atomic  # noqa: E402
 from lymphnode.core.errors import EvaluationError  # noqa: E402
 from lymphnode.core.records import read_record  # noqa: E402
 from lymphnode.data.datasets import CacheDataset  # noqa: E402
-from lymphnode.data.stain_transfer import StainBank  # noqa: E402
+from lymphnode.data.stain_transfer import StainBank, fit_source  # noqa: E402
 from lymphnode.data.transforms import build_eval_transform  # noqa: E402
 from lymphnode.evaluation.pixels import PixelCounts  # noqa: E402
 from lymphnode.evaluation.runs import Run, order_arms  # noqa: E402
@@ -147,11 +149,12 @@ def build(root: Path, data: Path, *, methods: Sequence[str] = METHODS, seed: int
             bank = StainBank.fit([read_rgb(p) for p in paths], method,
                                  names=[p.name for p in paths])  # fmt: skip
             summaries[name] = bank.summary()
+            source = fit_source([image for _, image, _ in items], method)
             images, masks = out / "images" / name, out / "masks" / name
             images.mkdir(parents=True, exist_ok=True)
             masks.mkdir(parents=True, exist_ok=True)
             for position, (file, image, mask) in enumerate(items):
-                restained = bank.restain(image, bank.index_for(position, seed))
+                restained = bank.restain(image, bank.index_for(position, seed), source)
                 Image.fromarray(restained).save(images / file)
                 Image.fromarray((mask > 0).astype(np.uint8) * 255).save(masks / file)
             run_cli([sys.executable, "-m", "lymphnode.cache", "import", str(images),
@@ -192,9 +195,10 @@ def montage(
             axes[r, j].set_title(f"real centre {centre}", fontsize=7)
         for m, method in enumerate(methods):
             bank = StainBank.fit([read_rgb(p) for p in paths], method)
+            source = fit_source([image for _, image, _ in items], method)
             for j, k in enumerate(picks):
                 ax = axes[r, n_real + m * n_test + j]
-                ax.imshow(bank.restain(items[k][1], bank.index_for(k, seed)))
+                ax.imshow(bank.restain(items[k][1], bank.index_for(k, seed), source))
                 ax.set_title(f"{method} → c{centre}", fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -31,11 +31,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import albumentations as A
+import cv2
 import numpy as np
 
 from lymphnode.core.errors import ConfigError
 from lymphnode.models.stain import (
     METHODS,
+    OD_LUT,
     ReinhardNormalizer,
     build_stain_normalizer,
     stain_normalizer_from_state,
@@ -130,10 +132,21 @@ class StainBank:
         a patch keeps its target whatever else is re-stained."""
         return int(np.random.default_rng([seed, key]).integers(len(self.states)))
 
-    def restain(self, image: np.ndarray, index: int) -> np.ndarray:
-        """``image`` ((H, W, 3) uint8 RGB) with the stain of bank image ``index``; unchanged
-        where the normaliser leaves it (too little tissue)."""
-        return self._normalizers[index].transform(image)
+    def restain(
+        self, image: np.ndarray, index: int, source: Mapping[str, Any] | None = None
+    ) -> np.ndarray:
+        """``image`` ((H, W, 3) uint8 RGB) with the stain of bank image ``index``.
+
+        ``source``: the stain ``image`` is taken to have (a :meth:`fit` state of the set it comes
+        from, e.g. all test patches of one slide or centre): every image of that set then gets
+        the same colour map, so differences between them (a dark lymphocyte field, a pale
+        tumour nest) survive, as they do between two slides of one centre. None: the image's own
+        stain, estimated from it alone, as a stain normaliser does (this maps every patch to the
+        same statistics and erases such differences); unchanged where the normaliser leaves it
+        (too little tissue)."""
+        if source is None:
+            return self._normalizers[index].transform(image)
+        return transfer(image, source, self.states[index])
 
     def summary(self) -> dict[str, Any]:
         """Mean and spread of the bank's stains as plain JSON (for reports)."""
@@ -150,6 +163,57 @@ class StainBank:
             out["lab_mean_sd"] = np.round(means.std(0), 3).tolist()
             out["lab_std_mean"] = np.round(stds.mean(0), 3).tolist()
         return out
+
+
+def fit_source(images: Sequence[np.ndarray], method: str, **options: Any) -> dict[str, Any]:
+    """The stain of a set of images, pooled (one normaliser fitted on all of them): the
+    ``source`` of :meth:`StainBank.restain`."""
+    quiet = logging.getLogger("lymphnode.models.stain")
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)
+    try:
+        return build_stain_normalizer(method, **options).fit(list(images)).state()
+    finally:
+        quiet.setLevel(level)
+
+
+def transfer(
+    image: np.ndarray, source: Mapping[str, Any], target: Mapping[str, Any]
+) -> np.ndarray:
+    """One fixed colour map from the ``source`` stain to the ``target`` stain, applied to
+    ``image`` ((H, W, 3) uint8 RGB); both are normaliser states of one method.
+
+    - Macenko: stain concentrations ``C = OD @ pinv(M_source)``, rescaled by
+      ``max_target / max_source`` per stain, recomposed ``OD' = C' @ M_target``.
+    - Reinhard: ``lab' = (lab - mean_source) / std_source * std_target + mean_target`` per
+      CIELAB channel (L 0..100, a/b about -128..127).
+    """
+    if source.get("method") != target.get("method"):
+        raise ConfigError(
+            f"stain transfer from a {source.get('method')!r} to a {target.get('method')!r} "
+            "state: expected one method"
+        )
+    if source["method"] == "macenko":
+        m_src = np.asarray(source["stain_matrix"], np.float64)
+        m_tgt = np.asarray(target["stain_matrix"], np.float64)
+        scale = np.asarray(target["max_concentrations"]) / np.maximum(
+            np.asarray(source["max_concentrations"]), 1e-6
+        )
+        recompose = (np.linalg.pinv(m_src) * scale) @ m_tgt  # (3, 3): od row -> od' row
+        affine = np.concatenate([-recompose.T, np.full((3, 1), np.log(255.0))], axis=1)
+        log_rgb = cv2.transform(cv2.LUT(image, OD_LUT), affine.astype(np.float32))
+        return cv2.convertScaleAbs(np.exp(log_rgb, out=log_rgb))
+    mean_s, std_s = np.asarray(source["mean"]), np.asarray(source["std"])
+    mean_t, std_t = np.asarray(target["mean"]), np.asarray(target["std"])
+    scale = std_t / np.maximum(std_s, 1e-6)
+    shift = mean_t - mean_s * scale
+    # in OpenCV's 8-bit CIELAB units (L * 255 / 100, a + 128, b + 128)
+    k, o = np.array([255.0 / 100.0, 1.0, 1.0]), np.array([0.0, 128.0, 128.0])
+    shift8 = shift * k + o * (1.0 - scale)
+    affine = np.concatenate([np.diag(scale), shift8[:, None]], axis=1).astype(np.float32)
+    lab = cv2.cvtColor(image, cv2.COLOR_RGB2LAB).astype(np.float32)
+    out = np.clip(cv2.transform(lab, affine) + 0.5, 0.0, 255.0).astype(np.uint8)
+    return cv2.cvtColor(out, cv2.COLOR_LAB2RGB)
 
 
 def _pool_intensity(states: list[dict[str, Any]]) -> None:
@@ -281,4 +345,6 @@ __all__ = [
     "RandStainNA",
     "StainBank",
     "fit_lab_distribution",
+    "fit_source",
+    "transfer",
 ]
