@@ -320,3 +320,15 @@ def test_semi_supervised_tiny_run(tmp_path: Path) -> None:
         "trainer.max_steps=2", "trainer.max_epochs=-1",
     )  # fmt: skip
     assert results["status"] == "failed" and "data.unlabeled_dir" in results["error"]
+
+
+def test_infer_adaptation_skips_networks_without_batchnorm() -> None:
+    from lymphnode.inference.predict import adapted_to
+    from lymphnode.inference.settings import InferenceSettings
+    from lymphnode.models.preprocess import Preprocess
+
+    net = UNet(base_width=4, depth=2, norm="group")
+    settings = InferenceSettings(adapt_bn=True, num_workers=0, device="cpu")
+    tiles = [0, 1, 2]  # only its length is read before the network is checked
+    with adapted_to(net, tiles, Preprocess(0, 32), settings, "s") as record:  # type: ignore[arg-type]
+        assert record == {"statistics": "source"}

@@ -509,6 +509,7 @@ def cmd_rss(args: argparse.Namespace) -> dict[str, Any]:
                         f"batch_size={args.batch_size}",
                         "device=cpu",
                         "progress=false",
+                        "adapt_bn=false",  # one pass per slide, as the recorded figures
                     ]
                     log = root / "log.txt"
                     code, wall, maxrss, pss = run_measured(cmd, log, env)

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lymphnode.inference.adapt import adapt_batchnorm, batchnorm_record
+from lymphnode.inference.adapt import adapt_batchnorm, batchnorm_layers, batchnorm_record
 from lymphnode.inference.grid import TileDataset, plan_slide, tile_loader
 from lymphnode.inference.heatmap import Heatmap
 from lymphnode.inference.settings import InferenceSettings, resolve_device
@@ -138,9 +138,14 @@ def adapted_to(
 ) -> Iterator[dict[str, Any]]:
     """With ``settings.adapt_bn``: the model's BatchNorm statistics re-estimated on up to
     ``settings.adapt_tiles`` evenly spaced tiles of ``dataset`` (the slide's own tissue, AdaBN)
-    for the duration, the checkpoint's restored after; otherwise nothing changes. Yields
+    for the duration, the checkpoint's restored after; otherwise (or for a network without
+    BatchNorm layers, e.g. a ViT or a GroupNorm UNet) nothing changes. Yields
     :func:`lymphnode.inference.adapt.batchnorm_record` of the statistics used."""
     if not settings.adapt_bn or len(dataset) == 0:
+        yield batchnorm_record()
+        return
+    if not batchnorm_layers(model):  # GroupNorm/LayerNorm networks: nothing to re-estimate
+        log.info("%s: adapt_bn: the network has no BatchNorm layer, its own statistics used", name)
         yield batchnorm_record()
         return
     device = resolve_device(settings.device)
