@@ -71,8 +71,13 @@ demo: install  ## the whole chain on synthetic slides under outputs/demo (reuses
 
 # Pretexts of `make real-dev` (all five: ~2.5 h on 2 cores, estimated; REAL_DEV_PRETEXTS=reconstruction: ~45 min)
 REAL_DEV_PRETEXTS ?= reconstruction masked contrastive dense_contrastive stain
-real-dev: install  ## the real development set (../shared/data/real_dev): both protocols, every pretext + scratch, reports
-	$(PY) experiments/real_dev/run.py --pretexts $(REAL_DEV_PRETEXTS)
+# Fine-tuning arms of `make real-dev` (default: the recipe; e.g. REAL_DEV_VARIANTS="default fixmatch reinhard")
+# and leave-one-centre-out arms of the cross-centre check (e.g. REAL_DEV_LOCO=fixmatch; none by default)
+REAL_DEV_VARIANTS ?= default
+REAL_DEV_LOCO ?=
+real-dev: install  ## the real development set (../shared/data/real_dev): both protocols, every pretext + scratch, reports, the cross-centre check
+	$(PY) experiments/real_dev/run.py --pretexts $(REAL_DEV_PRETEXTS) --variants $(REAL_DEV_VARIANTS) \
+		$(if $(strip $(REAL_DEV_LOCO)),--loco-variants $(REAL_DEV_LOCO))
 
 active: install  ## random vs active labelling on synthetic slides, 5 seeds, 40/80/120 labels (outputs/active)
 	$(PY) experiments/active/run.py
