@@ -620,3 +620,34 @@ def test_an_outline_5px_past_the_edge_is_refused_naming_annotation_tolerance_whi
     assert "annotation_tolerance=0 level-0 px" in message
     _prepare(root, tmp_path / "tolerant", "annotation_tolerance=8")
     assert len(_masks(tmp_path / "tolerant" / "labeled")) == 8
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("task.optimizer.lr=nan", "task.optimizer.lr"),
+        ("task.optimizer.lr=-1", "task.optimizer.lr"),
+        ("trainer.max_steps=-5", "trainer.max_steps"),
+        ("trainer.val_check_interval=0", "trainer.val_check_interval"),
+    ],
+)
+def test_train_refuses_bad_training_numbers_in_one_line(
+    tmp_path: Path, override: str, key: str
+) -> None:
+    """Weak row: these gave torch/Lightning tracebacks; now one error line before any run
+    folder is written (check_config calls validate.training)."""
+    from tiny_runs import write_caches
+
+    caches = write_caches(tmp_path / "caches")
+    done = subprocess.run(
+        [sys.executable, "-m", "lymphnode.train", "experiment=scratch", f"paths.root={tmp_path}",
+         f"paths.cache_dir={caches}", "data.labeled_size=10", "data.folds=5", "logger=none",
+         "~callbacks.lr_monitor", "data.num_workers=0", override],
+        capture_output=True, text=True, env=cli_env(), timeout=300,
+    )  # fmt: skip
+    assert done.returncode == EXIT_USER_ERROR, done.stderr[-2000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and key in errors[0], done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    runs = tmp_path / "runs"
+    assert not runs.exists() or not any(p.is_file() for p in runs.rglob("*"))  # no run written

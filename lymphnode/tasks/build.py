@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import pytorch_lightning as pl
 from hydra.utils import instantiate
@@ -19,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import Logger
 
+from lymphnode.core import validate
 from lymphnode.core.errors import CheckpointError, ConfigError, LymphnodeError
 from lymphnode.models.checkpoint import check_task, read_preprocess
 from lymphnode.models.preprocess import Preprocess
@@ -46,6 +48,14 @@ def check_config(cfg: DictConfig) -> None:
             f"init={cfg.init!r} only applies to fine-tuning; pretraining starts from random "
             "weights (leave init=null with experiment=pretrain)"
         )
+    # lr / weight decay / budgets / validation interval: one error line, not a torch traceback
+    plain: dict[str, Any] = {}
+    optimizer = OmegaConf.select(cfg, "task.optimizer")
+    if optimizer is not None:
+        plain["task"] = {"optimizer": OmegaConf.to_container(optimizer, resolve=True)}
+    if OmegaConf.select(cfg, "trainer") is not None:
+        plain["trainer"] = OmegaConf.to_container(cfg.trainer, resolve=True)
+    validate.training(plain)
 
 
 def experiment_name(cfg: DictConfig) -> str:
