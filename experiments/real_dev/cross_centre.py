@@ -36,7 +36,6 @@ only colour moves. Use it for direction; a real slide of another centre is the t
 from __future__ import annotations
 
 import argparse
-import csv
 import io
 import logging
 import math
@@ -59,7 +58,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path.insert(0, str(HERE))
 
-from per_slide import completed_runs, count_test_cache  # noqa: E402
+from per_slide import completed_runs, count_test_cache, to_csv  # noqa: E402
 
 from lymphnode.core import atomic  # noqa: E402
 from lymphnode.core.errors import EvaluationError  # noqa: E402
@@ -420,14 +419,6 @@ def summarise(figures: Sequence[Figure], label: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
-def to_csv(rows: Sequence[Mapping[str, Any]]) -> str:
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return out.getvalue()
-
-
 def evaluate(
     root: Path,
     adapts: Sequence[str],
@@ -455,7 +446,7 @@ def evaluate(
               + f" ({time.perf_counter() - start:.0f} s)", flush=True)  # fmt: skip
     out = out or root / "cross_centre"
     out.mkdir(parents=True, exist_ok=True)
-    atomic.write_text(out / "cross_centre.csv", to_csv(rows_of(figures)))
+    atomic.write_text(out / "cross_centre.csv", to_csv(rows_of(figures), COLUMNS))
     markdown = summarise(figures, label)
     atomic.write_text(out / "cross_centre.md", markdown)
     print(markdown + f"written: {out / 'cross_centre.csv'}, {out / 'cross_centre.md'}")

@@ -278,10 +278,10 @@ def rows_of(figures: Iterable[RunFigures]) -> list[dict[str, Any]]:
     return rows
 
 
-def to_csv(rows: Sequence[Mapping[str, Any]]) -> str:
-    """The rows as CSV text with a header."""
+def to_csv(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] = COLUMNS) -> str:
+    """The rows as CSV text with a header of ``columns``."""
     out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=COLUMNS, lineterminator="\n")
+    writer = csv.DictWriter(out, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     return out.getvalue()
