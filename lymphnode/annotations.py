@@ -1,4 +1,4 @@
-"""``python -m lymphnode.annotations to-mask SLIDE XML OUT.tif [--level N]``: an ASAP outline as a
+"""``python -m lymphnode.annotations to-mask SLIDE XML OUT.tif [--level N] [--annotations-downsample D]``: an ASAP outline as a
 pyramidal 0/255 mask TIFF (logic in :mod:`lymphnode.wsi.annotations`)."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from lymphnode.wsi.annotations import to_mask
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m lymphnode.annotations to-mask SLIDE XML OUT.tif [--level N]`` behind the error
+    """``python -m lymphnode.annotations to-mask SLIDE XML OUT.tif [--level N] [--annotations-downsample D]`` behind the error
     boundary of :mod:`lymphnode.core.boundary`; returns the exit code (1: bad input, 2: a bug)."""
     from lymphnode.core.boundary import cli_boundary
 
@@ -38,9 +38,23 @@ def _main(argv: Sequence[str] | None) -> int:
     to_mask_parser.add_argument(
         "--level", type=int, default=0, help="slide level whose pixel grid the mask uses (0)"
     )
+    to_mask_parser.add_argument(
+        "--annotations-downsample",
+        type=float,
+        default=1.0,
+        help="the XML's px per px of this slide file; coordinates are divided by it "
+        "(32 for level-0 CAMELYON16 XML on a file holding the level-5 page; default 1)",
+    )
     args = parser.parse_args(argv)
     try:
-        out = to_mask(args.slide, args.xml, args.out, level=args.level)
+        out = to_mask(
+            args.slide,
+            args.xml,
+            args.out,
+            level=args.level,
+            annotations_downsample=args.annotations_downsample,
+            downsample_key="--annotations-downsample",
+        )
     except OSError as e:  # e.g. the output folder is missing or not writable
         raise AnnotationError(f"{args.out}: cannot write the mask: {e}") from e
     print(f"wrote {out}")

@@ -40,6 +40,7 @@ def main(cfg: DictConfig) -> float | None:
         itc_um=float(cfg.itc_um),
         mpp=None if cfg.mpp is None else float(cfg.mpp),
         fp_rates=tuple(float(r) for r in cfg.fp_rates),
+        annotations_downsample=cfg.annotations_downsample,
     )
     out_dir = cfg.out_dir or cfg.heatmaps
     summary = evaluate(

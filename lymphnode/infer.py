@@ -42,6 +42,7 @@ from lymphnode.inference.overlay import render_overlay, write_overlay
 from lymphnode.inference.predict import predict_slide, scratch_dir
 from lymphnode.inference.settings import InferenceSettings
 from lymphnode.patches.format import sha256
+from lymphnode.wsi.annotations import Annotations, read_asap, read_downsample
 from lymphnode.wsi.slide import SLIDE_SUFFIXES
 
 log = logging.getLogger(__name__)
@@ -131,6 +132,7 @@ def run_inference(
     out_dir: str | Path,
     *,
     annotations: str | Path | None = None,
+    annotations_downsample: float = 1.0,
     settings: InferenceSettings | None = None,
     overwrite: bool = False,
     overlay_max_side: int = 2048,
@@ -140,15 +142,18 @@ def run_inference(
     """Heatmap + overlay for each slide; returns {slide: "done" | "skipped" | "failed: <why>"}.
 
     ``trusted_modules``: modules besides lymphnode's own whose classes the checkpoint may name
-    (a network or task of the user's; :mod:`lymphnode.models.allowlist`)."""
+    (a network or task of the user's; :mod:`lymphnode.models.allowlist`).
+    ``annotations_downsample``: the outlines' px per level-0 px of the slide files (their
+    coordinates are divided by it); every outline is checked against its slide before the
+    checkpoint is loaded (AnnotationError: one outside its slide)."""
     from tqdm import tqdm
 
     from lymphnode.models.checkpoint import load_inference_model
-    from lymphnode.wsi.annotations import read_asap
     from lymphnode.wsi.slide import open_slide
     from lymphnode.wsi.tissue import tissue_mask
 
     settings = settings or InferenceSettings()
+    outlines = _outlines(slides, annotations, annotations_downsample)
     # CheckpointError before any slide is touched
     model = load_inference_model(checkpoint, trusted_modules=trusted_modules)
     check_segmentation_task(model.task, checkpoint)
@@ -186,8 +191,7 @@ def run_inference(
                         workdir=work, progress=progress,
                     )  # fmt: skip
                 heatmap.source = source
-                xml = Path(annotations) / f"{name}.xml" if annotations else None
-                ann = read_asap(xml) if xml is not None and xml.is_file() else None
+                ann = outlines.get(path)
                 overlay = render_overlay(
                     slide, heatmap,
                     tumor_outlines=ann.tumor if ann else None,
@@ -207,6 +211,28 @@ def run_inference(
             status[name] = f"failed: cannot write its outputs in {out}: {exc}"
             log.error("%s failed: cannot write its outputs in %s: %s", name, out, exc)
     return status
+
+
+def _outlines(
+    slides: Sequence[Path], annotations: str | Path | None, downsample: float
+) -> dict[Path, Annotations]:
+    """``<annotations>/<slide>.xml`` of each slide that has one, divided by ``downsample`` and
+    checked to lie within its slide (AnnotationError naming the file, box, slide size and key)."""
+    from lymphnode.wsi.slide import open_slide
+
+    ds = read_downsample(downsample)
+    out: dict[Path, Annotations] = {}
+    if not annotations:
+        return out
+    for path in slides:
+        xml = Path(annotations) / f"{Path(path).stem}.xml"
+        if not xml.is_file():
+            continue
+        ann = read_asap(xml).scaled(ds)
+        with open_slide(path) as slide:
+            ann.validate_within(*slide.dimensions, path=path, downsample=ds)
+        out[Path(path)] = ann
+    return out
 
 
 def _changed_source(heat_file: Path, source: dict) -> list[str]:
@@ -258,7 +284,8 @@ def main(cfg: DictConfig) -> None:
     )
     slides = resolve_slides(slides_spec)  # type: ignore[arg-type]
     status = run_inference(
-        cfg.checkpoint, slides, cfg.out_dir, annotations=cfg.annotations, settings=settings,
+        cfg.checkpoint, slides, cfg.out_dir, annotations=cfg.annotations,
+        annotations_downsample=cfg.get("annotations_downsample", 1), settings=settings,
         overwrite=bool(cfg.overwrite), overlay_max_side=int(cfg.overlay_max_side),
         progress=bool(cfg.progress), trusted_modules=_names(cfg.get("trusted_modules")),
     )  # fmt: skip

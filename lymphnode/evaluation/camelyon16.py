@@ -36,6 +36,7 @@ from lymphnode.evaluation.pixels import PixelCounts
 from lymphnode.evaluation.slides import roc_auc, roc_curve
 from lymphnode.evaluation.truth import read_reference, slide_truth, tumor_mask
 from lymphnode.inference.heatmap import HEATMAP_SUFFIX, read_heatmap
+from lymphnode.wsi.annotations import read_downsample
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,8 @@ class EvaluationSettings:
     margin_um: lesion margin of the evaluation mask (75 µm, applied as the official code).
     itc_um: lesions with a shorter major axis are isolated tumor cells (275 µm).
     mpp: µm per level-0 px for heatmaps whose slide had none (None: required from the heatmap).
+    annotations_downsample: the XML's px per level-0 px of the slide file the heatmap was made
+        from; coordinates are divided by it (32: CAMELYON16 level-0 XML on a level-5 page).
     """
 
     threshold: float = 0.5
@@ -62,8 +65,10 @@ class EvaluationSettings:
     itc_um: float = 275.0
     mpp: float | None = None
     fp_rates: tuple[float, ...] = FP_RATES
+    annotations_downsample: float = 1.0
 
     def __post_init__(self) -> None:
+        self.annotations_downsample = read_downsample(self.annotations_downsample)
         if not 0.0 <= self.threshold <= 1.0:
             raise ConfigError(f"threshold={self.threshold} must be a probability in [0, 1]")
         if not 0.0 < self.detection_threshold <= 1.0:
@@ -141,7 +146,7 @@ def evaluate(
             )
         pixel_um = mpp * heatmap.downsample
         xml = slide_truth(heatmap.slide, annotations_dir, ref)
-        tumor = tumor_mask(heatmap, xml)
+        tumor = tumor_mask(heatmap, xml, settings.annotations_downsample)
         labels = evaluation_mask(tumor, pixel_um, settings.margin_um)
         itc = isolated_tumor_cells(labels, pixel_um, settings.itc_um)
         dets = detect_lesions(
@@ -207,6 +212,7 @@ def evaluate(
             "margin_um": settings.margin_um,
             "itc_um": settings.itc_um,
             "fp_rates": list(settings.fp_rates),
+            "annotations_downsample": settings.annotations_downsample,
         },
         "slides": per_slide,
     }

@@ -67,15 +67,23 @@ def slide_truth(
     )
 
 
-def tumor_mask(heatmap: Heatmap, xml: Path | None) -> np.ndarray:
-    """The slide's tumor mask (bool (H, W)) on the heatmap's grid: ``xml``'s outlines (level-0 px)
-    minus its exclusion regions, rasterised at the heatmap's downsample; all False for a normal
-    slide (``xml`` None)."""
+def tumor_mask(
+    heatmap: Heatmap, xml: Path | None, annotations_downsample: float = 1.0
+) -> np.ndarray:
+    """The slide's tumor mask (bool (H, W)) on the heatmap's grid: ``xml``'s outlines (level-0 px
+    after dividing by ``annotations_downsample``) minus its exclusion regions, rasterised at the
+    heatmap's downsample; all False for a normal slide (``xml`` None).
+
+    Raises AnnotationError when an outline lies outside the slide (wrong file or wrong frame),
+    rather than scoring a tumor slide with no lesion."""
     shape = heatmap.probabilities.shape
     if xml is None:
         return np.zeros(shape, dtype=bool)
-    annotations = read_asap(xml)
+    annotations = read_asap(xml).scaled(annotations_downsample)
     w0, h0 = heatmap.level0_size
+    annotations.validate_within(
+        w0, h0, path=f"{heatmap.slide} (from its heatmap)", downsample=annotations_downsample
+    )
     mask = annotations.mask(0, 0, w0, h0, downsample=heatmap.downsample)
     if mask.shape != shape:
         raise EvaluationError(

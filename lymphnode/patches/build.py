@@ -54,7 +54,7 @@ from lymphnode.patches.split import (
     write_split,
 )
 from lymphnode.patches.writer import CacheWriter
-from lymphnode.wsi.annotations import Annotations, AsapGroups, read_asap
+from lymphnode.wsi.annotations import Annotations, AsapGroups, read_asap, read_downsample
 from lymphnode.wsi.geojson import QupathClasses, read_qupath
 from lymphnode.wsi.slide import open_slide
 from lymphnode.wsi.tissue import tissue_mask
@@ -104,6 +104,7 @@ class PatchSettings:
     tissue_downsample: float = 32.0
     sampling: Mapping[str, Any] = field(default_factory=dict)
     annotation_tolerance: float = 0.0  # level-0 px an outline may reach past the slide's edge
+    annotations_downsample: float = 1.0  # annotation coordinates are divided by it (frame -> slide)
 
 
 def settings_from_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -137,6 +138,7 @@ def settings_from_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
         annotation_tolerance=validate.number(
             "annotation_tolerance", cfg.get("annotation_tolerance", 0.0), 0.0, unit="level-0 px"
         ),
+        annotations_downsample=read_downsample(cfg.get("annotations_downsample")),
     )
     workers = validate.integer("workers", cfg.get("workers"), minimum=0)
     shard = validate.shard("shard", cfg.get("shard"))
@@ -243,15 +245,21 @@ def _fit(mask: np.ndarray, size: int) -> np.ndarray:
 
 
 def read_annotations(
-    source: SlideSource, qupath: QupathClasses, asap: AsapGroups | None = None
+    source: SlideSource,
+    qupath: QupathClasses,
+    asap: AsapGroups | None = None,
+    downsample: float = 1.0,
 ) -> Annotations | None:
     """The annotations of a slide: ASAP XML mapped with ``asap`` (default: the CAMELYON groups),
-    or QuPath GeoJSON mapped with ``qupath``; a group or class neither maps is an error."""
+    or QuPath GeoJSON mapped with ``qupath``; a group or class neither maps is an error.
+    Coordinates are divided by ``downsample`` (``annotations_downsample``: annotation px per
+    level-0 px of the slide file)."""
     if source.annotations is None:
         return None
     if source.annotations.suffix.lower() == ".geojson":
-        return read_qupath(source.annotations, qupath, slide=source.path)
-    return read_asap(source.annotations, groups=asap or AsapGroups(), slide=source.path)
+        return read_qupath(source.annotations, qupath, slide=source.path).scaled(downsample)
+    annotations = read_asap(source.annotations, groups=asap or AsapGroups(), slide=source.path)
+    return annotations.scaled(downsample)
 
 
 def process_slide(job: SlideJob) -> SlideResult:
@@ -262,12 +270,17 @@ def process_slide(job: SlideJob) -> SlideResult:
         with open_slide(source.path, mpp=patch.slide_mpp) as slide:
             level = _read_level(slide, patch, source)
             ds = float(slide.level_downsamples[level])
-            annotations = read_annotations(source, job.qupath, job.asap)
+            annotations = read_annotations(
+                source, job.qupath, job.asap, patch.annotations_downsample
+            )
             if annotations is not None:
                 tolerance = patch.annotation_tolerance
                 try:
                     annotations.validate_within(
-                        *slide.dimensions, path=source.path, tolerance=tolerance
+                        *slide.dimensions,
+                        path=source.path,
+                        tolerance=tolerance,
+                        downsample=patch.annotations_downsample,
                     )
                 except AnnotationError as exc:
                     raise AnnotationError(
@@ -356,6 +369,9 @@ def _cache_config(
             "exclusion_classes": list(q.exclusion),
             "ignored_classes": list(q.ignored),
         }
+    if kind != "unlabeled" and patch.annotations_downsample != 1:
+        # recorded when set only, so caches built before the key still resume
+        config["annotations_downsample"] = patch.annotations_downsample
     groups: AsapGroups = settings["asap"]
     if (
         kind != "unlabeled"
@@ -431,7 +447,12 @@ def build_caches(
     # stops the build here.
     for source in sources:
         if source.annotations is not None and any(source in members[k] for k in settings["caches"]):
-            annotations = read_annotations(source, settings["qupath"], settings["asap"])
+            annotations = read_annotations(
+                source,
+                settings["qupath"],
+                settings["asap"],
+                settings["patch"].annotations_downsample,
+            )
             if annotations is not None and not annotations.tumor:
                 log.warning(
                     "annotation file %s (slide %s) holds no tumour outline (an empty file, or "

@@ -44,6 +44,7 @@ AREA_TYPES = frozenset({"polygon", "rectangle", "spline"})  # ASAP types that en
 POINT_TYPES = frozenset({"dot", "measurement", "pointset", "none"})  # ASAP types that do not
 WRITE_TUMOR_GROUP = "_0"
 WRITE_EXCLUSION_GROUP = "_2"
+ANNOTATIONS_DOWNSAMPLE_KEY = "annotations_downsample"  # the config key of every stage
 BAND_PIXELS = 1 << 24  # to-mask rasterizes about this many mask pixels per band (16 MiB of uint8)
 
 
@@ -257,6 +258,30 @@ class Annotations:
         out[r0:r1, c0:c1] = window
         return out
 
+    def scaled(self, downsample: float) -> Annotations:
+        """These polygons with every coordinate divided by ``downsample`` (a new object).
+
+        ``downsample`` is the annotation frame's px per px of the slide file: 32 for CAMELYON16
+        level-0 XML drawn on a file that holds only the level-5 page. 1 returns ``self``.
+        """
+        ds = validate.number(
+            ANNOTATIONS_DOWNSAMPLE_KEY,
+            downsample,
+            0,
+            strict_minimum=True,
+            unit="(annotation px per slide px)",
+            error=ConfigError,
+        )
+        if ds == 1:
+            return self
+        return Annotations(
+            tumor=[p / ds for p in self.tumor],
+            exclusion=[p / ds for p in self.exclusion],
+            path=self.path,
+            tumor_names=list(self.tumor_names),
+            exclusion_names=list(self.exclusion_names),
+        )
+
     def validate_within(
         self,
         width: int,
@@ -264,6 +289,8 @@ class Annotations:
         path: str | Path | None = None,
         *,
         tolerance: float = 0.0,
+        downsample: float = 1.0,
+        key: str = ANNOTATIONS_DOWNSAMPLE_KEY,
     ) -> None:
         """Raise AnnotationError when a polygon reaches outside a ``width`` x ``height`` slide.
 
@@ -271,8 +298,12 @@ class Annotations:
             width, height: level-0 size of the slide, px.
             path: the slide, named in the message.
             tolerance: level-0 px a vertex may lie beyond the slide edge before it counts.
+            downsample: the ``annotations_downsample`` these polygons were already divided by
+                (named in the message).
+            key: how the caller spells that setting (``--annotations-downsample`` on argparse).
 
-        A polygon outside its slide usually means the XML belongs to another slide.
+        A polygon outside its slide usually means the XML belongs to another slide, or that its
+        coordinates are in another frame (level-0 outlines on a file holding a lower level).
         """
         for kind, polygons, names in (
             ("tumor", self.tumor, self.tumor_names),
@@ -291,8 +322,11 @@ class Annotations:
                     slide = f"slide {str(path)!r}" if path is not None else "the slide"
                     raise AnnotationError(
                         f"{self._where()}: {kind} annotation {name!r} has bounding box "
-                        f"x {x0:g}..{x1:g}, y {y0:g}..{y1:g} (level-0 px), outside {slide} of "
-                        f"{width} x {height} px; is this the annotation file of another slide?"
+                        f"x {x0:g}..{x1:g}, y {y0:g}..{y1:g} (slide px, {key}={downsample:g}), "
+                        f"outside {slide} of {width} x {height} px; is this the annotation file "
+                        f"of another slide, or are its coordinates in another frame (level-0 "
+                        f"outlines on a lower-level page: set {key} to annotation px per slide "
+                        f"px, e.g. {key}={_suggest(x1 / max(width, 1), y1 / max(height, 1))})?"
                     )
 
     def _where(self) -> str:
@@ -303,6 +337,28 @@ class Annotations:
         if self._index is None or self._index[0] != key:
             self._index = (key, _EdgeIndex.build(self.tumor), _EdgeIndex.build(self.exclusion))
         return self._index
+
+
+def _suggest(over_x: float, over_y: float) -> str:
+    """A power of two that brings a box ``over`` times the slide size inside it (message hint)."""
+    over = max(over_x, over_y, 1.0)
+    return f"{2 ** math.ceil(math.log2(over)):g}"
+
+
+def read_downsample(value: object, key: str = "annotations_downsample") -> float:
+    """Validate an ``annotations_downsample`` setting (> 0; None means 1); ConfigError names ``key``."""
+    if value is None:
+        return 1.0
+    return float(
+        validate.number(
+            key,
+            value,
+            0,
+            strict_minimum=True,
+            unit="(annotation px per slide px)",
+            error=ConfigError,
+        )
+    )
 
 
 def _as_polygon(p: np.ndarray, name: str) -> np.ndarray:
@@ -607,6 +663,8 @@ def to_mask(
     level: int = 0,
     *,
     band_pixels: int = BAND_PIXELS,
+    annotations_downsample: float = 1.0,
+    downsample_key: str = ANNOTATIONS_DOWNSAMPLE_KEY,
 ) -> Path:
     """Write the tumor mask of a slide's annotations as a pyramidal 0/255 TIFF.
 
@@ -618,6 +676,9 @@ def to_mask(
         level: slide level whose pixel grid the mask uses.
         band_pixels: mask pixels rasterized at a time; the mask itself goes to a memory-mapped
             temporary file beside ``out_path``, so memory stays bounded for level-0 masks.
+        annotations_downsample: the XML's px per px of this slide file; its coordinates are
+            divided by it (32 for CAMELYON16 level-0 XML on a file holding the level-5 page).
+        downsample_key: how the caller spells that setting, named in the bounds error.
 
     Mask pixel ``(i, j)`` is 255 when its centre, level-0 ``((j + 0.5) d, (i + 0.5) d)`` with ``d``
     the level downsample, is tumor (see :meth:`Annotations.mask`). Returns ``out_path``.
@@ -630,7 +691,8 @@ def to_mask(
     from lymphnode.wsi.slide import open_slide
 
     out_path = Path(out_path)
-    annotations = read_asap(xml_path)
+    ds_annotations = read_downsample(annotations_downsample, downsample_key)
+    annotations = read_asap(xml_path).scaled(ds_annotations)
     with open_slide(slide_path) as slide:
         if isinstance(level, bool) or not 0 <= level < slide.level_count:
             raise SlideError(
@@ -640,7 +702,9 @@ def to_mask(
         width, height = slide.level_dimensions[level]
         ds = float(slide.level_downsamples[level])
         slide_width, slide_height = slide.dimensions
-        annotations.validate_within(slide_width, slide_height, slide_path)
+        annotations.validate_within(
+            slide_width, slide_height, slide_path, downsample=ds_annotations, key=downsample_key
+        )
         mpp = slide.mpp * ds if slide.mpp is not None else None
     if annotations.is_empty:
         log.warning("%s: no tumor annotation; the mask of %s is empty", xml_path, slide_path)
