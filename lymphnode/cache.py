@@ -87,6 +87,14 @@ def parser() -> argparse.ArgumentParser:
         help="refuse images of more than N px (width x height; 0: no limit; default "
         f"{DEFAULT_MAX_PIXELS}, Pillow's decompression-bomb limit)",
     )
+    imp.add_argument(
+        "--mpp",
+        type=float,
+        default=None,
+        metavar="UM_PER_PX",
+        help="µm per patch px (e.g. 0.243: CAMELYON16 level 0), recorded in the manifest so a "
+        "checkpoint trained on the cache records its resolution (default: unknown)",
+    )
     info = commands.add_parser("info", help="summarise a cache")
     info.add_argument("cache", type=Path)
     info.add_argument("--verify", action="store_true", help="check every file's SHA-256")
@@ -110,6 +118,7 @@ def run(args: argparse.Namespace) -> str:
             quality=args.quality,
             force=args.force,
             max_pixels=args.max_pixels,
+            mpp=args.mpp,
         )
     else:
         cache = PatchCache(args.cache, verify=args.verify)

@@ -673,6 +673,29 @@ def test_cli_import_and_info(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert main([*argv, "--codec", "raw", "--force"]) == 0
 
 
+def test_cli_import_mpp_is_recorded_for_the_checkpoint(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from lymphnode.data.datamodules import PretrainDataModule
+
+    make_folder(tmp_path, ["s1_0.png", "s1_1.png", "s2_0.png"])
+    out = tmp_path / "out"
+    argv = ["import", str(tmp_path / "images"), str(out)]
+    for bad in ("0", "-0.5", "nan"):
+        assert main([*argv, "--mpp", bad]) == 1
+        assert "--mpp must be a" in capsys.readouterr().err
+        assert not out.exists()  # refused before anything is written
+    assert main([*argv, "--mpp", "0.243"]) == 0
+    assert PatchCache(out).config["mpp"] == 0.243
+    # what a network trained on the cache records as its resolution (checkpoint preprocess)
+    assert PretrainDataModule(out, val_fraction=0.34).preprocess.mpp == 0.243
+    assert main([*argv, "--mpp", "0.486"]) == 1  # another resolution: refused, names the key
+    assert "mpp: 0.243 → 0.486" in capsys.readouterr().err
+    unknown = tmp_path / "unknown"
+    assert main(["import", str(tmp_path / "images"), str(unknown)]) == 0
+    assert "mpp" not in PatchCache(unknown).config  # not given: unknown, as before
+
+
 def test_cli_module_exits_non_zero_with_a_clear_error(tmp_path: Path) -> None:
     result = subprocess.run(
         [

@@ -327,6 +327,7 @@ def import_patches(
     quality: int = 90,
     force: bool = False,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    mpp: float | None = None,
 ) -> PatchCache:
     """Turn patch images (PNG/JPEG/TIFF squares of one size) into a patch cache.
 
@@ -339,7 +340,9 @@ def import_patches(
     ``label_from_mask`` the label is -1 (unknown); level is 0. Rerunning resumes an interrupted
     import; the config records the inputs, filters, file list digest and pattern. An image (or
     mask) of more than ``max_pixels`` px (width x height; None or 0: no limit) is refused before
-    it is decoded.
+    it is decoded. ``mpp`` is the µm per patch px (e.g. 0.243 for CAMELYON16 level 0): recorded in
+    the manifest's config as prepare's caches record theirs, so a network trained on the cache
+    records the resolution it was trained at (None: unknown, not recorded).
 
     Returns:
         the finished cache, opened.
@@ -360,6 +363,8 @@ def import_patches(
         validate.integer("max_pixels", max_pixels, 0, unit="px (0: no limit)")
     if codec == "jpeg":
         validate.integer("JPEG quality", quality, 1, 100)
+    if mpp is not None:
+        mpp = validate.number("--mpp", mpp, 0, strict_minimum=True, unit="µm/px")
     files = collect_images(entries, list_file=list_file, include=include, exclude=exclude)
 
     by_slide: dict[str, list[tuple[Path, Path | None, int, int]]] = {}
@@ -413,6 +418,8 @@ def import_patches(
         "coordinates": bool(coordinates),
         "label_from_mask": bool(label_from_mask),
     }
+    if mpp is not None:  # recorded when given only, so caches imported before it still resume
+        config["mpp"] = float(mpp)
     out = Path(out)
     created = not out.exists()
     fresh = created or not (out / MANIFEST_NAME).exists()
