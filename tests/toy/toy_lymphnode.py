@@ -19,17 +19,44 @@ class ToyOutput(NamedTuple):
 
 
 class ToyNet(nn.Module):
-    """One 3x3 convolution and two 1x1 heads: the interface the task modules expect."""
+    """One 3x3 convolution (the encoder) and two 1x1 heads: the network contract the task modules
+    expect (lymphnode.models.contract.SegmentationNetwork)."""
+
+    encoder_prefix = "body."
+    in_channels = 3
+    min_size = 1
 
     def __init__(self, width: int = 4) -> None:
         super().__init__()
+        self.width = width
         self.body = nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.ReLU())
         self.recon_head = nn.Conv2d(width, 3, 1)
         self.seg_head = nn.Conv2d(width, 1, 1)
 
+    @property
+    def config(self) -> dict[str, Any]:
+        return {"width": self.width}
+
+    @property
+    def encoder_channels(self) -> int:
+        return self.width
+
+    def encode(self, x: Tensor) -> Tensor:
+        return self.body(x)  # (B, width, H, W)
+
     def forward(self, x: Tensor) -> ToyOutput:
         h = self.body(x)  # (B, width, H, W)
         return ToyOutput(recon=self.recon_head(h), seg=self.seg_head(h))
+
+    def depth_groups(self) -> dict[str, list[str]]:
+        names = [n for n, _ in self.named_parameters()]
+        return {
+            "enc0": [n for n in names if n.startswith("body.")],
+            "heads": [n for n in names if not n.startswith("body.")],
+        }
+
+    def prepare_transfer(self, source_config: Mapping[str, Any]) -> list[str]:
+        return []  # every tensor transfers
 
 
 class DenoisePretext(TaskModule):
