@@ -23,6 +23,7 @@ from omegaconf import DictConfig
 
 from lymphnode.core.boundary import config_dir, hydra_boundary
 from lymphnode.evaluation.camelyon16 import EvaluationSettings, evaluate
+from lymphnode.wsi.slide import slide_mpp_setting
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ def main(cfg: DictConfig) -> float | None:
         nms_radius_um=float(cfg.nms_radius_um),
         margin_um=float(cfg.margin_um),
         itc_um=float(cfg.itc_um),
-        mpp=None if cfg.mpp is None else float(cfg.mpp),
+        mpp=slide_mpp_setting(cfg.get("slide_mpp"), cfg.get("mpp")),
         fp_rates=tuple(float(r) for r in cfg.fp_rates),
         annotations_downsample=cfg.annotations_downsample,
     )

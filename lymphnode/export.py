@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from lymphnode.core.boundary import config_dir, hydra_boundary
 from lymphnode.core.errors import ConfigError
 from lymphnode.evaluation.export import ExportSettings, export
+from lymphnode.wsi.slide import slide_mpp_setting
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ def main(cfg: DictConfig) -> None:
         detections=bool(cfg.detections),
         detection_threshold=cfg.detection_threshold,
         nms_radius_um=cfg.nms_radius_um,
-        mpp=cfg.mpp,
+        mpp=slide_mpp_setting(cfg.get("slide_mpp"), cfg.get("mpp")),
         class_name=str(cfg.class_name),
         color=tuple(_list(cfg, "color")),
     )

@@ -43,7 +43,7 @@ from lymphnode.inference.predict import predict_slide, scratch_dir
 from lymphnode.inference.settings import InferenceSettings
 from lymphnode.patches.format import sha256
 from lymphnode.wsi.annotations import Annotations, read_asap, read_downsample
-from lymphnode.wsi.slide import SLIDE_SUFFIXES
+from lymphnode.wsi.slide import SLIDE_SUFFIXES, slide_mpp_setting
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +133,7 @@ def run_inference(
     *,
     annotations: str | Path | None = None,
     annotations_downsample: float = 1.0,
+    slide_mpp: float | None = None,
     settings: InferenceSettings | None = None,
     overwrite: bool = False,
     overlay_max_side: int = 2048,
@@ -145,7 +146,8 @@ def run_inference(
     (a network or task of the user's; :mod:`lymphnode.models.allowlist`).
     ``annotations_downsample``: the outlines' px per level-0 px of the slide files (their
     coordinates are divided by it); every outline is checked against its slide before the
-    checkpoint is loaded (AnnotationError: one outside its slide)."""
+    checkpoint is loaded (AnnotationError: one outside its slide). ``slide_mpp``: level-0 µm/px
+    of slides that do not record it (the file's own value wins), recorded in each heatmap."""
     from tqdm import tqdm
 
     from lymphnode.models.checkpoint import load_inference_model
@@ -184,6 +186,8 @@ def run_inference(
             )  # fmt: skip
         try:
             with open_slide(path) as slide:
+                if slide.mpp is None:  # the file's own value wins
+                    slide.mpp = slide_mpp
                 tissue = tissue_mask(slide)
                 with scratch_dir(out, name) as work:
                     heatmap = predict_slide(
@@ -281,11 +285,13 @@ def main(cfg: DictConfig) -> None:
         num_threads=None if cfg.get("num_threads") is None else int(cfg.num_threads),
         adapt_bn=cfg.get("adapt_bn", False),
         adapt_tiles=cfg.get("adapt_tiles", 512),
+        adapt_layers=cfg.get("adapt_layers"),
     )
     slides = resolve_slides(slides_spec)  # type: ignore[arg-type]
     status = run_inference(
         cfg.checkpoint, slides, cfg.out_dir, annotations=cfg.annotations,
-        annotations_downsample=cfg.get("annotations_downsample", 1), settings=settings,
+        annotations_downsample=cfg.get("annotations_downsample", 1),
+        slide_mpp=slide_mpp_setting(cfg.get("slide_mpp")), settings=settings,
         overwrite=bool(cfg.overwrite), overlay_max_side=int(cfg.overlay_max_side),
         progress=bool(cfg.progress), trusted_modules=_names(cfg.get("trusted_modules")),
     )  # fmt: skip

@@ -142,7 +142,7 @@ def evaluate(
         mpp = heatmap.mpp if heatmap.mpp is not None else settings.mpp
         if mpp is None:
             raise EvaluationError(
-                f"heatmap {path} has no µm/px (its slide had none); pass mpp=<level-0 µm/px>"
+                f"heatmap {path} has no µm/px (its slide had none); pass slide_mpp=<level-0 µm/px>"
             )
         pixel_um = mpp * heatmap.downsample
         xml = slide_truth(heatmap.slide, annotations_dir, ref)

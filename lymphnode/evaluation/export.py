@@ -169,7 +169,7 @@ def export_heatmap(
     check_slide_name(heatmap.slide, f"heatmap {source or heatmap.slide!r}")
     if heatmap.mpp is None:
         raise EvaluationError(
-            f"heatmap {source or heatmap.slide} has no µm/px; pass mpp=<level-0 µm/px>"
+            f"heatmap {source or heatmap.slide} has no µm/px; pass slide_mpp=<level-0 µm/px>"
         )
     lesions = lesion_polygons(
         heatmap.probabilities,
@@ -299,6 +299,6 @@ def _check_against_slide(
     found = heatmap.mpp or slide_mpp or mpp
     if found is None:
         raise EvaluationError(
-            f"heatmap {path} and slide {slide_path} record no µm/px; pass mpp=<level-0 µm/px>"
+            f"heatmap {path} and slide {slide_path} record no µm/px; pass slide_mpp=<level-0 µm/px>"
         )
     return float(found)

@@ -349,7 +349,8 @@ class Slide:
         """The level whose µm/px is nearest ``mpp``, within relative ``tolerance`` (0.1 = 10 %).
 
         Raises:
-            SlideError: the slide has no mpp (pass ``open_slide(path, mpp=...)``), or no level is
+            SlideError: the slide has no mpp (the CLI key ``slide_mpp=``; ``open_slide(path,
+                mpp=...)`` in Python), or no level is
                 within tolerance (the message lists every level's µm/px).
         """
         where = f"slide {self.path}: "
@@ -360,9 +361,10 @@ class Slide:
         mpps = self.level_mpps()
         if mpps is None:
             raise SlideError(
-                f"slide {self.path} has no mpp (no {PROPERTY_MPP_X} property), so level "
-                f"{mpp} µm/px cannot be chosen; pass it as open_slide(path, mpp=...) or select "
-                "the level by downsample"
+                f"slide {self.path} has no mpp (no {PROPERTY_MPP_X} property), so the level at "
+                f"{mpp} µm/px cannot be chosen; give the slide's level-0 µm/px as "
+                "slide_mpp=<µm/px> (e.g. slide_mpp=0.243 for CAMELYON16 level 0) or choose the "
+                "level with level= instead"
             )
         errors = [abs(m - mpp) / mpp for m in mpps]
         level = int(np.argmin(errors))
@@ -537,6 +539,32 @@ class Slide:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+
+
+def slide_mpp_setting(slide_mpp: object, deprecated_mpp: object = None) -> float | None:
+    """The ``slide_mpp=`` key (level-0 µm/px of slides that do not record it) of a command, with
+    its old name ``mpp=`` (evaluate, export) accepted as a deprecated alias; None: not given.
+
+    Raises:
+        ConfigError: not a positive number, or both given with different values.
+    """
+    from lymphnode.core.errors import ConfigError
+
+    values = {}
+    for key, value in (("slide_mpp", slide_mpp), ("mpp", deprecated_mpp)):
+        if value is not None:
+            values[key] = validate.number(
+                key, value, 0, strict_minimum=True, unit="µm/px (level 0; or null)",
+                error=ConfigError,
+            )  # fmt: skip
+    if "mpp" in values:
+        if "slide_mpp" in values and values["slide_mpp"] != values["mpp"]:
+            raise ConfigError(
+                f"slide_mpp={values['slide_mpp']:g} and mpp={values['mpp']:g} disagree; mpp= is "
+                "the old name of slide_mpp= (level-0 µm/px): give slide_mpp= only"
+            )
+        log.warning("mpp= is deprecated here: it is the slide's level-0 µm/px, now slide_mpp=")
+    return values.get("slide_mpp", values.get("mpp"))
 
 
 def open_slide(path: str | Path, mpp: float | None = None) -> Slide:
