@@ -210,3 +210,39 @@ def test_adapt_bn_uses_the_slides_statistics_restores_the_models_and_is_recorded
     assert not np.allclose(source.probabilities, adapted.probabilities)
     bad = _run(f"checkpoint={ckpt}", f"slides={slides}", f"out_dir={out}", "adapt_tiles=0")
     assert bad.returncode == 1 and "adapt_tiles" in bad.stderr
+
+
+def test_slide_mpp_is_recorded_for_slides_without_one_and_the_files_own_wins(
+    slides: Path, tmp_path: Path
+) -> None:
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    img = np.full((768, 1024, 3), 245, np.uint8)  # a tissue slide without mpp
+    img[128:512, 256:768] = (180, 90, 170)
+    write_pyramid(bare / "tumor_002.tif", img, mpp=None, tile_size=128, min_size=128)
+    ckpt = _checkpoint(tmp_path / "m.ckpt", seg_bias=6.0)
+    done = _run(f"checkpoint={ckpt}", f"slides=[{bare / 'tumor_002.tif'},{slides / 'tumor_001.tif'}]",
+                f"out_dir={tmp_path / 'out'}", "slide_mpp=0.5")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert read_heatmap(tmp_path / "out" / "tumor_002.heatmap.tif").mpp == pytest.approx(0.5)
+    assert read_heatmap(tmp_path / "out" / "tumor_001.heatmap.tif").mpp == pytest.approx(MPP)
+
+
+def test_outlines_outside_the_slide_are_refused_before_the_checkpoint_is_read(
+    slides: Path, tmp_path: Path
+) -> None:
+    from lymphnode.wsi.annotations import write_asap
+
+    ann = tmp_path / "annotations"
+    square = np.array([[8192, 4096], [16384, 4096], [16384, 8192], [8192, 8192]], float)
+    write_asap(ann / "tumor_001.xml", [square])  # level-0 px of a 32x larger slide
+    args = [f"checkpoint={tmp_path / 'missing.ckpt'}", f"slides={slides / 'tumor_001.tif'}",
+            f"out_dir={tmp_path / 'out'}", f"annotations={ann}"]  # fmt: skip
+    refused = _run(*args)
+    assert refused.returncode == 1
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, refused.stderr
+    assert "1024 x 768 px" in errors[0] and "annotations_downsample=16" in errors[0], errors[0]
+    assert not (tmp_path / "out").exists()
+    accepted = _run(*args, "annotations_downsample=16")  # now the missing checkpoint is the error
+    assert accepted.returncode == 1 and "missing.ckpt" in accepted.stderr, accepted.stderr
