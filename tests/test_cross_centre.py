@@ -238,6 +238,20 @@ def test_adabn_changes_batchnorm_statistics_not_weights() -> None:
                                atol=1e-5)  # fmt: skip
 
 
+def test_adabn_can_adapt_only_the_shallow_layers() -> None:
+    net = _tiny_unet().eval()
+    before = {k: v.clone() for k, v in net.state_dict().items() if "running_mean" in k}
+    record = adapt_batchnorm(net, [torch.randn(4, 3, 32, 32) + 1], lambda x: net(x).seg, layers=2)
+    assert record["layers"] == 2
+    names = [n for n, m in net.named_modules() if m in batchnorm_layers(net)]
+    after = {k: v for k, v in net.state_dict().items() if "running_mean" in k}
+    changed = [n for n in names if not torch.equal(after[f"{n}.running_mean"],
+                                                   before[f"{n}.running_mean"])]  # fmt: skip
+    assert changed == names[:2]  # the first two in module order, the rest the checkpoint's
+    with pytest.raises(ConfigError, match="layers=0"):
+        adapt_batchnorm(net, [torch.randn(1, 3, 32, 32)], None, layers=0)
+
+
 def test_adabn_refuses_networks_without_batchnorm_and_empty_input() -> None:
     with pytest.raises(ConfigError, match="without BatchNorm"):
         adapt_batchnorm(nn.Sequential(nn.Conv2d(3, 4, 3), nn.GroupNorm(2, 4)), [])

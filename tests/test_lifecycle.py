@@ -226,4 +226,3 @@ def test_an_older_record_without_the_keys_added_since_is_still_the_same_run(
     before = path.read_bytes()
     again, _ = run(tmp_path, caches, *STEPS)
     assert again == value and path.read_bytes() == before
-

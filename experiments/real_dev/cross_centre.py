@@ -74,7 +74,7 @@ from lymphnode.patches.cache import PatchCache  # noqa: E402
 from lymphnode.tasks.callbacks import all_tumour_f1  # noqa: E402
 
 METHODS = ("macenko", "reinhard")
-ADAPT = ("none", "adabn")
+ADAPT = ("none", "adabn", "adabn4")  # adabn4: only the first 4 BatchNorm layers adapted
 UNSHIFTED = "unshifted"
 SEED = 0  # which centre crop each test patch takes its stain from
 COLLAPSE_F1 = 0.05  # a run below this test F1 on a target with tumour has collapsed there
@@ -255,11 +255,14 @@ def _targets(root: Path, only: Sequence[str] | None) -> dict[str, Path]:
     return targets
 
 
-def _adapt_on(model: Any, cache_dir: Path, crop: int | None, batch_size: int) -> None:
-    """AdaBN: the model's BatchNorm statistics re-estimated on every patch of ``cache_dir``."""
+def _adapt_on(
+    model: Any, cache_dir: Path, crop: int | None, batch_size: int, layers: int | None = None
+) -> None:
+    """AdaBN: the model's BatchNorm statistics (the first ``layers``; None: all) re-estimated on
+    every patch of ``cache_dir``."""
     dataset = CacheDataset(cache_dir, None, build_eval_transform(model.preprocess, crop=crop), True)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
-    adapt_batchnorm(model.task, (b["image"] for b in loader), model.probabilities)
+    adapt_batchnorm(model.task, (b["image"] for b in loader), model.probabilities, layers=layers)
 
 
 def _checkpoint_of(record: Mapping[str, Any], run_dir: Path) -> Path:
@@ -318,6 +321,8 @@ def evaluate_run(
                 model.task.eval()
                 if adapt == "adabn":
                     _adapt_on(model, cache_dir, crop, batch_size)
+                elif adapt == "adabn4":
+                    _adapt_on(model, cache_dir, crop, batch_size, layers=4)
                 slides = count_test_cache(model, cache_dir, crop=crop, batch_size=batch_size,
                                           threshold=float(model.hparams["threshold"]))  # fmt: skip
                 counts, pixels, tumour = PixelCounts(), 0, 0
@@ -392,7 +397,8 @@ def summarise(figures: Sequence[Figure], label: str = "") -> str:
                 if not group:
                     continue
                 within = [f.counts.f1 for f in group if f.target == UNSHIFTED]
-                cells = [arm, str(size), "source" if adapt == "none" else "AdaBN", _ms(within)]
+                name = {"none": "source", "adabn": "AdaBN", "adabn4": "AdaBN, 4 layers"}[adapt]
+                cells = [arm, str(size), name, _ms(within)]
                 for m in methods:
                     for c in centres:
                         cells.append(_ms([f.counts.f1 for f in group

@@ -177,9 +177,7 @@ def fit_source(images: Sequence[np.ndarray], method: str, **options: Any) -> dic
         quiet.setLevel(level)
 
 
-def transfer(
-    image: np.ndarray, source: Mapping[str, Any], target: Mapping[str, Any]
-) -> np.ndarray:
+def transfer(image: np.ndarray, source: Mapping[str, Any], target: Mapping[str, Any]) -> np.ndarray:
     """One fixed colour map from the ``source`` stain to the ``target`` stain, applied to
     ``image`` ((H, W, 3) uint8 RGB); both are normaliser states of one method.
 

@@ -34,6 +34,7 @@ def adapt_batchnorm(
     forward: Callable[[Tensor], Any] | None = None,
     *,
     max_batches: int | None = None,
+    layers: int | None = None,
 ) -> dict[str, Any]:
     """Replace every BatchNorm running mean/variance of ``module`` by the statistics of ``batches``.
 
@@ -47,6 +48,10 @@ def adapt_batchnorm(
         batches: input tensors as ``forward`` takes them (normalised (B, 3, H, W) images).
         forward: the call that runs the network on one batch (default ``module``).
         max_batches: stop after this many batches (None: all).
+        layers: adapt only the first ``layers`` BatchNorm layers in module order (the shallow
+            ones, where a stain change shows; the deeper ones, whose statistics also reflect what
+            the tiles show — tumour-balanced training patches against a mostly normal slide —
+            keep the checkpoint's); None: all.
 
     Returns:
         :func:`batchnorm_record` of the adapted statistics: ``{"statistics": "adapted", "tiles": N,
@@ -56,8 +61,11 @@ def adapt_batchnorm(
         ConfigError: the module has no BatchNorm layer (nothing to adapt: a GroupNorm network), or
             ``batches`` is empty.
     """
-    layers = batchnorm_layers(module)
-    if not layers:
+    all_layers = batchnorm_layers(module)
+    if layers is not None and layers < 1:
+        raise ConfigError(f"adapt layers={layers} is invalid: expected >= 1 or null (all)")
+    layers_ = all_layers if layers is None else all_layers[:layers]
+    if not layers_:
         raise ConfigError(
             "test-time BatchNorm adaptation asked for a network without BatchNorm layers (norm "
             "'group'/'instance' or a ViT): expected model.norm=batch, or turn adaptation off"
@@ -65,12 +73,12 @@ def adapt_batchnorm(
     if max_batches is not None and max_batches < 1:
         raise ConfigError(f"adapt max_batches={max_batches} is invalid: expected >= 1 or null")
     call = forward if forward is not None else module
-    momenta = [layer.momentum for layer in layers]
+    momenta = [layer.momentum for layer in layers_]
     was_training = module.training
     module.eval()
     tiles = batches_seen = 0
     try:
-        for layer in layers:
+        for layer in layers_:
             layer.reset_running_stats()
             layer.momentum = None  # cumulative moving average over the batches
             layer.train()
@@ -81,14 +89,14 @@ def adapt_batchnorm(
             tiles += int(batch.shape[0])
             batches_seen += 1
     finally:
-        for layer, momentum in zip(layers, momenta, strict=True):
+        for layer, momentum in zip(layers_, momenta, strict=True):
             layer.momentum = momentum
         module.eval()
         if was_training:  # the caller's mode, except the BatchNorm layers keep the new stats
             module.train()
     if not batches_seen:
         raise ConfigError("test-time BatchNorm adaptation got no batch: expected target tiles")
-    return batchnorm_record(tiles=tiles, batches=batches_seen, layers=len(layers))
+    return batchnorm_record(tiles=tiles, batches=batches_seen, layers=len(layers_))
 
 
 def batchnorm_record(*, tiles: int = 0, batches: int = 0, layers: int = 0) -> dict[str, Any]:

@@ -28,7 +28,7 @@ HEATMAP_SUFFIX = ".heatmap.tif"
 _FORMAT = "lymphnode-heatmap/1"
 # The settings of ``infer`` that change a heatmap's values (batch size, workers, device do not).
 SOURCE_SETTINGS = ("patch_size", "stride", "downsample", "blend", "tta", "bf16",
-                   "min_tissue_fraction", "adapt_bn", "adapt_tiles")  # fmt: skip
+                   "min_tissue_fraction", "adapt_bn", "adapt_tiles", "adapt_layers")  # fmt: skip
 # adapt_bn: which BatchNorm statistics the map used (the checkpoint's, or re-estimated on up to
 # adapt_tiles of the slide's own tiles: AdaBN)
 

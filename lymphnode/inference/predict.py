@@ -163,7 +163,12 @@ def adapted_to(
     )
     try:
         with _torch_settings(model_threads(settings, device), device):
-            record = adapt_batchnorm(model, batches, model.probabilities)  # type: ignore[arg-type]
+            record = adapt_batchnorm(
+                model,
+                batches,
+                model.probabilities,
+                layers=settings.adapt_layers,  # type: ignore[arg-type]
+            )
         log.info("%s: BatchNorm statistics adapted on %d tiles (AdaBN)", name, record["tiles"])
         yield record
     finally:

@@ -32,6 +32,8 @@ class InferenceSettings:
         predicted, the network's BatchNorm statistics are re-estimated on up to ``adapt_tiles`` of
         its own tissue tiles (evenly spaced over the grid), then restored for the next slide.
     adapt_tiles: at most this many tiles per slide for ``adapt_bn``.
+    adapt_layers: adapt only the first this many BatchNorm layers (the shallow ones, where a
+        stain change shows); None: all of them.
     """
 
     patch_size: int | None = None
@@ -48,6 +50,7 @@ class InferenceSettings:
     num_threads: int | None = None
     adapt_bn: bool = False
     adapt_tiles: int = 512
+    adapt_layers: int | None = None
 
     def __post_init__(self) -> None:
         """ConfigError naming the setting, its value and the allowed range, before any slide or
@@ -69,6 +72,10 @@ class InferenceSettings:
                 f"{where}adapt_bn={self.adapt_bn!r} is invalid: expected true or false"
             )
         validate.integer("adapt_tiles", self.adapt_tiles, 1, where=where)
+        if self.adapt_layers is not None:
+            validate.integer(
+                "adapt_layers", self.adapt_layers, 1, unit="(or null: all)", where=where
+            )
         resolve_device(self.device)
 
 
