@@ -40,6 +40,7 @@ from lymphnode.inference.heatmap import (
 )
 from lymphnode.inference.overlay import render_overlay, write_overlay
 from lymphnode.inference.predict import predict_slide, scratch_dir
+from lymphnode.inference.resolution import for_slide
 from lymphnode.inference.settings import InferenceSettings
 from lymphnode.patches.format import sha256
 from lymphnode.wsi.annotations import Annotations, read_asap, read_downsample
@@ -191,7 +192,8 @@ def run_inference(
                 tissue = tissue_mask(slide)
                 with scratch_dir(out, name) as work:
                     heatmap = predict_slide(
-                        model.task, model.preprocess, slide, tissue, settings=settings,
+                        model.task, for_slide(model.preprocess, slide), slide, tissue,
+                        settings=settings,
                         workdir=work, progress=progress,
                     )  # fmt: skip
                 heatmap.source = source

@@ -27,6 +27,7 @@ from lymphnode.core.errors import ConfigError
 from lymphnode.infer import resolve_slides
 from lymphnode.inference.labelling import SelectSettings, select_patches, write_selection
 from lymphnode.inference.settings import InferenceSettings
+from lymphnode.wsi.slide import slide_mpp_setting
 
 log = logging.getLogger(__name__)
 
@@ -68,12 +69,14 @@ def main(cfg: DictConfig) -> None:
         num_threads=None if cfg.get("num_threads") is None else int(cfg.num_threads),
         adapt_bn=cfg.get("adapt_bn", False),
         adapt_tiles=cfg.get("adapt_tiles", 512),
+        adapt_layers=cfg.get("adapt_layers"),
     )
     slides = resolve_slides(_list(cfg, "slides"))
     selection = select_patches(
         cfg.checkpoint, slides, settings, inference=inference,
         exclude=[str(p) for p in _list(cfg, "exclude")], progress=bool(cfg.progress),
         trusted_modules=[str(m) for m in _list(cfg, "trusted_modules")],
+        slide_mpp=slide_mpp_setting(cfg.get("slide_mpp")),
     )  # fmt: skip
     write_selection(cfg.out_dir, selection, class_name=settings.class_name, color=settings.color)
     per_slide = {s: sum(p.slide == s for p in selection.patches) for s in selection.slides}

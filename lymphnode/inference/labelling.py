@@ -45,6 +45,7 @@ from lymphnode.core.errors import (
 )
 from lymphnode.inference.grid import TileDataset, plan_slide, tile_loader
 from lymphnode.inference.predict import adapted_to
+from lymphnode.inference.resolution import for_slide
 from lymphnode.inference.selection import overlaps_any, select_spread
 from lymphnode.inference.settings import InferenceSettings
 from lymphnode.inference.uncertainty import SCORES, tile_scores
@@ -279,10 +280,13 @@ def select_patches(
     exclude: Sequence[str | Path] = (),
     progress: bool = True,
     trusted_modules: Sequence[str] = (),
+    slide_mpp: float | None = None,
 ) -> Selection:
     """Rank the tissue tiles of ``slides`` by the uncertainty of the checkpoint's model and choose
     ``settings.k`` of them (see the module docstring). Nothing is written. The candidates of every
-    slide are found (and ``k`` checked against them) before any tile is scored.
+    slide are found (and ``k`` checked against them) before any tile is scored. Each slide is read
+    at the level of the µm/px the checkpoint records (:mod:`lymphnode.inference.resolution`);
+    ``slide_mpp`` is the level-0 µm/px of slides that do not record it.
 
     Raises:
         SlideError: a slide is missing or unreadable (checked before the model is loaded).
@@ -311,8 +315,10 @@ def select_patches(
     sides: list[int] = []
     for path in paths:
         with open_slide(path) as slide:
+            if slide.mpp is None:  # the file's own value wins
+                slide.mpp = slide_mpp
             c, side = candidate_tiles(
-                slide, model.preprocess, inference, exclude=exclude, names=names
+                slide, for_slide(model.preprocess, slide), inference, exclude=exclude, names=names
             )
         corners.append(c)
         sides.append(side)
@@ -327,8 +333,10 @@ def select_patches(
     scores = []
     for path, c in zip(paths, corners):
         with open_slide(path) as slide:
+            if slide.mpp is None:
+                slide.mpp = slide_mpp
             s = score_candidates(
-                model.task, model.preprocess, slide, c, score=settings.score,
+                model.task, for_slide(model.preprocess, slide), slide, c, score=settings.score,
                 settings=inference, progress=progress,
             )  # fmt: skip
         scores.append(s)
