@@ -113,8 +113,8 @@ def test_experiments_select_their_stage_data_task_and_init() -> None:
 
 
 def test_init_override_switches_a_finetune_run_to_scratch() -> None:
-    cfg = compose_train(
-        "experiment=finetune", "init=scratch", "data.labeled_size=80", "data.fold=3"
+    cfg = compose_train(  # wandb is one key away (CSV alone by default): its grouping
+        "experiment=finetune", "init=scratch", "data.labeled_size=80", "data.fold=3", "logger=wandb"
     )
     assert cfg.run_dir == "outputs/runs/scratch/size80/fold3/seed0"
     assert train_mod.experiment_name(cfg) == "scratch"
