@@ -127,7 +127,10 @@ def test_top_skip_false_zeroes_the_highest_skip_with_channels(encoder: str, top:
     x = torch.randn(2, 3, SIZE, SIZE)
     base = net(x)
     same = run_perturbed(net, x, top)  # the top feature never reaches the decoder
-    assert torch.equal(base.seg, same.seg) and torch.equal(base.recon, same.recon)
+    # equal up to float rounding: oneDNN may pick another kernel for a second identical call on
+    # some CPUs (ConvNeXt's depthwise convs differed in the last bits on an AMD EPYC)
+    torch.testing.assert_close(base.seg, same.seg, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(base.recon, same.recon, rtol=1e-5, atol=1e-6)
     deeper = run_perturbed(net, x, top + 1)  # the next skip does
     assert not torch.allclose(base.recon, deeper.recon)
 
